@@ -1,0 +1,118 @@
+"""The one place where config nodes become objects: allowlisted `_target_`s, then instantiate."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from imgcls.errors import ConfigError
+
+# Module prefixes a config may name. A run directory may come from someone else: anything else
+# (os.system, subprocess.Popen, builtins.exec, ...) is refused before anything is built.
+ALLOWED_TARGET_PREFIXES = ("imgcls.", "torch.", "torchvision.")
+
+
+def plain(node: Any) -> Any:
+    """An OmegaConf node as plain, resolved Python containers (nothing OmegaConf reaches torch)."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    return node
+
+
+def check_targets(node: Any, key: str = "") -> None:
+    """Raise ConfigError naming the key of any `_target_` outside the allowlist (nested ones too)."""
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if target is not None and not (
+            isinstance(target, str) and target.startswith(ALLOWED_TARGET_PREFIXES)
+        ):
+            where = f"{key}._target_" if key else "_target_"
+            raise ConfigError(
+                f"{where}={target!r} is not allowed: targets must start with one of "
+                f"{', '.join(ALLOWED_TARGET_PREFIXES)}. Refusing to build anything from this config."
+            )
+        for k, v in node.items():
+            check_targets(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_targets(v, f"{key}[{i}]")
+
+
+def build(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """instantiate(node) after the allowlist check; failures name the config key."""
+    node = plain(node)
+    check_targets(node, key)
+    try:
+        return instantiate(node, *args, **kwargs)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"cannot build {key} ({node.get('_target_')}): {cause}") from exc
+
+
+def build_data(cfg: Any):
+    return build(cfg, "data")
+
+
+def build_transforms(cfg: Any) -> tuple[dict[str, Any], Any]:
+    """{split: Compose of the split's v2 nodes}, and the on-device Normalize."""
+    from torchvision.transforms import v2
+
+    from imgcls.data import Normalize
+
+    cfg = plain(cfg)
+    pipelines = {}
+    for split in ("train", "val", "test"):
+        nodes = cfg.get(split) or []
+        pipelines[split] = v2.Compose([build(n, f"transforms.{split}[{i}]") for i, n in enumerate(nodes)])
+    norm = cfg.get("normalize") or {}
+    try:
+        normalize = Normalize(norm["mean"], norm["std"])
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"transforms.normalize needs mean and std lists, got {norm!r}") from exc
+    return pipelines, normalize
+
+
+def complete(partial: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a `_partial_: true` node's partial with its run-time arguments; errors name the key."""
+    try:
+        return partial(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        target = getattr(partial, "func", partial)
+        raise ConfigError(f"cannot build {key} ({getattr(target, '__qualname__', target)}): {exc}") from exc
+
+
+def build_model(cfg: Any, num_classes: int):
+    return complete(build(cfg, "model"), "model", num_classes=num_classes)
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: decaying norms' scales and biases hurts (timm, torchvision refs)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(cfg: Any, model):
+    partial = build(cfg, "optimizer")
+    weight_decay = partial.keywords.get("weight_decay", 0.0)
+    return complete(partial, "optimizer", parameter_groups(model, weight_decay))
+
+
+def build_scheduler(cfg: Any, optimizer):
+    """None for the `none` option (an empty node)."""
+    cfg = plain(cfg)
+    if not cfg or not cfg.get("_target_"):
+        return None
+    return complete(build(cfg, "scheduler"), "scheduler", optimizer)
+
+
+def build_loss(cfg: Any):
+    return build(cfg, "loss")

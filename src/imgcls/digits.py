@@ -1,0 +1,75 @@
+"""The embedded default data set: scikit-learn's handwritten digits, written once as PNG files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imgcls.data import DataError, ImageFolderData
+
+MARKER = ".imgcls-digits"
+SPLIT_SEED = 0  # fixed: every machine gets the same train/val/test files
+FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
+
+
+def split_indices(targets: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """A stratified train/val/test split of range(len(targets)), the same for the same seed."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(targets))
+    rest = FRACTIONS["val"] + FRACTIONS["test"]
+    train, holdout = train_test_split(index, test_size=rest, stratify=targets, random_state=seed)
+    val, test = train_test_split(
+        holdout,
+        test_size=FRACTIONS["test"] / rest,
+        stratify=targets[holdout],
+        random_state=seed,
+    )
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def write_digits(root: Path) -> None:
+    """Write <root>/{train,val,test}/<digit>/<index>.png atomically (a temp folder, then a rename)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 0..16 gray levels -> 0..255 so the PNGs look like what they are
+    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, indices in split_indices(digits.target).items():
+        for i in indices:
+            folder = tmp / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
+    (tmp / MARKER).write_text(
+        f"scikit-learn digits, {len(pixels)} images, split {FRACTIONS} with seed {SPLIT_SEED}\n"
+    )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        # another process finished first; its tree is the same one
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / MARKER).is_file():
+            raise
+
+
+class DigitsData(ImageFolderData):
+    """ImageFolderData whose tree is written from scikit-learn's bundled copy on first use."""
+
+    def prepare(self) -> None:
+        if (self.root / MARKER).is_file():
+            return
+        if self.root.exists() and any(self.root.iterdir()):
+            raise DataError(
+                f"data.root={str(self.root)!r} exists but was not written by imgcls (no {MARKER} "
+                "file): remove it, or point data.root at an empty or new folder."
+            )
+        if self.root.exists():
+            self.root.rmdir()
+        write_digits(self.root)

@@ -1,0 +1,9 @@
+"""Errors in the user's input. The CLI shows their message alone, without a traceback, and exits 2."""
+
+
+class UserError(ValueError):
+    """Bad input that the user can fix; the message names the key, file or value and what to do."""
+
+
+class ConfigError(UserError):
+    """A config value that cannot be built; the message names the key."""

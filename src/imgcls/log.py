@@ -1,0 +1,95 @@
+"""Console and file logging (loguru) and per-epoch progress: a bar on a terminal, lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from loguru import logger
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+_console = Console(stderr=True)
+CONSOLE_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
+FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
+
+
+def is_terminal() -> bool:
+    return _console.is_terminal
+
+
+def setup_logging(log_file: Path | None, level: str = "INFO") -> list[int]:
+    """Replace loguru's sinks: colored console (through rich, so it prints above a live bar) and
+    a file rotated at 10 MB and kept 30 days. Returns the sink ids for `teardown_logging`."""
+    logger.remove()
+    ids = [
+        logger.add(
+            lambda m: _console.print(Text.from_ansi(str(m).rstrip("\n")), soft_wrap=True),
+            level=level,
+            format=CONSOLE_FORMAT,
+            colorize=is_terminal(),
+        )
+    ]
+    if log_file is not None:
+        ids.append(
+            logger.add(
+                log_file,
+                level="DEBUG",
+                format=FILE_FORMAT,
+                rotation="10 MB",
+                retention="30 days",
+                encoding="utf-8",
+                enqueue=False,
+            )
+        )
+    return ids
+
+
+def teardown_logging(ids: list[int]) -> None:
+    for i in ids:
+        try:
+            logger.remove(i)
+        except ValueError:
+            pass
+    if not logger._core.handlers:  # keep a console sink for whatever runs next in this process
+        logger.add(sys.stderr, level="INFO", format=CONSOLE_FORMAT)
+
+
+@contextmanager
+def progress(description: str, total: int, every: int = 50) -> Iterator:
+    """Yields `advance(**fields)`: a transient bar on a terminal; a log line every `every` steps
+    (and at the end) when output goes to a file or a pipe."""
+    if is_terminal():
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=_console,
+            transient=True,
+        )
+        with bar:
+            task = bar.add_task(description, total=total, info="")
+
+            def advance(**fields: float) -> None:
+                bar.update(task, advance=1, info=_fmt(fields))
+
+            yield advance
+    else:
+        step = 0
+
+        def advance(**fields: float) -> None:
+            nonlocal step
+            step += 1
+            if every and (step % every == 0) and step < total:
+                logger.info(f"{description} {step}/{total} {_fmt(fields)}")
+
+        yield advance
+
+
+def _fmt(fields: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in fields.items())

@@ -1,0 +1,133 @@
+"""What a run writes as it goes: summary.txt, metrics.csv and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _now() -> datetime:
+    return datetime.now().astimezone()
+
+
+def _fmt_time(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S %Z") if t else "-"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f} ({100 * x:.2f}%)"
+
+
+class RunRecorder:
+    """Keeps summary.txt, metrics.csv and the TensorBoard event file current.
+
+    The summary is rewritten atomically at the start, after every epoch and at the end, so a
+    reader never sees half a file and a run that died shows `running` with its last heartbeat.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], epochs: int, info: dict[str, str]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.config = config
+        self.epochs = epochs
+        self.info = info  # device, model, data: fixed facts shown in the summary
+        self.status = "running"
+        self.started = _now()
+        self.ended: datetime | None = None
+        self.history: list[dict[str, float]] = []
+        self.final: dict[str, float] = {}
+        self.error: str | None = None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.write_summary()
+
+    # -- per epoch -------------------------------------------------------------------------
+    def log_epoch(self, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
+        epoch = int(metrics["epoch"])
+        for key, value in metrics.items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, epoch)
+        self.writer.flush()
+        self.history = list(history)
+        self.write_metrics()
+        self.write_summary()
+
+    def write_metrics(self) -> None:
+        """metrics.csv: one row per epoch, every key a column (rewritten whole, so it stays rectangular)."""
+        keys: list[str] = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        for row in self.history:
+            w.writerow(row)  # full precision: a script reading it gets the exact values
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+    # -- end -------------------------------------------------------------------------------
+    def finish(self, status: str, final: dict[str, float] | None = None, error: str | None = None) -> None:
+        self.status = status
+        self.final.update(final or {})
+        self.error = error
+        self.ended = _now()
+        self.write_summary()
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    # -- summary.txt -----------------------------------------------------------------------
+    def write_summary(self) -> None:
+        atomic_write_text(self.run_dir / "summary.txt", self.summary_text())
+
+    def summary_text(self) -> str:
+        now = self.ended or _now()
+        last = self.history[-1] if self.history else {}
+        best = max(self.history, key=lambda r: r.get("val/acc", -1), default={})
+        lines = [
+            "imgcls training run",
+            f"status:         {self.status}",
+            f"run dir:        {self.run_dir}",
+            f"started:        {_fmt_time(self.started)}",
+            f"ended:          {_fmt_time(self.ended)}",
+            f"duration:       {str(now - self.started).split('.')[0]}",
+            f"heartbeat:      {_fmt_time(_now())} (pid {os.getpid()} on {socket.gethostname()})",
+            f"epoch:          {int(last.get('epoch', 0))} of {self.epochs}",
+            "",
+            f"best val acc:   {_pct(best.get('val/acc'))} at epoch {int(best['epoch']) if best else '-'}",
+            f"final val acc:  {_pct(last.get('val/acc'))}",
+            f"final train acc:{' '}{_pct(last.get('train/acc'))}",
+            f"final losses:   train {last.get('train/loss', float('nan')):.4f}, val {last.get('val/loss', float('nan')):.4f}",
+        ]
+        if last.get("train/images_per_s"):
+            lines.append(
+                f"speed:          train {last['train/images_per_s']:.1f} images/s "
+                f"({last['train/time_s']:.1f} s/epoch), val {last['val/images_per_s']:.1f} images/s"
+            )
+        for split in ("train", "val", "test"):
+            key = f"{split}/acc_best_weights"
+            if key in self.final:
+                lines.append(f"{split} acc (best weights): {_pct(self.final[key])}")
+        lines.append("")
+        lines += [f"{k + ':':<15} {v}" for k, v in self.info.items()]
+        if self.error:
+            lines += ["", "error:", *("  " + line for line in self.error.rstrip().splitlines())]
+        lines += [
+            "",
+            "config:",
+            *("  " + line for line in yaml.safe_dump(self.config, sort_keys=False).splitlines()),
+        ]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""Confusion matrices and classification reports: PNG, text, and TensorBoard."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
+
+
+def report_text(targets: Sequence[int], preds: Sequence[int], class_names: Sequence[str]) -> str:
+    return classification_report(
+        targets,
+        preds,
+        labels=list(range(len(class_names))),
+        target_names=list(class_names),
+        digits=4,
+        zero_division=0,
+    )
+
+
+def confusion(targets: Sequence[int], preds: Sequence[int], num_classes: int) -> np.ndarray:
+    return confusion_matrix(targets, preds, labels=list(range(num_classes)))
+
+
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str):
+    """A seaborn heatmap with class names on both axes and the counts in the cells."""
+    n = len(class_names)
+    side = min(4 + 0.45 * n, 24)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    sns.heatmap(
+        cm,
+        annot=n <= 40,  # past ~40 classes the numbers no longer fit their cells
+        fmt="d",
+        cmap="Blues",
+        xticklabels=class_names,
+        yticklabels=class_names,
+        cbar=True,
+        square=True,
+        ax=ax,
+    )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_split_report(
+    split: str,
+    targets: Sequence[int],
+    preds: Sequence[int],
+    class_names: Sequence[str],
+    run_dir: Path,
+    writer=None,
+    step: int = 0,
+) -> str:
+    """plots/confusion_matrix_<split>.png, logs/classification_report_<split>.txt, TensorBoard
+    image and text. Returns the report text."""
+    text = report_text(targets, preds, class_names)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs" / f"classification_report_{split}.txt").write_text(text)
+    cm = confusion(targets, preds, len(class_names))
+    acc = float(np.trace(cm) / max(cm.sum(), 1))
+    fig = confusion_figure(cm, class_names, f"{split}: accuracy {acc:.4f} ({cm.sum()} images)")
+    (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+    fig.savefig(run_dir / "plots" / f"confusion_matrix_{split}.png", dpi=100)
+    if writer is not None:
+        writer.add_figure(f"confusion_matrix/{split}", fig, global_step=step, close=False)
+        # two leading spaces per line make TensorBoard's markdown keep the table's columns
+        writer.add_text(f"classification_report/{split}", "    " + text.replace("\n", "\n    "), step)
+    plt.close(fig)
+    return text
