@@ -150,9 +150,13 @@ def training_state(
     best_epoch: int,
     config: dict,
     class_names: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to resume or evaluate, as tensors and plain Python values only."""
+    """Everything needed to resume or evaluate, as tensors and plain Python values only.
+
+    `extra` adds entries of its own (plain values), e.g. a fingerprint of the data."""
     return {
+        **(extra or {}),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -183,6 +187,7 @@ def fit(
     config: dict,
     class_names: list[str],
     on_epoch: Callable[[dict[str, float], list[dict[str, float]]], None] = lambda m, h: None,
+    checkpoint_extra: dict[str, Any] | None = None,
     channels_last: bool = False,
     log_every: int = 50,
 ) -> dict[str, Any]:
@@ -215,7 +220,7 @@ def fit(
         history.append(metrics)
         state = training_state(
             model, optimizer, scheduler, epoch=epoch, history=history, best_acc=best_acc,
-            best_epoch=best_epoch, config=config, class_names=class_names,
+            best_epoch=best_epoch, config=config, class_names=class_names, extra=checkpoint_extra,
         )  # fmt: skip
         save_checkpoint(state, weights_dir / "last.pt")
         if improved:
