@@ -1,0 +1,99 @@
+"""Every config option composes and builds; the allowlist refuses foreign targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from imgcls import build as b
+from imgcls.errors import ConfigError
+from imgcls.train import CONFIG_DIR
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_groups_have_the_documented_options():
+    assert options("data") == ["digits", "hymenoptera", "imagefolder"]
+    assert options("optimizer") == ["adam", "adamw", "sgd"]
+    assert options("scheduler") == ["cosine", "none", "step"]
+    assert "resnet18" in options("model") and "cross_entropy" in options("loss")
+    assert {"digits", "imagenet"} <= set(options("transforms"))
+
+
+@pytest.mark.parametrize("group", ["data", "transforms", "model", "optimizer", "scheduler", "loss"])
+def test_every_option_composes_and_builds(group: str, tmp_path: Path):
+    for option in options(group):
+        cfg = compose_train(f"{group}={option}", f"data.root={tmp_path}")
+        config = b.plain(cfg)
+        b.check_targets(config)
+        data = b.build_data(config["data"])
+        assert data.batch_size >= 1 and data.root == tmp_path
+        pipelines, normalize = b.build_transforms(config["transforms"])
+        image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+        for split in ("train", "val", "test"):
+            out = pipelines[split](image)
+            assert out.dtype == torch.uint8 and out.ndim == 3
+        assert normalize(out.unsqueeze(0)).dtype == torch.float32
+        model = b.build_model(config["model"], num_classes=4)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+        optimizer = b.build_optimizer(config["optimizer"], model)
+        assert optimizer.param_groups[0]["lr"] == config["optimizer"]["lr"]
+        scheduler = b.build_scheduler(config["scheduler"], optimizer)
+        if group == "scheduler":
+            assert (scheduler is None) == (option == "none")
+        loss = b.build_loss(config["loss"])
+        assert loss(torch.randn(2, 4), torch.tensor([0, 3])).ndim == 0
+
+
+def test_transforms_follow_the_data_option():
+    assert compose_train().transforms.train[0].size == [32, 32]
+    assert compose_train("data=hymenoptera").transforms.train[0]._target_.endswith("RandomResizedCrop")
+    assert compose_train("data=hymenoptera", "transforms=digits").transforms.train[0].size == [32, 32]
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    cfg = compose_train("optimizer=adamw")
+    model = b.build_model(cfg.model, num_classes=3)
+    optimizer = b.build_optimizer(cfg.optimizer, model)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "target", ["os.system", "subprocess.Popen", "builtins.exec", "pickle.loads", "shutil.rmtree"]
+)
+def test_allowlist_refuses_foreign_targets_nested_too(target: str, tmp_path: Path):
+    marker = tmp_path / "pwned"
+    node = {
+        "_target_": "torch.nn.Sequential",
+        "inner": [{"x": {"_target_": target, "_args_": [f"touch {marker}"]}}],
+    }
+    with pytest.raises(ConfigError, match=rf"model\.inner\[0\]\.x\._target_='{target}' is not allowed"):
+        b.build(node, "model")
+    assert not marker.exists()
+
+
+def test_a_wrong_value_names_the_key():
+    cfg = compose_train("optimizer.lr=-1")
+    model = b.build_model(cfg.model, num_classes=3)
+    with pytest.raises(ConfigError, match=r"cannot build optimizer \(SGD\): Invalid learning rate"):
+        b.build_optimizer(cfg.optimizer, model)
+
+
+def test_config_is_plain_data():
+    config = b.plain(compose_train())
+    assert type(config) is dict and type(config["transforms"]["train"]) is list
+    assert not OmegaConf.is_config(config["data"])
