@@ -172,7 +172,7 @@ def test_default_digits_data_is_written_once_and_trains(tmp_path: Path):
     counts = {s: len(list((tree / s).glob("*/*.png"))) for s in ["train", "val", "test"]}
     assert counts == {"train": 1257, "val": 270, "test": 270}
     (run,) = run_dirs(tmp_path)
-    assert run.name.endswith("_epochs=4")
+    assert run.name.endswith("_epochs-4")
     # four epochs of the default recipe already separate the digits well (0.97 val here)
     assert float(summary_value(run, "test acc (best weights)").split()[0]) > 0.9
 

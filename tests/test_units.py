@@ -23,10 +23,10 @@ from imgcls.seeding import rng_state, seed_everything, set_rng_state
     ("overrides", "label"),
     [
         ("", "base"),
-        ("data.batch_size=16,optimizer.lr=0.01,trainer.epochs=25", "batch_size=16,epochs=25,lr=0.01"),
-        ("data.root=/a/b/hymenoptera_data/,data=hymenoptera", "data=hymenoptera,root=hymenoptera_data"),
-        ("model.name=resnet50,transforms.train=[a,b]", "name=resnet50,train=-a,b"),
-        ("+trainer.foo=1,hydra.verbose=true", "foo=1"),
+        ("data.batch_size=16,optimizer.lr=0.01,trainer.epochs=25", "batch_size-16_epochs-25_lr-0.01"),
+        ("data.root=/a/b/hymenoptera_data/,data=hymenoptera", "data-hymenoptera_root-hymenoptera_data"),
+        ("model.name=resnet50,transforms.train=[a,b]", "name-resnet50_train--a-b"),
+        ("+trainer.foo=1,hydra.verbose=true", "foo-1"),
     ],
 )
 def test_run_label_is_readable_and_one_folder(overrides: str, label: str):

@@ -49,6 +49,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _verify_crc(path: Path) -> None:
+    """torch.load does not check the zip's CRC32s, so a flipped bit in a tensor loads silently
+    as a wrong weight; zipfile checks every member against its CRC (about 1 ms per 10 MB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated (not a readable torch zip archive: {exc}). "
+            "Use another checkpoint, e.g. best.pt."
+        ) from exc
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: entry {bad} fails its CRC check (the file changed after "
+            "it was written). Use another checkpoint, e.g. best.pt."
+        )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """torch.load(weights_only=True), never a fallback to full unpickling; clear errors."""
     path = Path(path)
@@ -56,6 +74,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         siblings = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
         hint = f" Found: {', '.join(siblings)}." if siblings else ""
         raise CheckpointError(f"checkpoint {path} does not exist.{hint}")
+    _verify_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
@@ -15,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from imgcls.errors import ConfigError, UserError
+from imgcls.sampling import EpochSampler, EpochSeeded, worker_init
 
 
 class DataError(UserError):
@@ -154,30 +153,23 @@ class ImageFolderData:
         return ImageDataset(self.samples[split], transform)
 
     def loader(
-        self, split: str, transform: Callable | None, *, train: bool, pin_memory: bool = False
+        self, split: str, transform: Callable | None, *, train: bool, seed: int = 0, pin_memory: bool = False
     ) -> DataLoader:
-        """Seeded by `seed_epoch`: shuffling and worker seeds follow the loader's generator."""
-        dataset = self.dataset(split, transform)
+        """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch."""
+        dataset = EpochSeeded(self.dataset(split, transform), seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=EpochSampler(len(dataset), seed, shuffle=train),
             # a last batch of one sample breaks BatchNorm in training; evaluation sees every sample
             drop_last=train and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=pin_memory,
-            # fresh workers each epoch take their seeds from the generator, which seed_epoch sets
+            # fresh workers each epoch copy the dataset, and with it the epoch that set_epoch set
             persistent_workers=False,
-            generator=torch.Generator(),
-            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=worker_init,
         )
-
-
-def seed_worker(worker_id: int) -> None:
-    # torch seeds each worker with base_seed + worker_id; Python and NumPy follow from it
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 class Normalize(nn.Module):

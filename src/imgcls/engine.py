@@ -21,7 +21,11 @@ from imgcls.seeding import epoch_seed, rng_state, seed_everything
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the step was not taken."""
+    """The loss or a gradient became NaN or infinite; the optimizer step was not taken."""
+
+    def __init__(self, message: str, step: int = 0, partial: dict[str, float] | None = None):
+        super().__init__(message)
+        self.step, self.partial = step, partial or {}
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -53,6 +57,14 @@ def _to_device(batch, device: torch.device, normalize: nn.Module, channels_last:
     return images, targets.to(device, non_blocking=True)
 
 
+class StopTraining(Exception):
+    """Raised inside an epoch at a step boundary; carries what resuming mid-epoch needs."""
+
+    def __init__(self, step: int, partial: dict[str, float], signum: int | None = None):
+        super().__init__(f"stopped after step {step}")
+        self.step, self.partial, self.signum = step, partial, signum
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -64,35 +76,72 @@ def train_one_epoch(
     channels_last: bool = False,
     description: str = "train",
     log_every: int = 50,
+    start_step: int = 0,
+    partial: dict[str, float] | None = None,
+    should_stop: Callable[[], int | None] = lambda: None,
+    on_step: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
+    """One pass over `loader` (from batch `start_step`, continuing `partial`'s running sums).
+
+    Stops before the optimizer step on a non-finite loss or gradient (NonFiniteLossError), and
+    after a step when `should_stop()` returns a signal (StopTraining); both carry the step and
+    the running sums so the epoch can be finished later exactly as it would have been."""
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    partial = partial or {}
+    loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device, dtype=torch.float64)
+    correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.int64)
+    seen = int(partial.get("seen", 0))
+    spent = float(partial.get("time_s", 0.0))
     start = time.perf_counter()
-    with progress(description, len(loader), every=log_every) as advance:
-        for step, batch in enumerate(loader):
+    step = start_step
+
+    def sums() -> dict[str, float]:
+        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen,
+                "time_s": spent + time.perf_counter() - start}  # fmt: skip
+
+    # BatchNorm statistics change during the forward pass itself: a copy taken before each step
+    # (one fused multi-tensor copy) puts them back when the step turns out non-finite
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    before = [torch.empty_like(b) for b in buffers]
+    with progress(description, len(loader) + start_step, every=log_every) as advance:
+        for batch in loader:
             images, targets = _to_device(batch, device, normalize, channels_last)
+            if buffers:
+                torch._foreach_copy_(before, buffers)
             logits = model(images)
             loss = loss_fn(logits, targets)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"{description}: loss is {loss.item()} at step {step + 1}; the step was not taken. "
-                    "Lower optimizer.lr, or check the data for broken images."
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+            # one device sync per step buys the guarantee that no NaN ever reaches the weights
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                if buffers:
+                    torch._foreach_copy_(buffers, before)
+                what = "loss" if not torch.isfinite(loss) else "gradient norm"
+                value = loss.item() if what == "loss" else grad_norm.item()
+                raise NonFiniteLossError(
+                    f"{description}: the {what} is {value} at step {step + 1}; the optimizer step was "
+                    "not taken. Lower optimizer.lr, or check the data for broken images.",
+                    step=step,
+                    partial=sums(),
+                )
             optimizer.step()
             n = targets.shape[0]
             seen += n
             loss_sum += loss.detach() * n
             correct += (logits.detach().argmax(1) == targets).sum()
+            step += 1
             # reading values back syncs the device: only when a bar or a log line shows them
-            if is_terminal() or (step + 1) % log_every == 0:
+            if is_terminal() or step % log_every == 0:
                 advance(loss=loss_sum.item() / seen, acc=correct.item() / seen)
             else:
                 advance()
-    elapsed = time.perf_counter() - start
+            on_step()
+            signum = should_stop()
+            if signum is not None and step < len(loader) + start_step:
+                raise StopTraining(step, sums(), signum)
+    elapsed = spent + time.perf_counter() - start
     return {
         "train/loss": loss_sum.item() / max(seen, 1),
         "train/acc": correct.item() / max(seen, 1),
@@ -137,6 +186,11 @@ def evaluate(
         f"{split}/images_per_s": n / elapsed if elapsed > 0 else 0.0,
     }
     return metrics, targets_np, preds_np
+
+
+def is_finite(model: nn.Module) -> bool:
+    """Every floating-point parameter and buffer (BatchNorm statistics too) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def training_state(
@@ -187,30 +241,72 @@ def fit(
     config: dict,
     class_names: list[str],
     on_epoch: Callable[[dict[str, float], list[dict[str, float]]], None] = lambda m, h: None,
+    on_step: Callable[[], None] = lambda: None,
     checkpoint_extra: dict[str, Any] | None = None,
     channels_last: bool = False,
     log_every: int = 50,
+    resume: dict[str, Any] | None = None,
+    should_stop: Callable[[], int | None] = lambda: None,
 ) -> dict[str, Any]:
-    """for epoch: train, validate, step the schedule, save last.pt (and best.pt when val/acc improves).
+    """for epoch: train, validate, step the schedule, record, save last.pt (and best.pt on a new
+    best val/acc). `resume` is a checkpoint whose model, optimizer, scheduler and random states
+    were already restored; training continues after its epoch (and step, when it stopped
+    mid-epoch). Returns {"history", "best_acc", "best_epoch"}.
 
-    Returns {"history", "best_acc", "best_epoch"}.
+    A signal (`should_stop`) or a non-finite loss stops the epoch at a step boundary: last.pt then
+    holds that mid-epoch state and RunInterrupted / NonFiniteLossError propagate.
     """
-    history: list[dict[str, float]] = []
-    best_acc, best_epoch = -1.0, 0
-    for epoch in range(1, epochs + 1):
-        # every random draw of this epoch follows from (seed, epoch): shuffling, augmentation,
-        # dropout, and the workers' seeds, which the loader draws from its generator
-        seed_everything(epoch_seed(seed, epoch))
-        loaders["train"].generator.manual_seed(epoch_seed(seed, epoch))
-        lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_one_epoch(
-            model, loaders["train"], loss_fn, optimizer, device, normalize,
-            channels_last=channels_last, description=f"epoch {epoch}/{epochs}", log_every=log_every,
+    from imgcls.sampling import set_epoch
+    from imgcls.signals import RunInterrupted
+
+    resume = resume or {}
+    history: list[dict[str, float]] = [dict(h) for h in resume.get("history", [])]
+    best_acc, best_epoch = resume.get("best_acc", -1.0), resume.get("best_epoch", 0)
+    start_step, partial = resume.get("step", 0), resume.get("partial")
+    last_path = weights_dir / "last.pt"
+
+    def state(epoch: int, **extra: Any) -> dict[str, Any]:
+        return training_state(
+            model, optimizer, scheduler, epoch=epoch, history=history, best_acc=best_acc,
+            best_epoch=best_epoch, config=config, class_names=class_names,
+            extra={**(checkpoint_extra or {}), **extra},
         )  # fmt: skip
+
+    for epoch in range(resume.get("epoch", 0) + 1, epochs + 1):
+        if start_step == 0:
+            # this epoch's dropout and other in-loop draws follow from (seed, epoch); mid-epoch,
+            # the caller restored the generators as they were when the run stopped
+            seed_everything(epoch_seed(seed, epoch))
+        set_epoch(loaders["train"], epoch, start_step)
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            train_metrics = train_one_epoch(
+                model, loaders["train"], loss_fn, optimizer, device, normalize,
+                channels_last=channels_last, description=f"epoch {epoch}/{epochs}", log_every=log_every,
+                start_step=start_step, partial=partial, should_stop=should_stop, on_step=on_step,
+            )  # fmt: skip
+        except StopTraining as stop:
+            save_checkpoint(state(epoch - 1, step=stop.step, partial=stop.partial), last_path)
+            raise RunInterrupted(stop.signum, epoch, stop.step, str(last_path)) from None
+        except NonFiniteLossError as exc:
+            # the forward pass may already have pushed BatchNorm statistics to inf: save only a
+            # finite state, so last.pt and best.pt never hold a NaN
+            if is_finite(model):
+                save_checkpoint(state(epoch - 1, step=exc.step, partial=exc.partial), last_path)
+                where = f"{last_path} holds the weights before that step"
+            else:
+                where = f"the weights were no longer finite; {last_path} keeps the last finite epoch"
+            raise NonFiniteLossError(f"{exc} ({where})", exc.step, exc.partial) from None
+        start_step, partial = 0, None
         val_metrics, _, _ = evaluate(
             model, loaders["val"], loss_fn, device, normalize,
             split="val", channels_last=channels_last, log_every=log_every,
         )  # fmt: skip
+        if not is_finite(model):
+            raise NonFiniteLossError(
+                f"epoch {epoch}: the weights became non-finite (an optimizer step overflowed); "
+                f"{last_path} keeps the last finite epoch. Lower optimizer.lr."
+            )
         if scheduler is not None:
             scheduler.step()
         improved = val_metrics["val/acc"] > best_acc
@@ -218,19 +314,22 @@ def fit(
             best_acc, best_epoch = val_metrics["val/acc"], epoch
         metrics = {"epoch": epoch, **train_metrics, **val_metrics, "val/acc_best": best_acc, "lr": lr}
         history.append(metrics)
-        state = training_state(
-            model, optimizer, scheduler, epoch=epoch, history=history, best_acc=best_acc,
-            best_epoch=best_epoch, config=config, class_names=class_names, extra=checkpoint_extra,
-        )  # fmt: skip
-        save_checkpoint(state, weights_dir / "last.pt")
-        if improved:
-            save_checkpoint(state, weights_dir / "best.pt")
         logger.info(
             f"epoch {epoch}/{epochs}  train loss {metrics['train/loss']:.4f} acc {metrics['train/acc']:.4f}"
             f"  | val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:.4f}"
             f" (best {best_acc:.4f} @{best_epoch})  | lr {lr:.3g}"
             f"  | {metrics['train/time_s'] + metrics['val/time_s']:.1f} s"
-            f" ({metrics['train/images_per_s']:.0f} img/s train)" + ("  *" if improved else "")
+            f" ({metrics['train/images_per_s']:.0f} img/s train)"
+            + ("  *" if improved else "")
         )
+        # record first, then save: a kill in between redoes this epoch on resume, and the
+        # TensorBoard writer of the resumed run purges the orphaned points
         on_epoch(metrics, history)
+        epoch_state = state(epoch, step=0, partial=None)
+        save_checkpoint(epoch_state, last_path)
+        if improved:
+            save_checkpoint(epoch_state, weights_dir / "best.pt")
+        signum = should_stop()
+        if signum is not None and epoch < epochs:
+            raise RunInterrupted(signum, epoch + 1, 0, str(last_path))
     return {"history": history, "best_acc": best_acc, "best_epoch": best_epoch}

@@ -7,12 +7,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]+")
+# a run directory is passed back on the command line (resume=<run>/weights/last.pt), so its name
+# keeps to characters Hydra's override grammar reads unquoted: no '=', ',', brackets or spaces
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 _claimed: dict[str, str] = {}
 
 
 def run_label(override_dirname: str) -> str:
-    """`data.batch_size=32,optimizer.lr=0.01` -> `batch_size=32,lr=0.01`; no overrides -> `base`.
+    """`data.batch_size=32,optimizer.lr=0.01` -> `batch_size-32_lr-0.01`; no overrides -> `base`.
 
     Keys listed in hydra.job.config.override_dirname.exclude_keys are already left out by Hydra.
     Keys keep their last component, group choices stay whole (`data=hymenoptera`), and a path
@@ -26,8 +28,8 @@ def run_label(override_dirname: str) -> str:
             continue
         if "/" in value:
             value = Path(value.rstrip("/")).name or value
-        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
-    label = _UNSAFE.sub("-", ",".join(sorted(parts))).strip("-")
+        parts.append(_UNSAFE.sub("-", f"{key.rsplit('.', 1)[-1]}-{value}").strip("-"))
+    label = "_".join(sorted(parts))
     return label[:120] or "base"
 
 
@@ -66,7 +68,28 @@ def unique_dir(path: str) -> str:
     return candidate
 
 
+def run_dir(resume: str | None, new_dir: str) -> str:
+    """A resumed run continues in its own directory (<run>/weights/<ckpt>.pt -> <run>); any other
+    run claims `new_dir` through unique_dir."""
+    if resume:
+        ckpt = Path(resume)
+        if ckpt.is_file() and ckpt.parent.name == "weights":
+            return str(ckpt.parent.parent)
+    return unique_dir(new_dir)
+
+
+def hydra_subdir(resume: str | None) -> str:
+    """Where Hydra records the composition: `.hydra`, or `.hydra/resume-<time>` for a resumed
+    run, so resuming never overwrites the original run's record."""
+    if not resume:
+        return ".hydra"
+    from datetime import datetime
+
+    return f".hydra/resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+
+
 def register_resolvers() -> None:
-    for name, fn in (("run_label", run_label), ("unique_dir", unique_dir)):
+    resolvers = {"run_label": run_label, "unique_dir": unique_dir, "run_dir": run_dir, "hydra_subdir": hydra_subdir}
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import socket
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,19 @@ class RunRecorder:
     reader never sees half a file and a run that died shows `running` with its last heartbeat.
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], epochs: int, info: dict[str, str]):
+    HEARTBEAT_S = 30.0  # how often a long epoch refreshes the summary's heartbeat
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        epochs: int,
+        info: dict[str, str],
+        history: list[dict[str, float]] | None = None,
+        started: str | None = None,
+    ):
+        """`history` and `started` come from a checkpoint when a run resumes: its metrics file and
+        summary carry on, and TensorBoard drops any point recorded after the checkpoint."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
@@ -46,13 +59,26 @@ class RunRecorder:
         self.epochs = epochs
         self.info = info  # device, model, data: fixed facts shown in the summary
         self.status = "running"
-        self.started = _now()
+        self.started = datetime.fromisoformat(started) if started else _now()
+        self.resumed = _now() if history is not None else None
         self.ended: datetime | None = None
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = list(history or [])
         self.final: dict[str, float] = {}
         self.error: str | None = None
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._beat = 0.0
+        purge = len(self.history) + 1 if history is not None else None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        if history is not None:
+            self.write_metrics()  # drop rows recorded after the checkpoint by the stopped process
         self.write_summary()
+
+    def heartbeat(self) -> None:
+        """Refresh the summary's heartbeat, at most every HEARTBEAT_S seconds: a summary that says
+        `running` with an old heartbeat belongs to a process that died."""
+        now = time.monotonic()
+        if now - self._beat >= self.HEARTBEAT_S:
+            self._beat = now
+            self.write_summary()
 
     # -- per epoch -------------------------------------------------------------------------
     def log_epoch(self, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
@@ -102,6 +128,7 @@ class RunRecorder:
             f"status:         {self.status}",
             f"run dir:        {self.run_dir}",
             f"started:        {_fmt_time(self.started)}",
+            *([f"resumed:        {_fmt_time(self.resumed)}"] if self.resumed else []),
             f"ended:          {_fmt_time(self.ended)}",
             f"duration:       {str(now - self.started).split('.')[0]}",
             f"heartbeat:      {_fmt_time(_now())} (pid {os.getpid()} on {socket.gethostname()})",

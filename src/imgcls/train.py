@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,104 +20,160 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_resolvers()
 
 
-def run(cfg: DictConfig | dict, run_dir: Path) -> float:
+def resolve(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, dict | None]:
+    """The plain config to run, its unresolved form, and the checkpoint when `resume` names one
+    (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
+    from imgcls.build import plain
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.resume import resume_config
+
+    try:
+        config = plain(cfg)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{exc.full_key} is required: set it on the command line, {exc.full_key}=...") from exc
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the config does not resolve: {exc}") from exc
+    if not config.get("resume"):
+        return config, OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else config, None
+    ckpt = load_checkpoint(config["resume"])
+    return *resume_config(ckpt, cfg, overrides, config["resume"]), ckpt
+
+
+def run(cfg: DictConfig | dict, run_dir: Path, overrides: list[str] = ()) -> float:
     """Train the composed config in run_dir. Heavy imports live here so --help stays instant."""
-    import torch
     from loguru import logger
 
-    from imgcls import build as b
-    from imgcls.engine import evaluate, fit, resolve_device
     from imgcls.log import setup_logging, teardown_logging
-    from imgcls.models import count_parameters
     from imgcls.recorder import RunRecorder
-    from imgcls.reports import write_split_report
-    from imgcls.seeding import configure_determinism, seed_everything
+    from imgcls.signals import RunInterrupted
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_ids = setup_logging(run_dir / "logs" / "train.log")
     try:
-        config = b.plain(cfg)
-        resolve_error = None
-    except OmegaConfBaseException as exc:  # still say so in the summary, with what was asked for
-        config = OmegaConf.to_container(cfg, resolve=False)
-        if isinstance(exc, MissingMandatoryValue):
-            resolve_error = ConfigError(
-                f"{exc.full_key} is required: set it on the command line, {exc.full_key}=..."
-            )
-        else:
-            resolve_error = ConfigError(f"the config does not resolve: {exc}")
+        config, unresolved, ckpt = resolve(cfg, list(overrides))
+    except UserError:
+        if not OmegaConf.is_config(cfg) or cfg.get("resume"):
+            teardown_logging(log_ids)
+            raise  # a refused resume leaves the saved run's summary as it was
+        # a fresh run says in its summary why it failed, with the config as asked for
+        config, ckpt = OmegaConf.to_container(cfg, resolve=False), None
+        recorder = RunRecorder(run_dir, config, config["trainer"]["epochs"], info={})
+        recorder.finish("failed", error=str(sys.exc_info()[1]))
+        recorder.close()
+        teardown_logging(log_ids)
+        raise
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    trainer = config["trainer"]
-    recorder = RunRecorder(run_dir, config, trainer["epochs"], info={})
+    recorder = RunRecorder(
+        run_dir, config, config["trainer"]["epochs"], info={},
+        history=ckpt["history"] if ckpt else None, started=ckpt.get("run_started") if ckpt else None,
+    )  # fmt: skip
     try:
-        logger.info(f"run directory: {run_dir}")
-        if resolve_error is not None:
-            raise resolve_error
-        if trainer["epochs"] < 1:
-            raise ConfigError(f"trainer.epochs must be at least 1, got {trainer['epochs']}")
-        seed = int(config["seed"])
-        seed_everything(seed)
-        configure_determinism(bool(config["deterministic"]))
-        device = resolve_device(str(config["device"]))
-        if trainer.get("num_threads"):
-            torch.set_num_threads(int(trainer["num_threads"]))
+        return train_run(config, unresolved, run_dir, recorder, ckpt)
+    except RunInterrupted as exc:
+        recorder.finish("interrupted", error=str(exc))
+        logger.warning(f"interrupted: {exc}")
+        raise
+    except KeyboardInterrupt:
+        recorder.finish("interrupted", error="KeyboardInterrupt (before or after training)")
+        raise
+    except Exception as exc:
+        detail = "" if isinstance(exc, UserError) else f"\n\n{traceback.format_exc()}"
+        recorder.finish("failed", error=f"{type(exc).__name__}: {exc}{detail}")
+        raise
+    finally:
+        recorder.close()
+        teardown_logging(log_ids)
 
-        # data first: a broken tree is reported before any model is built
-        data = b.build_data(config["data"])
-        data.setup()
-        for split, files in data.skipped.items():
-            if files:
-                shown = ", ".join(str(Path(f).relative_to(data.root)) for f in files[:5])
-                more = f" and {len(files) - 5} more" if len(files) > 5 else ""
-                logger.warning(
-                    f"{split}: skipped {len(files)} file(s) that are not images by suffix: {shown}{more}"
-                )
-        pipelines, normalize = b.build_transforms(config["transforms"])
-        model = b.build_model(config["model"], num_classes=len(data.class_names))
-        optimizer = b.build_optimizer(config["optimizer"], model)
-        scheduler = b.build_scheduler(config["scheduler"], optimizer)
-        loss_fn = b.build_loss(config["loss"])
 
-        channels_last = bool(trainer.get("channels_last")) and device.type != "mps"
-        model = model.to(
-            device, memory_format=torch.channels_last if channels_last else torch.preserve_format
-        )
-        normalize = normalize.to(device)
-        pin = device.type == "cuda"
-        loaders = {"train": data.loader("train", pipelines["train"], train=True, pin_memory=pin)}
-        for split in data.splits:
-            if split != "train":
-                loaders[split] = data.loader(split, pipelines[split], train=False, pin_memory=pin)
+def train_run(config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None) -> float:
+    """Build everything from the plain config, restore the checkpoint if any, fit, report."""
+    import torch
+    from loguru import logger
 
-        sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
-        recorder.info.update(
-            {
-                "device": _describe(device, torch),
-                "model": f"{config['model'].get('name', config['model']['_target_'])}, "
-                f"{count_parameters(model):,} parameters",
-                "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
-                "classes": ", ".join(data.class_names),
-            }
-        )
-        logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
-        logger.info(f"data {recorder.info['data']}")
+    from imgcls import build as b
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.engine import evaluate, fit, resolve_device
+    from imgcls.models import count_parameters
+    from imgcls.reports import write_split_report
+    from imgcls.resume import check_classes, remove_stale_temp_files, restore
+    from imgcls.seeding import configure_determinism, seed_everything, set_rng_state
+    from imgcls.signals import stop_on_signals
 
+    trainer = config["trainer"]
+    logger.info(f"run directory: {run_dir}")
+    if ckpt:
+        logger.info(f"resuming {config['resume']}: epoch {ckpt['epoch']} done, step {ckpt.get('step', 0)}")
+    if trainer["epochs"] < 1:
+        raise ConfigError(f"trainer.epochs must be at least 1, got {trainer['epochs']}")
+    seed = int(config["seed"])
+    seed_everything(seed)
+    configure_determinism(bool(config["deterministic"]))
+    device = resolve_device(str(config["device"]))
+    if trainer.get("num_threads"):
+        torch.set_num_threads(int(trainer["num_threads"]))
+
+    # data first: a broken tree is reported before any model is built
+    data = b.build_data(config["data"])
+    data.setup()
+    if ckpt:
+        check_classes(ckpt["class_names"], data.class_names, data.root)
+    for split, files in data.skipped.items():
+        if files:
+            shown = ", ".join(str(Path(f).relative_to(data.root)) for f in files[:5])
+            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+            logger.warning(f"{split}: skipped {len(files)} file(s) that are not images by suffix: {shown}{more}")
+    pipelines, normalize = b.build_transforms(config["transforms"])
+    model = b.build_model(config["model"], num_classes=len(data.class_names))
+    optimizer = b.build_optimizer(config["optimizer"], model)
+    scheduler = b.build_scheduler(config["scheduler"], optimizer)
+    loss_fn = b.build_loss(config["loss"])
+    if ckpt:
+        scheduler_args = {k: v for k, v in (config["scheduler"] or {}).items() if not k.startswith("_")}
+        restore(ckpt, config["resume"], model, optimizer, scheduler, scheduler_args)
+        remove_stale_temp_files(run_dir / "weights")
+        if ckpt.get("step"):
+            set_rng_state(ckpt["rng"])  # mid-epoch: the in-loop draws continue where they stopped
+
+    channels_last = bool(trainer.get("channels_last")) and device.type != "mps"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    normalize = normalize.to(device)
+    pin = device.type == "cuda"
+    loaders = {"train": data.loader("train", pipelines["train"], train=True, seed=seed, pin_memory=pin)}
+    for split in data.splits:
+        if split != "train":
+            loaders[split] = data.loader(split, pipelines[split], train=False, seed=seed, pin_memory=pin)
+
+    sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
+    recorder.info.update(
+        {
+            "device": _describe(device, torch),
+            "model": f"{config['model'].get('name', config['model']['_target_'])}, "
+            f"{count_parameters(model):,} parameters",
+            "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
+            "classes": ", ".join(data.class_names),
+        }
+    )
+    logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
+    logger.info(f"data {recorder.info['data']}")
+
+    # the unresolved config keeps interpolations live for a later resume (${trainer.epochs})
+    extra = {"config_unresolved": unresolved, "run_started": recorder.started.isoformat()}
+    with stop_on_signals() as stop:
         result = fit(
             model, optimizer, scheduler, loss_fn, loaders, normalize, device,
             epochs=trainer["epochs"], seed=seed, weights_dir=run_dir / "weights", config=config,
-            class_names=data.class_names, on_epoch=recorder.log_epoch,
-            channels_last=channels_last, log_every=trainer.get("log_every_n_steps", 50),
+            class_names=data.class_names, on_epoch=recorder.log_epoch, on_step=recorder.heartbeat,
+            checkpoint_extra=extra, channels_last=channels_last,
+            log_every=trainer.get("log_every_n_steps", 50), resume=ckpt, should_stop=stop.requested,
         )  # fmt: skip
 
         # reports with the best weights, on every split; train is read with the eval pipeline
-        from imgcls.checkpoint import load_checkpoint
-
         model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
         final: dict[str, float] = {}
         for split in data.splits:
             pipeline = pipelines["val"] if split == "train" else pipelines[split]
-            loader = data.loader(split, pipeline, train=False, pin_memory=pin)
+            loader = data.loader(split, pipeline, train=False, seed=seed, pin_memory=pin)
             metrics, targets, preds = evaluate(
                 model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last
             )
@@ -125,22 +182,15 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> float:
                 split, targets, preds, data.class_names, run_dir, recorder.writer, result["best_epoch"]
             )
             logger.info(
-                f"{split} (best weights, epoch {result['best_epoch']}): accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
+                f"{split} (best weights, epoch {result['best_epoch']}): "
+                f"accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
             )
-        recorder.finish("completed", final)
-        logger.info(
-            f"done: best val acc {result['best_acc']:.4f} at epoch {result['best_epoch']}; results in {run_dir}"
-        )
-        return float(result["best_acc"])
-    except KeyboardInterrupt:
-        recorder.finish("interrupted", error="KeyboardInterrupt")
-        raise
-    except Exception as exc:
-        recorder.finish("failed", error=f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
-        raise
-    finally:
-        recorder.close()
-        teardown_logging(log_ids)
+    recorder.finish("completed", final)
+    logger.info(
+        f"done: best val acc {result['best_acc']:.4f} at epoch {result['best_epoch']}; "
+        f"finished {datetime.now():%H:%M:%S}; results in {run_dir}"
+    )
+    return float(result["best_acc"])
 
 
 def _describe(device, torch) -> str:
@@ -156,9 +206,17 @@ def main(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from imgcls.signals import RunInterrupted
+
     hc = HydraConfig.get()
     try:
-        return run(cfg, Path(hc.runtime.output_dir))
+        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+    except RunInterrupted as exc:
+        # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except (UserError, OmegaConfBaseException) as exc:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweep records this job as failed

@@ -1,0 +1,94 @@
+"""Resuming: the config comes from the checkpoint, and only overrides that keep the run the same
+run are accepted; the live objects get the checkpoint's state back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from omegaconf import OmegaConf
+
+from imgcls.checkpoint import CheckpointError
+from imgcls.errors import ConfigError
+
+# Where and how fast a run goes, and how long: everything else (model, data, transforms, loss,
+# optimizer, scheduler, seed) would make the resumed run a different run than the one saved.
+RESUMABLE_KEYS = (
+    "resume", "trainer.epochs", "device", "deterministic", "data.num_workers",
+    "trainer.num_threads", "trainer.log_every_n_steps",
+)  # fmt: skip
+
+
+def resume_config(
+    ckpt: dict[str, Any], composed: Any, overrides: list[str], path: str
+) -> tuple[dict, dict]:
+    """The checkpoint's config with the command line's resumable overrides applied: resolved,
+    and unresolved (what the next checkpoint keeps).
+
+    Interpolations stay live (the checkpoint keeps the unresolved config too), so a scheduler
+    horizon written as ${trainer.epochs} follows an extended trainer.epochs."""
+    refused = []
+    base = OmegaConf.create(ckpt.get("config_unresolved") or ckpt["config"])
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RESUMABLE_KEYS:
+            OmegaConf.update(base, key, OmegaConf.select(composed, key), merge=False, force_add=True)
+        else:
+            refused.append(override)
+    if refused:
+        raise ConfigError(
+            f"resume={path}: {', '.join(refused)} would change the saved run (its model, data or "
+            f"recipe); a resumed run keeps the config in its checkpoint. Only {', '.join(RESUMABLE_KEYS)} "
+            "may be given with resume=; start a new run for anything else."
+        )
+    config = OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
+    done, epochs = ckpt["epoch"], config["trainer"]["epochs"]
+    if epochs < done or (epochs == done and not ckpt.get("step")):
+        raise ConfigError(
+            f"resume={path}: the run already finished {done} of {epochs} epochs; extend it with "
+            f"trainer.epochs=<more than {done}>"
+        )
+    return config, OmegaConf.to_container(base, resolve=False)
+
+
+def check_classes(saved: list[str], found: list[str], root: Any) -> None:
+    if saved != found:
+        missing, extra = sorted(set(saved) - set(found)), sorted(set(found) - set(saved))
+        raise ConfigError(
+            f"the classes in {root} differ from the checkpoint's: missing {missing or 'none'}, "
+            f"extra {extra or 'none'}. A run's classes cannot change; start a new run for new classes."
+        )
+
+
+def restore(ckpt: dict[str, Any], path: str, model, optimizer, scheduler, scheduler_args: dict) -> None:
+    """Load the states into the live objects; a checkpoint of another model is a clear error."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({first[0]} {first[1] if len(first) > 1 else ''})."
+        ) from exc
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is None or ckpt.get("scheduler") is None:
+        return
+    scheduler.load_state_dict(ckpt["scheduler"])
+    # the saved state carries the old horizon (e.g. T_max); the config's values win
+    changed = []
+    for key, value in scheduler_args.items():
+        if hasattr(scheduler, key) and getattr(scheduler, key) != value:
+            changed.append(f"{key} {getattr(scheduler, key)} -> {value}")
+            setattr(scheduler, key, value)
+    if changed:
+        logger.warning(
+            f"the scheduler's horizon is rebuilt for the new trainer.epochs ({', '.join(changed)}): "
+            "the learning rate from here on differs from a run started with these epochs"
+        )
+
+
+def remove_stale_temp_files(weights_dir: Path) -> None:
+    """A kill -9 during a save leaves `.last.pt.tmp-<pid>`; the checkpoint itself is intact."""
+    for tmp in weights_dir.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+

@@ -1,0 +1,80 @@
+"""Epoch-seeded sampling: each epoch's order and each sample's augmentation follow from
+(seed, epoch, index) alone, so a run can stop anywhere and resume bit-exactly, with any number
+of DataLoader workers."""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def mix(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 steps): nearby inputs give unrelated seeds."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of range(n) drawn from (seed, epoch) (or 0..n-1 unshuffled), from `start`."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """`start` samples of this epoch's order are skipped: they were seen before a resume."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix(self.seed, self.epoch, 1))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        return iter(order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+class EpochSeeded(Dataset):
+    """Runs the wrapped dataset's __getitem__ under a torch seed drawn from (seed, epoch, index).
+
+    torchvision's random transforms draw from torch's global generator; forking it per sample
+    makes the augmentation independent of which worker, or which process, decodes the sample,
+    and leaves the caller's generator untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix(self.seed, self.epoch, 2, index))
+            return self.dataset[index]
+
+
+def set_epoch(loader, epoch: int, start_batch: int = 0) -> None:
+    """Point a loader built by make_loader at `epoch`, skipping its first `start_batch` batches."""
+    loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)
+    loader.dataset.epoch = epoch  # fresh (non-persistent) workers copy the dataset each epoch
+
+
+def worker_init(worker_id: int) -> None:
+    # Ctrl-C and SIGTERM are the training process's to handle: it stops at a step boundary and
+    # shuts the workers down itself (a worker killed by the signal would break the batch in flight)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
