@@ -153,16 +153,24 @@ class ImageFolderData:
         return ImageDataset(self.samples[split], transform)
 
     def loader(
-        self, split: str, transform: Callable | None, *, train: bool, seed: int = 0, pin_memory: bool = False
+        self,
+        split: str,
+        transform: Callable | None,
+        *,
+        train: bool,
+        seed: int = 0,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> DataLoader:
         """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch."""
         dataset = EpochSeeded(self.dataset(split, transform), seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), seed, shuffle=train),
+            sampler=EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world),
             # a last batch of one sample breaks BatchNorm in training; evaluation sees every sample
-            drop_last=train and len(dataset) > self.batch_size,
+            drop_last=train and len(dataset) > self.batch_size * world,
             num_workers=self.num_workers,
             pin_memory=pin_memory,
             # fresh workers each epoch copy the dataset, and with it the epoch that set_epoch set

@@ -15,6 +15,7 @@ from torch import nn
 
 from imgcls import __version__
 from imgcls.checkpoint import save_checkpoint
+from imgcls.distributed import SINGLE, Dist, all_sum, any_rank, gather, sync_buffers
 from imgcls.errors import ConfigError, UserError
 from imgcls.log import is_terminal, progress
 from imgcls.seeding import epoch_seed, rng_state, seed_everything
@@ -80,8 +81,10 @@ def train_one_epoch(
     partial: dict[str, float] | None = None,
     should_stop: Callable[[], int | None] = lambda: None,
     on_step: Callable[[], None] = lambda: None,
+    d: Dist = SINGLE,
 ) -> dict[str, float]:
-    """One pass over `loader` (from batch `start_step`, continuing `partial`'s running sums).
+    """One pass over `loader` (from batch `start_step`, continuing `partial`'s running sums,
+    this rank's own under torchrun; the epoch's metrics are summed over ranks).
 
     Stops before the optimizer step on a non-finite loss or gradient (NonFiniteLossError), and
     after a step when `should_stop()` returns a signal (StopTraining); both carry the step and
@@ -138,15 +141,16 @@ def train_one_epoch(
             else:
                 advance()
             on_step()
-            signum = should_stop()
+            signum = any_rank(should_stop(), d, device)  # a signal on one rank stops them all here
             if signum is not None and step < len(loader) + start_step:
                 raise StopTraining(step, sums(), signum)
     elapsed = spent + time.perf_counter() - start
+    total_loss, total_correct, total_seen = all_sum([loss_sum.item(), correct.item(), seen], d, device)
     return {
-        "train/loss": loss_sum.item() / max(seen, 1),
-        "train/acc": correct.item() / max(seen, 1),
+        "train/loss": total_loss / max(total_seen, 1),
+        "train/acc": total_correct / max(total_seen, 1),
         "train/time_s": elapsed,
-        "train/images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        "train/images_per_s": total_seen / elapsed if elapsed > 0 else 0.0,
     }
 
 
@@ -161,8 +165,10 @@ def evaluate(
     split: str = "val",
     channels_last: bool = False,
     log_every: int = 50,
+    d: Dist = SINGLE,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Metrics for `split`, plus every sample's target and prediction in loader order."""
+    """Metrics for `split`, plus every sample's target and prediction (under torchrun: gathered
+    from every rank, so the numbers are those of one process evaluating the whole split)."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     targets_all, preds_all = [], []
@@ -178,9 +184,13 @@ def evaluate(
     elapsed = time.perf_counter() - start
     targets_np = torch.cat(targets_all).cpu().numpy() if targets_all else np.zeros(0, np.int64)
     preds_np = torch.cat(preds_all).cpu().numpy() if preds_all else np.zeros(0, np.int64)
+    (total_loss,) = all_sum([loss_sum.item()], d, device)
+    if d.enabled:
+        targets_np = np.concatenate(gather(targets_np, d))
+        preds_np = np.concatenate(gather(preds_np, d))
     n = len(targets_np)
     metrics = {
-        f"{split}/loss": loss_sum.item() / max(n, 1),
+        f"{split}/loss": total_loss / max(n, 1),
         f"{split}/acc": float((targets_np == preds_np).sum()) / max(n, 1),
         f"{split}/time_s": elapsed,
         f"{split}/images_per_s": n / elapsed if elapsed > 0 else 0.0,
@@ -247,6 +257,8 @@ def fit(
     log_every: int = 50,
     resume: dict[str, Any] | None = None,
     should_stop: Callable[[], int | None] = lambda: None,
+    train_model: nn.Module | None = None,
+    d: Dist = SINGLE,
 ) -> dict[str, Any]:
     """for epoch: train, validate, step the schedule, record, save last.pt (and best.pt on a new
     best val/acc). `resume` is a checkpoint whose model, optimizer, scheduler and random states
@@ -255,6 +267,9 @@ def fit(
 
     A signal (`should_stop`) or a non-finite loss stops the epoch at a step boundary: last.pt then
     holds that mid-epoch state and RunInterrupted / NonFiniteLossError propagate.
+
+    Under torchrun, `train_model` is the DistributedDataParallel wrapper of `model`; every rank
+    runs this loop in step and rank 0 alone writes checkpoints.
     """
     from imgcls.sampling import set_epoch
     from imgcls.signals import RunInterrupted
@@ -263,14 +278,24 @@ def fit(
     history: list[dict[str, float]] = [dict(h) for h in resume.get("history", [])]
     best_acc, best_epoch = resume.get("best_acc", -1.0), resume.get("best_epoch", 0)
     start_step, partial = resume.get("step", 0), resume.get("partial")
+    if resume.get("partial_ranks") and d.enabled:
+        partial = resume["partial_ranks"][d.rank]
+    train_model = train_model or model
     last_path = weights_dir / "last.pt"
 
-    def state(epoch: int, **extra: Any) -> dict[str, Any]:
+    def state(epoch: int, partial: dict | None = None, **extra: Any) -> dict[str, Any]:
+        if d.enabled:  # collectives: every rank builds the state, rank 0 saves it
+            extra["rng_ranks"] = gather(rng_state(), d)
+            extra["partial_ranks"] = gather(partial, d) if partial else None
         return training_state(
             model, optimizer, scheduler, epoch=epoch, history=history, best_acc=best_acc,
             best_epoch=best_epoch, config=config, class_names=class_names,
-            extra={**(checkpoint_extra or {}), **extra},
+            extra={**(checkpoint_extra or {}), **extra, "partial": partial},
         )  # fmt: skip
+
+    def save(state: dict[str, Any], path: Path) -> None:
+        if d.main:
+            save_checkpoint(state, path)
 
     for epoch in range(resume.get("epoch", 0) + 1, epochs + 1):
         if start_step == 0:
@@ -281,26 +306,27 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         try:
             train_metrics = train_one_epoch(
-                model, loaders["train"], loss_fn, optimizer, device, normalize,
+                train_model, loaders["train"], loss_fn, optimizer, device, normalize,
                 channels_last=channels_last, description=f"epoch {epoch}/{epochs}", log_every=log_every,
-                start_step=start_step, partial=partial, should_stop=should_stop, on_step=on_step,
+                start_step=start_step, partial=partial, should_stop=should_stop, on_step=on_step, d=d,
             )  # fmt: skip
         except StopTraining as stop:
-            save_checkpoint(state(epoch - 1, step=stop.step, partial=stop.partial), last_path)
+            save(state(epoch - 1, step=stop.step, partial=stop.partial), last_path)
             raise RunInterrupted(stop.signum, epoch, stop.step, str(last_path)) from None
         except NonFiniteLossError as exc:
             # the forward pass may already have pushed BatchNorm statistics to inf: save only a
             # finite state, so last.pt and best.pt never hold a NaN
             if is_finite(model):
-                save_checkpoint(state(epoch - 1, step=exc.step, partial=exc.partial), last_path)
+                save(state(epoch - 1, step=exc.step, partial=exc.partial), last_path)
                 where = f"{last_path} holds the weights before that step"
             else:
                 where = f"the weights were no longer finite; {last_path} keeps the last finite epoch"
             raise NonFiniteLossError(f"{exc} ({where})", exc.step, exc.partial) from None
         start_step, partial = 0, None
+        sync_buffers(model, d)  # evaluate and save rank 0's model, the same on every rank
         val_metrics, _, _ = evaluate(
             model, loaders["val"], loss_fn, device, normalize,
-            split="val", channels_last=channels_last, log_every=log_every,
+            split="val", channels_last=channels_last, log_every=log_every, d=d,
         )  # fmt: skip
         if not is_finite(model):
             raise NonFiniteLossError(
@@ -319,17 +345,16 @@ def fit(
             f"  | val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:.4f}"
             f" (best {best_acc:.4f} @{best_epoch})  | lr {lr:.3g}"
             f"  | {metrics['train/time_s'] + metrics['val/time_s']:.1f} s"
-            f" ({metrics['train/images_per_s']:.0f} img/s train)"
-            + ("  *" if improved else "")
+            f" ({metrics['train/images_per_s']:.0f} img/s train)" + ("  *" if improved else "")
         )
         # record first, then save: a kill in between redoes this epoch on resume, and the
         # TensorBoard writer of the resumed run purges the orphaned points
         on_epoch(metrics, history)
         epoch_state = state(epoch, step=0, partial=None)
-        save_checkpoint(epoch_state, last_path)
+        save(epoch_state, last_path)
         if improved:
-            save_checkpoint(epoch_state, weights_dir / "best.pt")
-        signum = should_stop()
+            save(epoch_state, weights_dir / "best.pt")
+        signum = any_rank(should_stop(), d, device)
         if signum is not None and epoch < epochs:
             raise RunInterrupted(signum, epoch + 1, 0, str(last_path))
     return {"history": history, "best_acc": best_acc, "best_epoch": best_epoch}

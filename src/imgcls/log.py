@@ -21,7 +21,7 @@ def is_terminal() -> bool:
     return _console.is_terminal
 
 
-def setup_logging(log_file: Path | None, level: str = "INFO") -> list[int]:
+def setup_logging(log_file: Path | None, level: str = "INFO", prefix: str = "") -> list[int]:
     """Replace loguru's sinks: colored console (through rich, so it prints above a live bar) and
     a file rotated at 10 MB and kept 30 days. Returns the sink ids for `teardown_logging`."""
     logger.remove()
@@ -29,7 +29,7 @@ def setup_logging(log_file: Path | None, level: str = "INFO") -> list[int]:
         logger.add(
             lambda m: _console.print(Text.from_ansi(str(m).rstrip("\n")), soft_wrap=True),
             level=level,
-            format=CONSOLE_FORMAT,
+            format=prefix.replace("<", "\\<") + CONSOLE_FORMAT,
             colorize=is_terminal(),
         )
     ]

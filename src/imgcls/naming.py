@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -71,6 +73,9 @@ def unique_dir(path: str) -> str:
 def run_dir(resume: str | None, new_dir: str) -> str:
     """A resumed run continues in its own directory (<run>/weights/<ckpt>.pt -> <run>); any other
     run claims `new_dir` through unique_dir."""
+    if env_rank() > 0:
+        # torchrun: rank 0 owns the run directory and hands its path to the others
+        return str(Path(tempfile.gettempdir()) / f"imgcls-rank{env_rank()}-{os.getpid()}")
     if resume:
         ckpt = Path(resume)
         if ckpt.is_file() and ckpt.parent.name == "weights":
@@ -78,9 +83,15 @@ def run_dir(resume: str | None, new_dir: str) -> str:
     return unique_dir(new_dir)
 
 
-def hydra_subdir(resume: str | None) -> str:
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def hydra_subdir(resume: str | None) -> str | None:
     """Where Hydra records the composition: `.hydra`, or `.hydra/resume-<time>` for a resumed
     run, so resuming never overwrites the original run's record."""
+    if env_rank() > 0:
+        return None  # only rank 0 records the composition
     if not resume:
         return ".hydra"
     from datetime import datetime
@@ -89,7 +100,12 @@ def hydra_subdir(resume: str | None) -> str:
 
 
 def register_resolvers() -> None:
-    resolvers = {"run_label": run_label, "unique_dir": unique_dir, "run_dir": run_dir, "hydra_subdir": hydra_subdir}
+    resolvers = {
+        "run_label": run_label,
+        "unique_dir": unique_dir,
+        "run_dir": run_dir,
+        "hydra_subdir": hydra_subdir,
+    }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)

@@ -32,6 +32,28 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f} ({100 * x:.2f}%)"
 
 
+class NullRecorder:
+    """What ranks other than 0 get under torchrun: they train in step and write nothing."""
+
+    writer = None
+
+    def __init__(self) -> None:
+        self.info: dict[str, str] = {}
+        self.started = _now()
+
+    def log_epoch(self, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
+        pass
+
+    def heartbeat(self) -> None:
+        pass
+
+    def finish(self, status: str, final: dict[str, float] | None = None, error: str | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RunRecorder:
     """Keeps summary.txt, metrics.csv and the TensorBoard event file current.
 

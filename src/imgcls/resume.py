@@ -20,9 +20,7 @@ RESUMABLE_KEYS = (
 )  # fmt: skip
 
 
-def resume_config(
-    ckpt: dict[str, Any], composed: Any, overrides: list[str], path: str
-) -> tuple[dict, dict]:
+def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], path: str) -> tuple[dict, dict]:
     """The checkpoint's config with the command line's resumable overrides applied: resolved,
     and unresolved (what the next checkpoint keeps).
 
@@ -91,4 +89,3 @@ def remove_stale_temp_files(weights_dir: Path) -> None:
     """A kill -9 during a save leaves `.last.pt.tmp-<pid>`; the checkpoint itself is intact."""
     for tmp in weights_dir.glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
-

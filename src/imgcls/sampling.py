@@ -23,10 +23,15 @@ def mix(*values: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation of range(n) drawn from (seed, epoch) (or 0..n-1 unshuffled), from `start`."""
+    """A permutation of range(n) drawn from (seed, epoch) (or 0..n-1 unshuffled), from `start`.
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
+    Under torchrun each rank takes every world-th index of the same order. Shuffled (training),
+    the order is cut to a multiple of the world size so every rank takes as many steps; in order
+    (evaluation), nothing is cut or repeated: the ranks' results are gathered whole."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -34,15 +39,19 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start :].tolist())
+
+    def _indices(self) -> torch.Tensor:
         if self.shuffle:
             g = torch.Generator().manual_seed(mix(self.seed, self.epoch, 1))
             order = torch.randperm(self.n, generator=g)
+            order = order[: self.n - self.n % self.world]
         else:
             order = torch.arange(self.n)
-        return iter(order[self.start :].tolist())
+        return order[self.rank :: self.world]
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return len(self._indices()) - self.start
 
 
 class EpochSeeded(Dataset):

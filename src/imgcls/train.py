@@ -30,11 +30,17 @@ def resolve(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, d
     try:
         config = plain(cfg)
     except MissingMandatoryValue as exc:
-        raise ConfigError(f"{exc.full_key} is required: set it on the command line, {exc.full_key}=...") from exc
+        raise ConfigError(
+            f"{exc.full_key} is required: set it on the command line, {exc.full_key}=..."
+        ) from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config does not resolve: {exc}") from exc
     if not config.get("resume"):
-        return config, OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else config, None
+        return (
+            config,
+            OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else config,
+            None,
+        )
     ckpt = load_checkpoint(config["resume"])
     return *resume_config(ckpt, cfg, overrides, config["resume"]), ckpt
 
@@ -43,17 +49,26 @@ def run(cfg: DictConfig | dict, run_dir: Path, overrides: list[str] = ()) -> flo
     """Train the composed config in run_dir. Heavy imports live here so --help stays instant."""
     from loguru import logger
 
+    from imgcls import distributed
     from imgcls.log import setup_logging, teardown_logging
-    from imgcls.recorder import RunRecorder
+    from imgcls.recorder import NullRecorder, RunRecorder
     from imgcls.signals import RunInterrupted
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_ids = setup_logging(run_dir / "logs" / "train.log")
+    # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
+    d, device_spec = distributed.init(str(cfg.get("device") or "auto"))
+    if not d.main and Path(run_dir).name.startswith("imgcls-rank"):
+        Path(run_dir).rmdir()  # the placeholder naming.run_dir gave Hydra on this rank
+    run_dir = Path(distributed.broadcast(str(run_dir), d))
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_ids = setup_logging(run_dir / "logs" / "train.log")
+    else:
+        log_all = bool((cfg.get("trainer") or {}).get("log_all_ranks"))
+        log_ids = setup_logging(None, level="INFO" if log_all else "ERROR", prefix=f"[rank {d.rank}] ")
     try:
         config, unresolved, ckpt = resolve(cfg, list(overrides))
     except UserError:
-        if not OmegaConf.is_config(cfg) or cfg.get("resume"):
+        if not OmegaConf.is_config(cfg) or cfg.get("resume") or not d.main:
             teardown_logging(log_ids)
             raise  # a refused resume leaves the saved run's summary as it was
         # a fresh run says in its summary why it failed, with the config as asked for
@@ -63,13 +78,16 @@ def run(cfg: DictConfig | dict, run_dir: Path, overrides: list[str] = ()) -> flo
         recorder.close()
         teardown_logging(log_ids)
         raise
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    recorder = RunRecorder(
-        run_dir, config, config["trainer"]["epochs"], info={},
-        history=ckpt["history"] if ckpt else None, started=ckpt.get("run_started") if ckpt else None,
-    )  # fmt: skip
+    if d.main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+        recorder = RunRecorder(
+            run_dir, config, config["trainer"]["epochs"], info={},
+            history=ckpt["history"] if ckpt else None, started=ckpt.get("run_started") if ckpt else None,
+        )  # fmt: skip
+    else:
+        recorder = NullRecorder()
     try:
-        return train_run(config, unresolved, run_dir, recorder, ckpt)
+        return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec)
     except RunInterrupted as exc:
         recorder.finish("interrupted", error=str(exc))
         logger.warning(f"interrupted: {exc}")
@@ -84,14 +102,18 @@ def run(cfg: DictConfig | dict, run_dir: Path, overrides: list[str] = ()) -> flo
     finally:
         recorder.close()
         teardown_logging(log_ids)
+        distributed.shutdown()
 
 
-def train_run(config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None) -> float:
+def train_run(
+    config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None, d, device_spec: str
+) -> float:
     """Build everything from the plain config, restore the checkpoint if any, fit, report."""
     import torch
     from loguru import logger
 
     from imgcls import build as b
+    from imgcls import distributed
     from imgcls.checkpoint import load_checkpoint
     from imgcls.engine import evaluate, fit, resolve_device
     from imgcls.models import count_parameters
@@ -109,7 +131,7 @@ def train_run(config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dic
     seed = int(config["seed"])
     seed_everything(seed)
     configure_determinism(bool(config["deterministic"]))
-    device = resolve_device(str(config["device"]))
+    device = resolve_device(device_spec if d.enabled else str(config["device"]))
     if trainer.get("num_threads"):
         torch.set_num_threads(int(trainer["num_threads"]))
 
@@ -122,27 +144,48 @@ def train_run(config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dic
         if files:
             shown = ", ".join(str(Path(f).relative_to(data.root)) for f in files[:5])
             more = f" and {len(files) - 5} more" if len(files) > 5 else ""
-            logger.warning(f"{split}: skipped {len(files)} file(s) that are not images by suffix: {shown}{more}")
+            logger.warning(
+                f"{split}: skipped {len(files)} file(s) that are not images by suffix: {shown}{more}"
+            )
     pipelines, normalize = b.build_transforms(config["transforms"])
     model = b.build_model(config["model"], num_classes=len(data.class_names))
+    if d.enabled and trainer.get("sync_batchnorm"):
+        if device.type != "cuda":
+            raise ConfigError(
+                "trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs "
+                "only); on CPU, set trainer.sync_batchnorm=false"
+            )
+        # same Parameter objects, new modules: batch statistics over the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = b.build_optimizer(config["optimizer"], model)
     scheduler = b.build_scheduler(config["scheduler"], optimizer)
     loss_fn = b.build_loss(config["loss"])
     if ckpt:
         scheduler_args = {k: v for k, v in (config["scheduler"] or {}).items() if not k.startswith("_")}
         restore(ckpt, config["resume"], model, optimizer, scheduler, scheduler_args)
-        remove_stale_temp_files(run_dir / "weights")
+        if d.main:
+            remove_stale_temp_files(run_dir / "weights")
         if ckpt.get("step"):
-            set_rng_state(ckpt["rng"])  # mid-epoch: the in-loop draws continue where they stopped
+            # mid-epoch: the in-loop draws continue where they stopped, each rank's its own
+            ranks = ckpt.get("rng_ranks") or []
+            set_rng_state(ranks[d.rank] if d.enabled and len(ranks) == d.world else ckpt["rng"])
 
     channels_last = bool(trainer.get("channels_last")) and device.type != "mps"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     normalize = normalize.to(device)
+    train_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     pin = device.type == "cuda"
-    loaders = {"train": data.loader("train", pipelines["train"], train=True, seed=seed, pin_memory=pin)}
+    shard = {"seed": seed, "pin_memory": pin, "rank": d.rank, "world": d.world}
+    loaders = {"train": data.loader("train", pipelines["train"], train=True, **shard)}
     for split in data.splits:
         if split != "train":
-            loaders[split] = data.loader(split, pipelines[split], train=False, seed=seed, pin_memory=pin)
+            loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
 
     sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
     recorder.info.update(
@@ -152,13 +195,19 @@ def train_run(config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dic
             f"{count_parameters(model):,} parameters",
             "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
             "classes": ", ".join(data.class_names),
+            "batch": f"{data.batch_size} per process x {d.world} process(es) = {data.batch_size * d.world} "
+            f"per step; optimizer.lr {config['optimizer'].get('lr')} as configured (not scaled)",
         }
     )
     logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
     logger.info(f"data {recorder.info['data']}")
 
     # the unresolved config keeps interpolations live for a later resume (${trainer.epochs})
-    extra = {"config_unresolved": unresolved, "run_started": recorder.started.isoformat()}
+    extra = {
+        "config_unresolved": unresolved,
+        "run_started": recorder.started.isoformat(),
+        "world_size": d.world,
+    }
     with stop_on_signals() as stop:
         result = fit(
             model, optimizer, scheduler, loss_fn, loaders, normalize, device,
@@ -166,18 +215,22 @@ def train_run(config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dic
             class_names=data.class_names, on_epoch=recorder.log_epoch, on_step=recorder.heartbeat,
             checkpoint_extra=extra, channels_last=channels_last,
             log_every=trainer.get("log_every_n_steps", 50), resume=ckpt, should_stop=stop.requested,
+            train_model=train_model, d=d,
         )  # fmt: skip
+        distributed.barrier(d)  # rank 0 has written best.pt before anyone reads it
 
         # reports with the best weights, on every split; train is read with the eval pipeline
         model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
         final: dict[str, float] = {}
         for split in data.splits:
             pipeline = pipelines["val"] if split == "train" else pipelines[split]
-            loader = data.loader(split, pipeline, train=False, seed=seed, pin_memory=pin)
+            loader = data.loader(split, pipeline, train=False, **shard)
             metrics, targets, preds = evaluate(
-                model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last
+                model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last, d=d
             )
             final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
+            if not d.main:
+                continue
             text = write_split_report(
                 split, targets, preds, data.class_names, run_dir, recorder.writer, result["best_epoch"]
             )

@@ -1,0 +1,153 @@
+"""torchrun with 2 CPU processes (gloo): one run directory, reduced metrics, portable checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tree, run_dirs
+from test_resume import assert_same_state, metrics
+
+ARGS = [
+    "data=imagefolder", "transforms=digits", "data.batch_size=4", "device=cpu", "deterministic=true",
+    "seed=5", "data.num_workers=0", "trainer.log_every_n_steps=1",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "imgcls.train", *args]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out + err
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("ddp") / "tree", counts={"train": 8, "val": 5, "test": 3})
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tree, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("ddp_run")
+    rc, out = finish(torchrun(*ARGS, f"data.root={tree}", "trainer.epochs=3", cwd=cwd))
+    assert rc == 0, out[-3000:]
+    (run,) = run_dirs(cwd)
+    return run
+
+
+def test_two_processes_write_one_run_directory(ddp_run: Path):
+    cwd = ddp_run.parents[2]
+    assert run_dirs(cwd) == [ddp_run]
+    summary = (ddp_run / "summary.txt").read_text()
+    assert "status:         completed" in summary
+    assert (
+        "4 per process x 2 process(es) = 8 per step; optimizer.lr 0.05 as configured (not scaled)" in summary
+    )
+    assert len(list((ddp_run / "tensorboard").glob("events.*"))) == 1, "rank 0 alone writes TensorBoard"
+    assert "rank 1" not in (ddp_run / "logs" / "train.log").read_text()
+    rows = metrics(ddp_run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    state = torch.load(ddp_run / "weights" / "last.pt", weights_only=True)
+    assert state["world_size"] == 2
+    assert not any(k.startswith("module.") for k in state["model"]), "no DDP prefix in checkpoints"
+
+
+def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, tree: Path):
+    from imgcls import build as b
+    from imgcls.engine import evaluate
+
+    best = torch.load(ddp_run / "weights" / "best.pt", weights_only=True)
+    config = best["config"]
+    data = b.build_data(config["data"])
+    data.setup()
+    pipelines, normalize = b.build_transforms(config["transforms"])
+    model = b.build_model(config["model"], num_classes=len(data.class_names))
+    model.load_state_dict(best["model"])
+    model = model.to(memory_format=torch.channels_last)
+    loss_fn = b.build_loss(config["loss"])
+    loader = data.loader("val", pipelines["val"], train=False)
+    single, targets, preds = evaluate(
+        model, loader, loss_fn, torch.device("cpu"), normalize, channels_last=True
+    )
+    assert len(targets) == 15  # every val image once: 5 per class, nothing padded or dropped
+    assert single["val/acc"] == best["best_acc"] == best["history"][best["epoch"] - 1]["val/acc"]
+    assert single["val/loss"] == pytest.approx(best["history"][best["epoch"] - 1]["val/loss"], rel=1e-5)
+
+
+def test_ddp_checkpoint_resumes_in_one_process(ddp_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(ddp_run, run)
+    result = subprocess.run(
+        [sys.executable, "-m", "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.load(run / "weights" / "last.pt", weights_only=True)["epoch"] == 4
+    assert "1 process(es)" in (run / "summary.txt").read_text()
+
+
+def rank_pid(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of the worker torchrun started for `rank`."""
+    for _ in range(600):
+        children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+        for pid in children:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError("no worker found")
+
+
+def test_sigterm_on_one_rank_stops_all_and_resume_under_ddp_is_exact(ddp_run, tree, tmp_path):
+    agent = torchrun(
+        *ARGS, f"data.root={tree}", "trainer.epochs=3", "trainer.log_all_ranks=true", cwd=tmp_path
+    )
+    pid = rank_pid(agent, 1)
+    for line in agent.stderr:
+        if "[rank 1]" in line and "epoch 2/3 1/3" in line:
+            os.kill(pid, signal.SIGTERM)
+            break
+    rc, out = finish(agent)
+    assert rc != 0
+    (run,) = run_dirs(tmp_path)
+    summary = (run / "summary.txt").read_text()
+    assert "status:         interrupted" in summary and "SIGTERM during epoch 2, after step " in summary
+    last = torch.load(run / "weights" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and last["step"] in (1, 2) and len(last["partial_ranks"]) == 2
+
+    rc, out = finish(torchrun(f"resume={run / 'weights' / 'last.pt'}", cwd=tmp_path))
+    assert rc == 0, out[-3000:]
+    assert run_dirs(tmp_path) == [run]
+    assert_same_state(run, ddp_run)
+
+
+def test_sync_batchnorm_on_cpu_is_a_clear_error(tree, tmp_path):
+    rc, out = finish(
+        torchrun(*ARGS, f"data.root={tree}", "trainer.epochs=1", "trainer.sync_batchnorm=true", cwd=tmp_path)
+    )
+    assert rc != 0
+    assert "error: trainer.sync_batchnorm=true needs CUDA devices" in out
+    (run,) = run_dirs(tmp_path)
+    assert "status:         failed" in (run / "summary.txt").read_text()
