@@ -185,8 +185,8 @@ def test_cosine_horizon_is_rebuilt_with_a_warning(tree, tmp_path):
     (run,) = run_dirs(tmp_path)
     result = cli("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "the scheduler's horizon is rebuilt for the new trainer.epochs (T_max 1 -> 2)" in result.stderr
-    assert torch.load(run / "weights" / "last.pt", weights_only=True)["scheduler"]["T_max"] == 2
+    assert "the scheduler's horizon is rebuilt for the new trainer.epochs (epochs 1 -> 2)" in result.stderr
+    assert torch.load(run / "weights" / "last.pt", weights_only=True)["scheduler"]["epochs"] == 2
 
 
 def test_broken_checkpoints_are_clear_errors_never_a_fresh_start(tree, reference, tmp_path):

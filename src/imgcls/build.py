@@ -106,13 +106,29 @@ def build_optimizer(cfg: Any, model):
     return complete(partial, "optimizer", parameter_groups(model, weight_decay))
 
 
-def build_scheduler(cfg: Any, optimizer):
-    """None for the `none` option (an empty node)."""
+def _accepts(partial: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(getattr(partial, "func", partial)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_scheduler(cfg: Any, optimizer, steps_per_epoch: int = 1):
+    """None for the `none` option (an empty node). Schedules stepped per optimizer step get the
+    number of optimizer steps per epoch, which only the data knows."""
     cfg = plain(cfg)
     if not cfg or not cfg.get("_target_"):
         return None
-    return complete(build(cfg, "scheduler"), "scheduler", optimizer)
+    partial = build(cfg, "scheduler")
+    extra = {"steps_per_epoch": steps_per_epoch} if _accepts(partial, "steps_per_epoch") else {}
+    return complete(partial, "scheduler", optimizer, **extra)
 
 
-def build_loss(cfg: Any):
+def build_loss(cfg: Any, class_counts: list[int] | None = None):
+    """The loss; one that takes `class_counts` (class weights) gets the train split's counts."""
+    cfg = plain(cfg)
+    if _accepts(build(dict(cfg, _partial_=True), "loss"), "class_counts"):
+        return build(cfg, "loss", class_counts=class_counts)
     return build(cfg, "loss")

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
-from datetime import datetime
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from loguru import logger
 from torch import nn
 
-from imgcls import __version__
-from imgcls.checkpoint import save_checkpoint
-from imgcls.distributed import SINGLE, Dist, all_sum, any_rank, gather, sync_buffers
+from imgcls.distributed import SINGLE, Dist, all_sum, any_rank, gather
 from imgcls.errors import ConfigError, UserError
 from imgcls.log import is_terminal, progress
-from imgcls.seeding import epoch_seed, rng_state, seed_everything
+from imgcls.recipes import Recipe
 
 
 class NonFiniteLossError(UserError):
@@ -81,14 +76,21 @@ def train_one_epoch(
     partial: dict[str, float] | None = None,
     should_stop: Callable[[], int | None] = lambda: None,
     on_step: Callable[[], None] = lambda: None,
+    recipe: Recipe | None = None,
     d: Dist = SINGLE,
 ) -> dict[str, float]:
     """One pass over `loader` (from batch `start_step`, continuing `partial`'s running sums,
     this rank's own under torchrun; the epoch's metrics are summed over ranks).
 
+    With `recipe.grad_accum_steps` = k, gradients of k batches (each loss divided by k) make one
+    optimizer step; clipping, the per-step schedule and the EMA follow each optimizer step.
     Stops before the optimizer step on a non-finite loss or gradient (NonFiniteLossError), and
-    after a step when `should_stop()` returns a signal (StopTraining); both carry the step and
-    the running sums so the epoch can be finished later exactly as it would have been."""
+    after an optimizer step when `should_stop()` returns a signal (StopTraining); both carry the
+    batch count and the running sums so the epoch can be finished later exactly as it would have
+    been."""
+    recipe = recipe or Recipe()
+    k = max(int(recipe.grad_accum_steps), 1)
+    module = getattr(model, "module", model)  # the model itself under DistributedDataParallel
     model.train()
     partial = partial or {}
     loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device, dtype=torch.float64)
@@ -96,54 +98,78 @@ def train_one_epoch(
     seen = int(partial.get("seen", 0))
     spent = float(partial.get("time_s", 0.0))
     start = time.perf_counter()
-    step = start_step
+    step, total = start_step, len(loader) + start_step
+    finite = torch.ones((), dtype=torch.bool, device=device)
 
     def sums() -> dict[str, float]:
         return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen,
                 "time_s": spent + time.perf_counter() - start}  # fmt: skip
 
-    # BatchNorm statistics change during the forward pass itself: a copy taken before each step
-    # (one fused multi-tensor copy) puts them back when the step turns out non-finite
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    # BatchNorm statistics change during the forward pass itself: a copy taken before each
+    # optimizer step's batches (one fused multi-tensor copy) puts them back when it fails
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
     before = [torch.empty_like(b) for b in buffers]
-    with progress(description, len(loader) + start_step, every=log_every) as advance:
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    with progress(description, total, every=log_every) as advance:
         for batch in loader:
             images, targets = _to_device(batch, device, normalize, channels_last)
-            if buffers:
-                torch._foreach_copy_(before, buffers)
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
-            # one device sync per step buys the guarantee that no NaN ever reaches the weights
-            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            first, last = step % k == 0, (step + 1) % k == 0 or step + 1 == total
+            if first:
                 if buffers:
-                    torch._foreach_copy_(buffers, before)
-                what = "loss" if not torch.isfinite(loss) else "gradient norm"
-                value = loss.item() if what == "loss" else grad_norm.item()
-                raise NonFiniteLossError(
-                    f"{description}: the {what} is {value} at step {step + 1}; the optimizer step was "
-                    "not taken. Lower optimizer.lr, or check the data for broken images.",
-                    step=step,
-                    partial=sums(),
-                )
-            optimizer.step()
+                    torch._foreach_copy_(before, buffers)
+                # the sums as they were before this optimizer step's batches (no device sync)
+                window_sums = (loss_sum.clone(), correct.clone(), seen, step)
+            soft = recipe.mix(images, targets) if recipe.mix is not None else None
+            if soft is not None:
+                images, soft_targets = soft
+            # under DDP, only the last batch of an accumulation window all-reduces gradients
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                logits = model(images)
+                loss = loss_fn(logits, soft_targets if soft is not None else targets)
+                (loss / k).backward()
+            finite &= torch.isfinite(loss)
             n = targets.shape[0]
             seen += n
             loss_sum += loss.detach() * n
             correct += (logits.detach().argmax(1) == targets).sum()
             step += 1
+            if last:
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+                # one device sync per optimizer step buys the guarantee that no NaN reaches the weights
+                if not bool(finite & torch.isfinite(grad_norm)):
+                    if buffers:
+                        torch._foreach_copy_(buffers, before)
+                    what = "loss" if not bool(finite) else "gradient norm"
+                    value = loss.item() if what == "loss" else grad_norm.item()
+                    w_loss, w_correct, w_seen, w_step = window_sums
+                    raise NonFiniteLossError(
+                        f"{description}: the {what} is {value} at step {step}; the optimizer step was "
+                        "not taken. Lower optimizer.lr, or check the data for broken images.",
+                        step=w_step,
+                        partial={"loss_sum": w_loss.item(), "correct": int(w_correct.item()), "seen": w_seen,
+                                 "time_s": spent + time.perf_counter() - start},
+                    )  # fmt: skip
+                if recipe.grad_clip_norm:
+                    torch.nn.utils.clip_grads_with_norm_(params, recipe.grad_clip_norm, grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if recipe.step_scheduler is not None:
+                    recipe.step_scheduler.step()
+                if recipe.ema is not None:
+                    recipe.ema.update_parameters(module)
             # reading values back syncs the device: only when a bar or a log line shows them
             if is_terminal() or step % log_every == 0:
                 advance(loss=loss_sum.item() / seen, acc=correct.item() / seen)
             else:
                 advance()
-            on_step()
-            signum = any_rank(should_stop(), d, device)  # a signal on one rank stops them all here
-            if signum is not None and step < len(loader) + start_step:
-                raise StopTraining(step, sums(), signum)
+            if last:
+                on_step()
+                signum = any_rank(should_stop(), d, device)  # a signal on one rank stops all here
+                if signum is not None and step < total:
+                    raise StopTraining(step, sums(), signum)
     elapsed = spent + time.perf_counter() - start
     total_loss, total_correct, total_seen = all_sum([loss_sum.item(), correct.item(), seen], d, device)
     return {
@@ -201,160 +227,3 @@ def evaluate(
 def is_finite(model: nn.Module) -> bool:
     """Every floating-point parameter and buffer (BatchNorm statistics too) is finite."""
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
-
-
-def training_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    *,
-    epoch: int,
-    history: list[dict[str, float]],
-    best_acc: float,
-    best_epoch: int,
-    config: dict,
-    class_names: list[str],
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything needed to resume or evaluate, as tensors and plain Python values only.
-
-    `extra` adds entries of its own (plain values), e.g. a fingerprint of the data."""
-    return {
-        **(extra or {}),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "epoch": epoch,
-        "history": [dict(row) for row in history],
-        "best_acc": best_acc,
-        "best_epoch": best_epoch,
-        "config": config,
-        "class_names": list(class_names),
-        "rng": rng_state(),
-        "timestamp": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "imgcls_version": __version__,
-    }
-
-
-def fit(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loss_fn: Callable,
-    loaders: dict[str, Any],
-    normalize: nn.Module,
-    device: torch.device,
-    *,
-    epochs: int,
-    seed: int,
-    weights_dir: Path,
-    config: dict,
-    class_names: list[str],
-    on_epoch: Callable[[dict[str, float], list[dict[str, float]]], None] = lambda m, h: None,
-    on_step: Callable[[], None] = lambda: None,
-    checkpoint_extra: dict[str, Any] | None = None,
-    channels_last: bool = False,
-    log_every: int = 50,
-    resume: dict[str, Any] | None = None,
-    should_stop: Callable[[], int | None] = lambda: None,
-    train_model: nn.Module | None = None,
-    d: Dist = SINGLE,
-) -> dict[str, Any]:
-    """for epoch: train, validate, step the schedule, record, save last.pt (and best.pt on a new
-    best val/acc). `resume` is a checkpoint whose model, optimizer, scheduler and random states
-    were already restored; training continues after its epoch (and step, when it stopped
-    mid-epoch). Returns {"history", "best_acc", "best_epoch"}.
-
-    A signal (`should_stop`) or a non-finite loss stops the epoch at a step boundary: last.pt then
-    holds that mid-epoch state and RunInterrupted / NonFiniteLossError propagate.
-
-    Under torchrun, `train_model` is the DistributedDataParallel wrapper of `model`; every rank
-    runs this loop in step and rank 0 alone writes checkpoints.
-    """
-    from imgcls.sampling import set_epoch
-    from imgcls.signals import RunInterrupted
-
-    resume = resume or {}
-    history: list[dict[str, float]] = [dict(h) for h in resume.get("history", [])]
-    best_acc, best_epoch = resume.get("best_acc", -1.0), resume.get("best_epoch", 0)
-    start_step, partial = resume.get("step", 0), resume.get("partial")
-    if resume.get("partial_ranks") and d.enabled:
-        partial = resume["partial_ranks"][d.rank]
-    train_model = train_model or model
-    last_path = weights_dir / "last.pt"
-
-    def state(epoch: int, partial: dict | None = None, **extra: Any) -> dict[str, Any]:
-        if d.enabled:  # collectives: every rank builds the state, rank 0 saves it
-            extra["rng_ranks"] = gather(rng_state(), d)
-            extra["partial_ranks"] = gather(partial, d) if partial else None
-        return training_state(
-            model, optimizer, scheduler, epoch=epoch, history=history, best_acc=best_acc,
-            best_epoch=best_epoch, config=config, class_names=class_names,
-            extra={**(checkpoint_extra or {}), **extra, "partial": partial},
-        )  # fmt: skip
-
-    def save(state: dict[str, Any], path: Path) -> None:
-        if d.main:
-            save_checkpoint(state, path)
-
-    for epoch in range(resume.get("epoch", 0) + 1, epochs + 1):
-        if start_step == 0:
-            # this epoch's dropout and other in-loop draws follow from (seed, epoch); mid-epoch,
-            # the caller restored the generators as they were when the run stopped
-            seed_everything(epoch_seed(seed, epoch))
-        set_epoch(loaders["train"], epoch, start_step)
-        lr = optimizer.param_groups[0]["lr"]
-        try:
-            train_metrics = train_one_epoch(
-                train_model, loaders["train"], loss_fn, optimizer, device, normalize,
-                channels_last=channels_last, description=f"epoch {epoch}/{epochs}", log_every=log_every,
-                start_step=start_step, partial=partial, should_stop=should_stop, on_step=on_step, d=d,
-            )  # fmt: skip
-        except StopTraining as stop:
-            save(state(epoch - 1, step=stop.step, partial=stop.partial), last_path)
-            raise RunInterrupted(stop.signum, epoch, stop.step, str(last_path)) from None
-        except NonFiniteLossError as exc:
-            # the forward pass may already have pushed BatchNorm statistics to inf: save only a
-            # finite state, so last.pt and best.pt never hold a NaN
-            if is_finite(model):
-                save(state(epoch - 1, step=exc.step, partial=exc.partial), last_path)
-                where = f"{last_path} holds the weights before that step"
-            else:
-                where = f"the weights were no longer finite; {last_path} keeps the last finite epoch"
-            raise NonFiniteLossError(f"{exc} ({where})", exc.step, exc.partial) from None
-        start_step, partial = 0, None
-        sync_buffers(model, d)  # evaluate and save rank 0's model, the same on every rank
-        val_metrics, _, _ = evaluate(
-            model, loaders["val"], loss_fn, device, normalize,
-            split="val", channels_last=channels_last, log_every=log_every, d=d,
-        )  # fmt: skip
-        if not is_finite(model):
-            raise NonFiniteLossError(
-                f"epoch {epoch}: the weights became non-finite (an optimizer step overflowed); "
-                f"{last_path} keeps the last finite epoch. Lower optimizer.lr."
-            )
-        if scheduler is not None:
-            scheduler.step()
-        improved = val_metrics["val/acc"] > best_acc
-        if improved:
-            best_acc, best_epoch = val_metrics["val/acc"], epoch
-        metrics = {"epoch": epoch, **train_metrics, **val_metrics, "val/acc_best": best_acc, "lr": lr}
-        history.append(metrics)
-        logger.info(
-            f"epoch {epoch}/{epochs}  train loss {metrics['train/loss']:.4f} acc {metrics['train/acc']:.4f}"
-            f"  | val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:.4f}"
-            f" (best {best_acc:.4f} @{best_epoch})  | lr {lr:.3g}"
-            f"  | {metrics['train/time_s'] + metrics['val/time_s']:.1f} s"
-            f" ({metrics['train/images_per_s']:.0f} img/s train)" + ("  *" if improved else "")
-        )
-        # record first, then save: a kill in between redoes this epoch on resume, and the
-        # TensorBoard writer of the resumed run purges the orphaned points
-        on_epoch(metrics, history)
-        epoch_state = state(epoch, step=0, partial=None)
-        save(epoch_state, last_path)
-        if improved:
-            save(epoch_state, weights_dir / "best.pt")
-        signum = any_rank(should_stop(), d, device)
-        if signum is not None and epoch < epochs:
-            raise RunInterrupted(signum, epoch + 1, 0, str(last_path))
-    return {"history": history, "best_acc": best_acc, "best_epoch": best_epoch}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torchvision
 from torch import nn
 
@@ -10,12 +12,21 @@ def classifier_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def create_model(name: str, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    weights: str | None = None,
+    freeze_backbone: bool = False,
+    **kwargs,
+) -> nn.Module:
     """torchvision.models.<name>(...) with a num_classes-way head.
 
-    From scratch the constructor sizes the head itself; with pretrained weights (a torchvision
-    weights name) the 1000-way ImageNet head is replaced by a freshly initialized one.
-    """
+    `weights`: None trains from scratch (the constructor sizes the head); a torchvision weights
+    name (DEFAULT, IMAGENET1K_V1, or ResNet18_Weights.IMAGENET1K_V1) loads them through
+    torchvision (downloaded once into the torch hub cache); a path to a .pth/.pt file loads a
+    state dict (or an imgcls checkpoint's model) saved from the same architecture. Either way the
+    head is then replaced by a fresh num_classes-way one, unless it already has that size.
+    `freeze_backbone`: only the head's parameters train."""
     names = classifier_names()
     if name not in names:
         raise ValueError(
@@ -23,10 +34,78 @@ def create_model(name: str, num_classes: int, weights: str | None = None, **kwar
         )
     builder = torchvision.models.get_model_builder(name)
     if weights is None:
-        return builder(weights=None, num_classes=num_classes, **kwargs)
-    model = builder(weights=weights, **kwargs)
-    replace_head(model, num_classes)
+        model = builder(weights=None, num_classes=num_classes, **kwargs)
+    elif _is_path(weights):
+        model = builder(weights=None, num_classes=num_classes, **kwargs)
+        load_local_weights(model, Path(weights))
+    else:
+        model = builder(weights=_pretrained(name, weights), **kwargs)
+        replace_head(model, num_classes)
+    if freeze_backbone:
+        head = head_name(model)
+        for param_name, param in model.named_parameters():
+            param.requires_grad = param_name.startswith(head + ".")
     return model
+
+
+def _is_path(weights: str) -> bool:
+    return "/" in weights or weights.endswith((".pth", ".pt"))
+
+
+def _pretrained(name: str, weights: str):
+    """The torchvision weights enum, present in the hub cache or downloadable; else a clear error."""
+    import torch
+
+    enum = torchvision.models.get_model_weights(name)
+    key = weights.split(".")[-1]
+    if key not in enum.__members__:
+        raise ValueError(
+            f"model.weights={weights!r} is not a weights name of {name}; choose one of: "
+            f"{', '.join(enum.__members__)}, or a path to a .pth file"
+        )
+    value = enum[key]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(value.url).name
+    if not cached.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(value.url, progress=True)
+        except Exception as exc:  # no network: say where the file goes instead of a URLError
+            raise ValueError(
+                f"model.weights={weights!r}: cannot download {value.url} ({type(exc).__name__}: {exc}). "
+                f"Download it on a machine with internet and put it at {cached}, or pass a local "
+                "file: model.weights=/path/to/weights.pth"
+            ) from exc
+    return value
+
+
+def load_local_weights(model: nn.Module, path: Path) -> None:
+    """Load every tensor whose name and shape match; the head may differ (it stays fresh)."""
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"model.weights={str(path)!r} is not a file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # an imgcls checkpoint
+    own = model.state_dict()
+    head = head_name(model) + "."
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    problems = [k for k in mismatched + missing if not k.startswith(head)]
+    if problems:
+        raise ValueError(
+            f"model.weights={str(path)!r} does not fit {type(model).__name__}: {len(problems)} tensors "
+            f"missing or of another shape (e.g. {', '.join(problems[:3])}). Was it saved from another "
+            "architecture?"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+
+
+def head_name(model: nn.Module) -> str:
+    """The name of the classifier head: the last nn.Linear."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head")
+    return linears[-1]
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:

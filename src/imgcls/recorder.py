@@ -47,7 +47,7 @@ class NullRecorder:
     def heartbeat(self) -> None:
         pass
 
-    def finish(self, status: str, final: dict[str, float] | None = None, error: str | None = None) -> None:
+    def finish(self, status: str, final=None, error: str | None = None, note: str | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -87,6 +87,7 @@ class RunRecorder:
         self.history: list[dict[str, float]] = list(history or [])
         self.final: dict[str, float] = {}
         self.error: str | None = None
+        self.note: str | None = None
         self._beat = 0.0
         purge = len(self.history) + 1 if history is not None else None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
@@ -126,7 +127,14 @@ class RunRecorder:
         atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
 
     # -- end -------------------------------------------------------------------------------
-    def finish(self, status: str, final: dict[str, float] | None = None, error: str | None = None) -> None:
+    def finish(
+        self,
+        status: str,
+        final: dict[str, float] | None = None,
+        error: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        self.note = note
         self.status = status
         self.final.update(final or {})
         self.error = error
@@ -155,6 +163,7 @@ class RunRecorder:
             f"duration:       {str(now - self.started).split('.')[0]}",
             f"heartbeat:      {_fmt_time(_now())} (pid {os.getpid()} on {socket.gethostname()})",
             f"epoch:          {int(last.get('epoch', 0))} of {self.epochs}",
+            *([f"note:           {self.note}"] if self.note else []),
             "",
             f"best val acc:   {_pct(best.get('val/acc'))} at epoch {int(best['epoch']) if best else '-'}",
             f"final val acc:  {_pct(last.get('val/acc'))}",

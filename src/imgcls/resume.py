@@ -72,11 +72,13 @@ def restore(ckpt: dict[str, Any], path: str, model, optimizer, scheduler, schedu
     if scheduler is None or ckpt.get("scheduler") is None:
         return
     scheduler.load_state_dict(ckpt["scheduler"])
-    # the saved state carries the old horizon (e.g. T_max); the config's values win
+    # the saved state carries the old horizon (T_max, epochs): where the resolved config now
+    # differs from the checkpoint's (an interpolated ${trainer.epochs}), the new value wins
+    saved_args = (ckpt.get("config") or {}).get("scheduler") or {}
     changed = []
     for key, value in scheduler_args.items():
-        if hasattr(scheduler, key) and getattr(scheduler, key) != value:
-            changed.append(f"{key} {getattr(scheduler, key)} -> {value}")
+        if key in saved_args and saved_args[key] != value and hasattr(scheduler, key):
+            changed.append(f"{key} {saved_args[key]} -> {value}")
             setattr(scheduler, key, value)
     if changed:
         logger.warning(

@@ -115,8 +115,10 @@ def train_run(
     from imgcls import build as b
     from imgcls import distributed
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.engine import evaluate, fit, resolve_device
+    from imgcls.engine import evaluate, resolve_device
+    from imgcls.loop import fit
     from imgcls.models import count_parameters
+    from imgcls.recipes import Recipe, build_mix, make_ema
     from imgcls.reports import write_split_report
     from imgcls.resume import check_classes, remove_stale_temp_files, restore
     from imgcls.seeding import configure_determinism, seed_everything, set_rng_state
@@ -158,10 +160,29 @@ def train_run(
         # same Parameter objects, new modules: batch statistics over the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = b.build_optimizer(config["optimizer"], model)
-    scheduler = b.build_scheduler(config["scheduler"], optimizer)
-    loss_fn = b.build_loss(config["loss"])
+    pin = device.type == "cuda"
+    shard = {"seed": seed, "pin_memory": pin, "rank": d.rank, "world": d.world}
+    loaders = {"train": data.loader("train", pipelines["train"], train=True, **shard)}
+    for split in data.splits:
+        if split != "train":
+            loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
+    accum = int(trainer.get("grad_accum_steps") or 1)
+    if accum < 1:
+        raise ConfigError(f"trainer.grad_accum_steps must be at least 1, got {accum}")
+    steps_per_epoch = -(-len(loaders["train"]) // accum)  # optimizer steps, for per-step schedules
+    scheduler = b.build_scheduler(config["scheduler"], optimizer, steps_per_epoch=steps_per_epoch)
+    class_counts = [0] * len(data.class_names)
+    for _, target in data.samples["train"]:
+        class_counts[target] += 1
+    loss_fn = b.build_loss(config["loss"], class_counts=class_counts)
     if ckpt:
         scheduler_args = {k: v for k, v in (config["scheduler"] or {}).items() if not k.startswith("_")}
+        saved_steps = (ckpt.get("scheduler") or {}).get("total_steps")
+        if saved_steps is not None and saved_steps != getattr(scheduler, "total_steps", saved_steps):
+            raise ConfigError(
+                f"resume={config['resume']}: a onecycle schedule is fixed at its start ({saved_steps} steps) "
+                "and cannot be extended; start a new run for more epochs"
+            )
         restore(ckpt, config["resume"], model, optimizer, scheduler, scheduler_args)
         if d.main:
             remove_stale_temp_files(run_dir / "weights")
@@ -180,12 +201,17 @@ def train_run(
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    pin = device.type == "cuda"
-    shard = {"seed": seed, "pin_memory": pin, "rank": d.rank, "world": d.world}
-    loaders = {"train": data.loader("train", pipelines["train"], train=True, **shard)}
-    for split in data.splits:
-        if split != "train":
-            loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
+    recipe = Recipe(
+        grad_accum_steps=accum,
+        grad_clip_norm=trainer.get("grad_clip_norm"),
+        mix=build_mix(
+            trainer.get("mixup_alpha", 0.0), trainer.get("cutmix_alpha", 0.0), len(data.class_names)
+        ),
+        ema=make_ema(model, trainer.get("ema_decay")),
+    )
+    if recipe.ema is not None and ckpt and ckpt.get("ema"):
+        recipe.ema.load_state_dict(ckpt["ema"])
+    early = trainer.get("early_stopping") or {}
 
     sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
     recorder.info.update(
@@ -215,7 +241,9 @@ def train_run(
             class_names=data.class_names, on_epoch=recorder.log_epoch, on_step=recorder.heartbeat,
             checkpoint_extra=extra, channels_last=channels_last,
             log_every=trainer.get("log_every_n_steps", 50), resume=ckpt, should_stop=stop.requested,
-            train_model=train_model, d=d,
+            train_model=train_model, recipe=recipe, d=d,
+            early_stopping=(early.get("patience"), float(early.get("min_delta") or 0.0)),
+            keep_top_k=int(trainer.get("keep_top_k") or 0),
         )  # fmt: skip
         distributed.barrier(d)  # rank 0 has written best.pt before anyone reads it
 
@@ -238,7 +266,7 @@ def train_run(
                 f"{split} (best weights, epoch {result['best_epoch']}): "
                 f"accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
             )
-    recorder.finish("completed", final)
+    recorder.finish("completed", final, note=result["stopped_early"])
     logger.info(
         f"done: best val acc {result['best_acc']:.4f} at epoch {result['best_epoch']}; "
         f"finished {datetime.now():%H:%M:%S}; results in {run_dir}"
