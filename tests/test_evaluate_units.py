@@ -123,3 +123,17 @@ def test_confused_pairs_largest_first_with_the_true_class_share():
         ("b", "a", 1),
     ]
     assert pairs[1]["share"] == pytest.approx(3 / 8)
+
+
+def test_force_add_sets_a_key_whether_or_not_it_exists():
+    out = apply_overrides(CONFIG, ["++data.root=c", "++data.extra=1"], "c.yaml")
+    assert out["data"]["root"] == "c" and out["data"]["extra"] == 1
+
+
+def test_predictions_table_lists_the_first_rows_or_all():
+    from imgcls.tables import predictions_table
+
+    rows = [{"path": f"{i}.jpg", "top1": "cat", "top1_prob": "0.9"} for i in range(5)]
+    assert predictions_table(rows, 1, 2).row_count == 2
+    assert "first 2 of 5" in predictions_table(rows, 1, 2).title
+    assert predictions_table(rows, 1, -1).row_count == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +29,31 @@ def _listing(folder: Path, limit: int = 12) -> str:
     return (", ".join(names[:limit]) + more) if names else "nothing"
 
 
-def _runs_below(folder: Path, limit: int = 8) -> list[str]:
-    """Training runs up to three levels below `folder` (outputs/<date>/<run>, multirun/<date>/<time>/<job>)."""
-    runs = sorted(
-        {
-            str(p.parent.parent)
-            for depth in ("*", "*/*", "*/*/*")
-            for p in folder.glob(f"{depth}/weights/*.pt")
-        }
-    )
-    return runs[-limit:]
+def _runs_below(folder: Path, limit: int = 8, depth: int = 3, budget: int = 2000) -> list[str]:
+    """Training runs (folders holding weights/) up to `depth` levels below `folder`
+    (outputs/<date>/<run>, multirun/<date>/<time>/<job>); at most `budget` folders are looked at,
+    so a mistyped path near / stays quick."""
+    runs, level = [], [folder]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            try:
+                entries = sorted(
+                    (e for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")),
+                    key=lambda e: e.name,
+                )
+            except OSError:
+                continue
+            for e in entries:
+                if budget <= 0:
+                    return sorted(runs)[-limit:]
+                budget -= 1
+                if os.path.isdir(os.path.join(e.path, "weights")):
+                    runs.append(e.path)
+                else:
+                    below.append(Path(e.path))
+        level = below
+    return sorted(runs)[-limit:]
 
 
 def find_run(run_dir: str | Path) -> Path:
@@ -154,12 +170,13 @@ def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict
             parent = key.rpartition(".")[0]
             node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
             has = (
-                f"{parent or 'the config'} has: {', '.join(map(str, node))}"
+                f"{parent or 'its top level'} has: {', '.join(map(str, node))}"
                 if isinstance(node, DictConfig)
                 else ""
             )
+            own = "" if parent else " (the command's own keys are listed by --help)"
             raise ConfigError(
-                f"{line}: {key} is not in the run's config ({source}); {has}. Add a new key with +{line}"
+                f"{line}: {key} is not in the run's config ({source}); {has}{own}. Add a new key with +{line}"
             )
         if isinstance(current, DictConfig) and not isinstance(value, dict):
             raise ConfigError(
