@@ -322,3 +322,12 @@ def test_help_is_instant_and_imports_no_torch(tmp_path: Path):
 
 def cli_python(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_train_split_is_read_with_the_eval_pipeline_as_training_reports_it(run_copy: Path):
+    result = cli("imgcls.evaluate", f"run_dir={run_copy}", "split=train", cwd=run_copy.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_json(run_copy / "eval" / "train-best" / "metrics.json")
+    summary = (run_copy / "summary.txt").read_text()
+    recorded = re.search(r"^train acc \(best weights\): (\d\.\d{4})", summary, re.M).group(1)
+    assert f"{metrics['train/acc']:.4f}" == recorded and metrics["train/samples"] == 24
