@@ -69,6 +69,8 @@ def evaluated(run_copy: Path):
 def test_evaluation_folder_holds_every_file(evaluated, run_copy: Path):
     out, _ = evaluated
     assert sorted(p.name for p in (run_copy / "eval").iterdir()) == ["test-best"]
+    # nothing outside the run: no outputs/<date>/ or .hydra/ in the working directory
+    assert [p.name for p in run_copy.parent.iterdir()] == [run_copy.name]
     for name in EVAL_FILES:
         assert (out / name).is_file(), name
     for name in [

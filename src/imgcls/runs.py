@@ -115,7 +115,12 @@ def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dic
     from imgcls.checkpoint import CheckpointError, load_checkpoint
 
     saved = run / "config.yaml"
-    base = _checked(yaml.safe_load(saved.read_text()), str(saved)) if saved.is_file() else None
+    base = None
+    if saved.is_file():
+        try:
+            base = _checked(yaml.safe_load(saved.read_text()), str(saved))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{saved} is not valid YAML: {exc}") from None
     state = load_checkpoint(checkpoint)
     if "config" in state:
         _checked(state["config"], f"{checkpoint} (its config)")
