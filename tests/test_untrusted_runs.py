@@ -165,3 +165,10 @@ def test_every_target_in_the_project_configs_is_allowed():
                 targets.add(node["_target_"])
     assert {"torch.optim.SGD", "imgcls.data.ImageFolderData", "torchvision.transforms.v2.Resize"} <= targets
     assert {t: target_problem(t) for t in targets} == dict.fromkeys(targets)
+
+
+def test_a_config_yaml_that_is_not_yaml_is_named(trained_run: Path, tmp_path: Path):
+    run = untrusted_run(trained_run, tmp_path / "run")
+    (run / "config.yaml").write_text("data: [unclosed\n")
+    result = cli("imgcls.evaluate", f"run_dir={run}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and f"error: {run / 'config.yaml'} is not valid YAML" in result.stderr
