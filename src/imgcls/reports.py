@@ -1,7 +1,8 @@
-"""Confusion matrices and classification reports: PNG, text, and TensorBoard."""
+"""Confusion matrices, classification reports and per-sample predictions: PNG, text, CSV, TensorBoard."""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,16 +31,21 @@ def confusion(targets: Sequence[int], preds: Sequence[int], num_classes: int) ->
     return confusion_matrix(targets, preds, labels=list(range(num_classes)))
 
 
-def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str):
-    """A seaborn heatmap with class names on both axes and the counts in the cells."""
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, normalized: bool = False):
+    """A seaborn heatmap with class names on both axes and the counts in the cells; normalized:
+    each row divided by its true class's count, so the diagonal is the per-class recall."""
     n = len(class_names)
+    if normalized:
+        cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side = min(4 + 0.45 * n, 24)
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     sns.heatmap(
         cm,
         annot=n <= 40,  # past ~40 classes the numbers no longer fit their cells
-        fmt="d",
+        fmt=".2f" if normalized else "d",
         cmap="Blues",
+        vmin=0 if normalized else None,
+        vmax=1 if normalized else None,
         xticklabels=class_names,
         yticklabels=class_names,
         cbar=True,
@@ -78,3 +84,40 @@ def write_split_report(
         writer.add_text(f"classification_report/{split}", "    " + text.replace("\n", "\n    "), step)
     plt.close(fig)
     return text
+
+
+def prediction_rows(
+    paths: Sequence[str],
+    probs: np.ndarray,
+    preds: np.ndarray,
+    topk: np.ndarray,
+    class_names: Sequence[str],
+    targets: np.ndarray | None = None,
+    losses: np.ndarray | None = None,
+) -> list[dict]:
+    """One row per sample: path, [true,] predicted, confidence, [correct, loss,] then the top-k
+    classes with their probabilities."""
+    rows = []
+    for i, path in enumerate(paths):
+        pred = int(preds[i])
+        row = {"path": path}
+        if targets is not None:
+            row["true"] = class_names[int(targets[i])]
+        row["predicted"] = class_names[pred]
+        row["confidence"] = f"{probs[i, pred]:.6g}"
+        if targets is not None:
+            row["correct"] = int(pred == int(targets[i]))
+        if losses is not None:
+            row["loss"] = f"{losses[i]:.6g}"
+        for j, c in enumerate(topk[i], start=1):
+            row[f"top{j}"] = class_names[int(c)]
+            row[f"top{j}_prob"] = f"{probs[i, int(c)]:.6g}"
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
+        writer.writeheader()
+        writer.writerows(rows)

@@ -233,6 +233,7 @@ def train_run(
         "config_unresolved": unresolved,
         "run_started": recorder.started.isoformat(),
         "world_size": d.world,
+        "class_counts": class_counts,  # of train/: class-weighted losses are rebuilt from them
     }
     with stop_on_signals() as stop:
         result = fit(

@@ -1,0 +1,112 @@
+"""`python -m imgcls.predict run_dir=... inputs=[...]`: classify images without labels, top-k per image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imgcls.cli import main_over_run
+
+
+def collect_images(inputs: str | Sequence[str], extensions: Sequence[str]) -> list[Path]:
+    """Files as named (whatever their suffix), and the image files below each folder (recursive,
+    sorted, by suffix), in the order given, each file once."""
+    from imgcls.data import DataError, scan_class
+    from imgcls.runs import RunError
+
+    items = [inputs] if isinstance(inputs, str) else list(inputs or [])
+    if not items:
+        raise RunError("inputs is empty: name image files or folders, inputs=[photo.jpg,some/folder]")
+    files: list[Path] = []
+    for item in items:
+        path = Path(str(item)).expanduser()
+        if path.is_dir():
+            found, _ = scan_class(path, extensions)
+            if not found:
+                raise DataError(f"inputs: {path} holds no image files ({', '.join(extensions)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            parent = path.parent
+            while not parent.is_dir() and parent != parent.parent:
+                parent = parent.parent
+            names = sorted(
+                p.name + ("/" if p.is_dir() else "") for p in parent.iterdir() if not p.name.startswith(".")
+            )
+            shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+            raise RunError(f"inputs: {item} does not exist; {parent} holds: {shown or 'nothing'}")
+    return list(dict.fromkeys(files))
+
+
+def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
+    """Predict as conf/predict.yaml's keys say; returns the folder holding predictions.csv."""
+    from datetime import datetime
+
+    from loguru import logger
+
+    from imgcls import build as b
+    from imgcls import tables
+    from imgcls.inference import predict, topk_indices
+    from imgcls.log import setup_logging, teardown_logging
+    from imgcls.reports import prediction_rows, write_csv
+    from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
+
+    run_dir = find_run(cfg["run_dir"])
+    checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
+    config, state = load_run(run_dir, checkpoint, overrides)  # every _target_ checked here
+    class_names = list(state["class_names"])
+    # the run's data node gives the loader settings (batch size, workers) and the image suffixes
+    data = b.build_data(config["data"])
+    files = collect_images(cfg["inputs"], data.extensions)
+    restored = restore(config, state, checkpoint)
+
+    if cfg.get("out_dir"):
+        out = output_dir(Path(cfg["out_dir"]).parent, Path(cfg["out_dir"]).name, [])
+    else:
+        out = output_dir(run_dir / "predict", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), [])
+    log_ids = setup_logging(out / "predict.log")
+    try:
+        logger.info(f"predicting {len(files)} image(s) with {checkpoint} (epoch {state.get('epoch', '?')})")
+        (out / "config.yaml").write_text(
+            _yaml({"predict": cfg, "overrides": overrides, "checkpoint": str(checkpoint), "run": config})
+        )
+        data.class_names = class_names
+        data.samples["predict"] = [(str(f), -1) for f in files]  # no labels: -1
+        # the val pipeline: the one whose accuracy training reported
+        loader = data.loader(
+            "predict", restored.pipelines["val"], train=False, pin_memory=restored.device.type == "cuda"
+        )
+        p = predict(
+            restored.model, loader, restored.device, restored.normalize,
+            channels_last=restored.channels_last, description="predict", log_every=restored.log_every,
+        )  # fmt: skip
+        k = max(1, min(int(cfg["top_k"]), len(class_names)))
+        rows = prediction_rows(
+            [str(f) for f in files], p.probs, p.preds, topk_indices(p.logits, k), class_names
+        )
+        write_csv(out / "predictions.csv", rows)
+        text = tables.show([tables.predictions_table(rows, k, int(cfg["console_rows"]))])
+        logger.debug("\n" + text)  # the file sink only: the console already shows the table
+        logger.info(f"predictions for {len(rows)} image(s) in {out / 'predictions.csv'}")
+        return out
+    except Exception as exc:
+        logger.error(f"prediction failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        teardown_logging(log_ids)
+
+
+def _yaml(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def main() -> None:
+    main_over_run("predict", run)
+
+
+if __name__ == "__main__":
+    main()

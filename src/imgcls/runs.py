@@ -1,0 +1,262 @@
+"""A finished run read back without trusting it: folder, checkpoint, saved config + overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgcls.errors import ConfigError, UserError
+
+# where or how fast an evaluation goes, not what it measures: left out of its folder's name
+# (the same keys train.yaml leaves out of run directory names)
+UNNAMED_KEYS = ("device", "data.num_workers", "trainer.num_threads", "trainer.log_every_n_steps")
+
+
+class RunError(UserError):
+    """A run directory, checkpoint or split that is not there; the message lists what is."""
+
+
+def _listing(folder: Path, limit: int = 12) -> str:
+    names = sorted(
+        p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not p.name.startswith(".")
+    )
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (", ".join(names[:limit]) + more) if names else "nothing"
+
+
+def _runs_below(folder: Path, limit: int = 8, depth: int = 3, budget: int = 2000) -> list[str]:
+    """Training runs (folders holding weights/) up to `depth` levels below `folder`
+    (outputs/<date>/<run>, multirun/<date>/<time>/<job>); at most `budget` folders are looked at,
+    so a mistyped path near / stays quick."""
+    runs, level = [], [folder]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            try:
+                entries = sorted(
+                    (e for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")),
+                    key=lambda e: e.name,
+                )
+            except OSError:
+                continue
+            for e in entries:
+                if budget <= 0:
+                    return sorted(runs)[-limit:]
+                budget -= 1
+                if os.path.isdir(os.path.join(e.path, "weights")):
+                    runs.append(e.path)
+                else:
+                    below.append(Path(e.path))
+        level = below
+    return sorted(runs)[-limit:]
+
+
+def find_run(run_dir: str | Path) -> Path:
+    """The run's folder, or a RunError naming what exists instead."""
+    path = Path(run_dir).expanduser()
+    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "weights").is_dir()):
+        return path
+    if path.is_dir():
+        runs = _runs_below(path)
+        hint = f" Runs below it: {', '.join(runs)}." if runs else f" It holds: {_listing(path)}."
+        raise RunError(f"run_dir={run_dir}: not a training run (no config.yaml or weights/).{hint}")
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    runs = _runs_below(parent) if parent.is_dir() else []
+    hint = f"runs below {parent}: {', '.join(runs)}" if runs else f"{parent} holds: {_listing(parent)}"
+    raise RunError(f"run_dir={run_dir} does not exist; {hint}.")
+
+
+def find_checkpoint(run: Path, spec: str) -> Path:
+    """best | last | a .pt file: a path (absolute, or relative to the working directory or the run),
+    or a file name in <run>/weights/."""
+    spec = str(spec)
+    weights = run / "weights"
+    if spec in ("best", "last"):
+        candidates = [weights / f"{spec}.pt"]
+    else:
+        p = Path(spec).expanduser()
+        candidates = [p, run / p, weights / p, weights / f"{spec}.pt"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    found = sorted(p.name for p in weights.glob("*.pt")) if weights.is_dir() else []
+    held = f"{weights} holds {', '.join(found)}" if found else f"{weights} holds no .pt files"
+    raise RunError(
+        f"checkpoint={spec}: {candidates[-1]} does not exist; {held}. "
+        "Use checkpoint=best, checkpoint=last or a path to a .pt file."
+    )
+
+
+def _checked(config: Any, source: str) -> dict:
+    from imgcls.build import check_targets
+
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: not a config (a mapping of keys), got {type(config).__name__}")
+    try:
+        check_targets(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dict, dict]:
+    """(config, checkpoint state): the run's config.yaml with the overrides on top, and the
+    checkpoint loaded weights_only. Every `_target_` in config.yaml, in the checkpoint's config and
+    in the result is checked against the allowlist before anything is built."""
+    from loguru import logger
+
+    from imgcls.checkpoint import CheckpointError, load_checkpoint
+
+    saved = run / "config.yaml"
+    base = None
+    if saved.is_file():
+        try:
+            base = _checked(yaml.safe_load(saved.read_text()), str(saved))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{saved} is not valid YAML: {exc}") from None
+    state = load_checkpoint(checkpoint)
+    if "config" in state:
+        _checked(state["config"], f"{checkpoint} (its config)")
+    for key in ("class_names", "config"):
+        if key not in state and not (key == "config" and base is not None):
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has no {key!r} entry: not an imgcls training checkpoint"
+            )
+    if base is None:
+        logger.warning(f"{saved} is missing: using the config stored in {checkpoint}")
+        base = state["config"]
+    config = _checked(apply_overrides(base, overrides, str(saved)), "the config with the overrides")
+    return config, state
+
+
+def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict:
+    """`key=value`, `+key=value`, `++key=value`, `~key` on a plain config, with Hydra's grammar.
+
+    Like Hydra's struct mode, an unknown key is refused (a typo must not pass silently)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig, OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not overrides:
+        return config
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"cannot parse the overrides {list(overrides)}: {exc}") from None
+    cfg = OmegaConf.create(config)
+    OmegaConf.set_struct(cfg, True)
+    for o in parsed:
+        key, line = o.key_or_group, o.input_line
+        if o.is_sweep_override() or o.package is not None:
+            raise ConfigError(f"{line}: one value per key of the run's config (no sweeps, no @package)")
+        current = OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=False)
+        if o.is_delete():
+            if current is KeyError:
+                raise ConfigError(f"{line}: {key} is not in the run's config ({source})")
+            parent, _, leaf = key.rpartition(".")
+            with open_dict(cfg):
+                del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
+            continue
+        value = o.value()
+        if o.is_add() or o.is_force_add():
+            if o.is_add() and current is not KeyError:
+                raise ConfigError(f"{line}: {key} is already in the run's config; drop the + to change it")
+            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+            continue
+        if current is KeyError:
+            parent = key.rpartition(".")[0]
+            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            has = (
+                f"{parent or 'its top level'} has: {', '.join(map(str, node))}"
+                if isinstance(node, DictConfig)
+                else ""
+            )
+            own = "" if parent else " (the command's own keys are listed by --help)"
+            raise ConfigError(
+                f"{line}: {key} is not in the run's config ({source}); {has}{own}. Add a new key with +{line}"
+            )
+        if isinstance(current, DictConfig) and not isinstance(value, dict):
+            raise ConfigError(
+                f"{line}: {key} is a config node of the run, not a value; config groups cannot be "
+                f"switched on a trained run: override its keys instead ({key}.<key>=...: {', '.join(map(str, current))})"
+            )
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{line}: {exc}") from None
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def output_dir(parent: Path, name: str, overrides: Sequence[str]) -> Path:
+    """A new folder <parent>/<name>[_<overrides>][_N]: a second evaluation never overwrites the first."""
+    from imgcls.naming import run_label
+
+    named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in UNNAMED_KEYS]
+    if named:
+        name = f"{name}_{run_label(','.join(named))}"
+    # claimed with an exclusive mkdir, so two evaluations started at once get different folders
+    # (naming.unique_dir caches its answer per process, for Hydra; here each call is a new folder)
+    n = 1
+    while True:
+        path = parent / (name if n == 1 else f"{name}_{n}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+@dataclass
+class Restored:
+    """A trained model back on its device, with the eval pipelines of its config."""
+
+    model: Any
+    pipelines: dict[str, Any]
+    normalize: Any
+    device: Any
+    channels_last: bool
+    log_every: int
+
+
+def restore(config: dict, state: dict, checkpoint: Path) -> Restored:
+    """Build the model of `config` with the checkpoint's weights, on the device and in the memory
+    format that training used, with the same determinism settings (cuDNN picks its kernels by them)."""
+    import torch
+
+    from imgcls import build as b
+    from imgcls.checkpoint import CheckpointError
+    from imgcls.engine import resolve_device
+    from imgcls.seeding import configure_determinism
+
+    trainer = config.get("trainer") or {}
+    device = resolve_device(str(config.get("device", "auto")))
+    configure_determinism(bool(config.get("deterministic", False)))
+    if trainer.get("num_threads"):
+        torch.set_num_threads(int(trainer["num_threads"]))
+    pipelines, normalize = b.build_transforms(config["transforms"])
+    model = b.build_model(config["model"], num_classes=len(state["class_names"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: its weights do not fit the model that the config builds "
+            f"({config['model']}): {str(exc).splitlines()[0]}"
+        ) from None
+    channels_last = bool(trainer.get("channels_last")) and device.type != "mps"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return Restored(
+        model,
+        pipelines,
+        normalize.to(device),
+        device,
+        channels_last,
+        int(trainer.get("log_every_n_steps", 50)),
+    )

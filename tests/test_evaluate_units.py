@@ -1,0 +1,139 @@
+"""The pieces of evaluation on their own: command-line split, overrides, metrics, top-k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgcls.cli import split_argv
+from imgcls.errors import ConfigError
+from imgcls.inference import topk_indices
+from imgcls.metrics import calibration_bins, confused_pairs, expected_calibration_error, topk_accuracy
+from imgcls.runs import apply_overrides, output_dir
+
+OWN = {"run_dir", "checkpoint", "split", "top_k", "calibration_bins", "errors_shown", "out_dir"}
+RUN = "outputs/2026-11-27/10-31-07_batch_size=32,lr=0.01"
+
+
+def test_split_argv_sends_run_keys_to_the_saved_config():
+    argv = [f"run_dir={RUN}", "split=val", "data.root=/t", "+data.extra=1", "~loss.label_smoothing",
+            "--cfg", "job", "-cn", "evaluate", "hydra.verbose=true", "device=cpu", "transforms.val=[]"]  # fmt: skip
+    hydra_args, overrides = split_argv(argv, OWN, ("run_dir",))
+    # the run directory's `=` and `,` are quoted for Hydra's grammar
+    assert hydra_args == [
+        f"run_dir='{RUN}'",
+        "split=val",
+        "--cfg",
+        "job",
+        "-cn",
+        "evaluate",
+        "hydra.verbose=true",
+    ]
+    assert overrides == [
+        "data.root=/t",
+        "+data.extra=1",
+        "~loss.label_smoothing",
+        "device=cpu",
+        "transforms.val=[]",
+    ]
+    # already quoted: left as it is
+    assert split_argv([f"run_dir='{RUN}'"], OWN, ("run_dir",))[0] == [f"run_dir='{RUN}'"]
+
+
+CONFIG = {
+    "data": {"root": "a", "batch_size": 4, "splits": {"val": "val"}},
+    "loss": {"label_smoothing": 0.1},
+    "device": "auto",
+}
+
+
+def test_apply_overrides_sets_adds_and_deletes():
+    out = apply_overrides(
+        CONFIG,
+        [
+            "data.root=/b",
+            "device=cpu",
+            "+data.splits.holdout=ho",
+            "~loss.label_smoothing",
+            "data={batch_size:8}",
+        ],
+        "c.yaml",
+    )
+    assert out["data"] == {"root": "/b", "batch_size": 8, "splits": {"val": "val", "holdout": "ho"}}
+    assert out["loss"] == {} and out["device"] == "cpu"
+    assert CONFIG["data"]["root"] == "a"  # the saved config itself is untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "data.rooot=x",
+            "data.rooot is not in the run's config (c.yaml); data has: root, batch_size, splits",
+        ),
+        ("data=imagefolder", "data is a config node of the run, not a value"),
+        ("+data.root=x", "data.root is already in the run's config; drop the +"),
+        ("~data.nope", "data.nope is not in the run's config"),
+        ("device=cpu,cuda", "one value per key"),
+        ("data.root=[", "cannot parse the overrides"),
+    ],
+)
+def test_apply_overrides_refuses_what_it_cannot_apply(override, message):
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")
+    ):
+        apply_overrides(CONFIG, [override], "c.yaml")
+
+
+def test_output_dir_never_reuses_a_folder(tmp_path):
+    first = output_dir(tmp_path, "test-best", [])
+    second = output_dir(tmp_path, "test-best", [])
+    named = output_dir(
+        tmp_path, "test-best", ["data.root=/data/other_tree", "device=cpu", "data.num_workers=0"]
+    )
+    assert [first.name, second.name, named.name] == ["test-best", "test-best_2", "test-best_root=other_tree"]
+
+
+def test_calibration_bins_and_ece_by_hand():
+    conf = np.array([0.05, 0.55, 0.6, 0.95, 1.0, 0.5])
+    correct = np.array([0, 1, 0, 1, 1, 1])
+    bins = calibration_bins(conf, correct, n_bins=2)  # (0, 0.5] and (0.5, 1]
+    assert bins["count"].tolist() == [2, 4]
+    assert bins["accuracy"].tolist() == [0.5, 0.75]
+    assert bins["confidence"] == pytest.approx([0.275, 0.775])
+    # 2/6 * |0.5 - 0.275| + 4/6 * |0.75 - 0.775|
+    assert expected_calibration_error(bins) == pytest.approx(2 / 6 * 0.225 + 4 / 6 * 0.025)
+    perfect = calibration_bins(np.array([1.0, 1.0]), np.array([1, 1]), 15)
+    assert expected_calibration_error(perfect) == 0.0
+
+
+def test_topk_breaks_ties_like_argmax():
+    logits = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=np.float32)
+    assert topk_indices(logits, 3).tolist() == [[1, 2, 0], [0, 1, 2]]
+    assert topk_indices(logits, 1)[:, 0].tolist() == logits.argmax(1).tolist()
+    assert topk_accuracy(logits, np.array([0, 3]), 3) == 0.5
+
+
+def test_confused_pairs_largest_first_with_the_true_class_share():
+    cm = np.array([[5, 3, 0], [1, 4, 0], [0, 6, 0]])
+    pairs = confused_pairs(cm, ["a", "b", "c"])
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
+        ("c", "b", 6),
+        ("a", "b", 3),
+        ("b", "a", 1),
+    ]
+    assert pairs[1]["share"] == pytest.approx(3 / 8)
+
+
+def test_force_add_sets_a_key_whether_or_not_it_exists():
+    out = apply_overrides(CONFIG, ["++data.root=c", "++data.extra=1"], "c.yaml")
+    assert out["data"]["root"] == "c" and out["data"]["extra"] == 1
+
+
+def test_predictions_table_lists_the_first_rows_or_all():
+    from imgcls.tables import predictions_table
+
+    rows = [{"path": f"{i}.jpg", "top1": "cat", "top1_prob": "0.9"} for i in range(5)]
+    assert predictions_table(rows, 1, 2).row_count == 2
+    assert "first 2 of 5" in predictions_table(rows, 1, 2).title
+    assert predictions_table(rows, 1, -1).row_count == 5

@@ -1,0 +1,174 @@
+"""A run directory from someone else: injected `_target_`s are refused before anything runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, cli
+
+from imgcls.build import check_targets, target_problem
+from imgcls.errors import ConfigError
+
+
+def shell(marker: Path) -> str:
+    return f"touch {marker}"
+
+
+# name: (the injected node, where it goes, the start of the refusal message)
+INJECTIONS = {
+    "data": (
+        lambda m: {"_target_": "os.system", "_args_": [shell(m)]},
+        lambda c, node: c.update({"data": node}),
+        "data._target_='os.system' is not allowed",
+    ),
+    "nested transform": (
+        lambda m: {"_target_": "subprocess.Popen", "_args_": [["sh", "-c", shell(m)]]},
+        lambda c, node: c["transforms"]["val"].insert(0, node),
+        "transforms.val[0]._target_='subprocess.Popen' is not allowed",
+    ),
+    "allowed prefix, other module": (
+        lambda m: {"_target_": "imgcls.data.os.system", "_args_": [shell(m)]},
+        lambda c, node: c.update({"model": node}),
+        "model._target_='imgcls.data.os.system' is not allowed: it resolves to posix.system",
+    ),
+    "deep in a node evaluation never builds": (
+        lambda m: {"_target_": "builtins.exec", "_args_": [f"import os; os.system({shell(m)!r})"]},
+        lambda c, node: c["optimizer"].update({"extra": {"inner": [node]}}),
+        "optimizer.extra.inner[0]._target_='builtins.exec' is not allowed",
+    ),
+}
+
+
+def untrusted_run(trained_run: Path, dest: Path) -> Path:
+    """config.yaml and weights/best.pt of the tiny run (the checkpoint hard-linked: only read)."""
+    (dest / "weights").mkdir(parents=True)
+    os.link(trained_run / "weights" / "best.pt", dest / "weights" / "best.pt")
+    shutil.copy(trained_run / "config.yaml", dest / "config.yaml")
+    return dest
+
+
+def inject(run: Path, name: str, marker: Path) -> str:
+    node, place, message = INJECTIONS[name]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    place(config, node(marker))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return message
+
+
+@pytest.mark.parametrize("name", list(INJECTIONS))
+def test_the_injected_nodes_do_run_when_built_blindly(tmp_path: Path, name):
+    """The control: called as instantiate calls it, without an allowlist, each injected node runs
+    its command. (Hydra 1.3.8's own target policy blocks some of them too; 1.3.2 blocks none.)"""
+    from hydra._internal.utils import _locate
+
+    marker = tmp_path / "ran"
+    node = INJECTIONS[name][0](marker)
+    result = _locate(node["_target_"])(*node["_args_"])
+    if hasattr(result, "wait"):
+        result.wait()
+    assert marker.exists()
+
+
+def _nodes(node):
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node
+        for v in node.values():
+            yield from _nodes(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _nodes(v)
+
+
+@pytest.mark.parametrize("name", list(INJECTIONS))
+def test_evaluate_refuses_injected_targets_in_config_yaml(trained_run: Path, tmp_path: Path, name):
+    run = untrusted_run(trained_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    message = inject(run, name, marker)
+    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {run / 'config.yaml'}: {message}" in result.stderr
+    assert "Refusing to build anything from this config." in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists(), "the injected command ran"
+    assert not (run / "eval").exists()
+
+
+def test_predict_refuses_injected_targets(trained_run: Path, tmp_path: Path):
+    run = untrusted_run(trained_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    message = inject(run, "nested transform", marker)
+    image = next(
+        (Path(yaml.safe_load((trained_run / "config.yaml").read_text())["data"]["root"]) / "val").glob(
+            "*/*.jpg"
+        )
+    )
+    result = cli("imgcls.predict", f"run_dir={run}", f"inputs=[{image}]", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+    assert not marker.exists() and not (run / "predict").exists()
+
+
+@pytest.mark.parametrize("with_config_yaml", [False, True])
+def test_injected_targets_in_the_checkpoint_config_are_refused(
+    trained_run: Path, tmp_path: Path, with_config_yaml
+):
+    # without config.yaml the checkpoint's own config is the base, and it would be built
+    run = untrusted_run(trained_run, tmp_path / "run")
+    if not with_config_yaml:
+        (run / "config.yaml").unlink()
+    marker = tmp_path / "pwned"
+    state = torch.load(run / "weights" / "best.pt", weights_only=True)
+    state["config"]["loss"] = {"_target_": "os.system", "_args_": [shell(marker)]}
+    (run / "weights" / "best.pt").unlink()  # a hard link: write a new file, keep the shared one
+    torch.save(state, run / "weights" / "best.pt")
+    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"{run / 'weights' / 'best.pt'} (its config): loss._target_='os.system' is not allowed"
+        in result.stderr
+    )
+    assert not marker.exists() and not (run / "eval").exists()
+
+
+def test_a_target_given_on_the_command_line_is_checked_too(trained_run: Path, tmp_path: Path):
+    run = untrusted_run(trained_run, tmp_path / "run")
+    result = cli("imgcls.evaluate", f"run_dir={run}", "loss._target_=os.system", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "the config with the overrides: loss._target_='os.system' is not allowed" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "os.system", "subprocess.Popen", "builtins.exec", "builtins.eval", "pickle.loads", "shutil.rmtree",
+        "torch.load", "torch.hub.load", "torch.jit.load", "torch.os.system", "imgcls.data.os.system",
+        "torch.nn.modules.module.torch.hub.load", "imgcls.models.torchvision.io.write_file",
+        "imgcls.recorder.atomic_write_text", "imgcls.checkpoint.save_checkpoint", "torch.nn", 42,
+    ],
+)  # fmt: skip
+def test_check_targets_refuses_and_names_the_key(target):
+    config = {"model": {"name": "resnet18", "head": [{"x": 1}, {"_target_": target}]}}
+    with pytest.raises(ConfigError, match=r"^model\.head\[1\]\._target_=.* is not allowed"):
+        check_targets(config)
+
+
+def test_every_target_in_the_project_configs_is_allowed():
+    targets = set()
+    for path in (REPO / "conf").rglob("*.yaml"):
+        for node in _nodes(yaml.safe_load(path.read_text()) or {}):
+            if isinstance(node["_target_"], str) and "${" not in node["_target_"]:
+                targets.add(node["_target_"])
+    assert {"torch.optim.SGD", "imgcls.data.ImageFolderData", "torchvision.transforms.v2.Resize"} <= targets
+    assert {t: target_problem(t) for t in targets} == dict.fromkeys(targets)
+
+
+def test_a_config_yaml_that_is_not_yaml_is_named(trained_run: Path, tmp_path: Path):
+    run = untrusted_run(trained_run, tmp_path / "run")
+    (run / "config.yaml").write_text("data: [unclosed\n")
+    result = cli("imgcls.evaluate", f"run_dir={run}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and f"error: {run / 'config.yaml'} is not valid YAML" in result.stderr
