@@ -26,7 +26,9 @@ def compose_train(*overrides: str):
 def test_groups_have_the_documented_options():
     assert options("data") == ["digits", "hymenoptera", "imagefolder"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
-    assert options("scheduler") == ["cosine", "none", "step"]
+    assert options("scheduler") == ["cosine", "multistep", "none", "onecycle", "plateau", "step"]
+    assert options("loss") == ["cross_entropy", "focal"]
+    assert options("experiment") == ["digits_fast", "hymenoptera_finetune"]
     assert "resnet18" in options("model") and "cross_entropy" in options("loss")
     assert {"digits", "imagenet"} <= set(options("transforms"))
 
@@ -46,7 +48,8 @@ def test_every_option_composes_and_builds(group: str, tmp_path: Path):
             assert out.dtype == torch.uint8 and out.ndim == 3
         assert normalize(out.unsqueeze(0)).dtype == torch.float32
         model = b.build_model(config["model"], num_classes=4)
-        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+        side = config["model"].get("image_size", 32)  # ViT's patch grid fixes its input size
+        assert model.eval()(torch.randn(2, 3, side, side)).shape == (2, 4)
         optimizer = b.build_optimizer(config["optimizer"], model)
         assert optimizer.param_groups[0]["lr"] == config["optimizer"]["lr"]
         scheduler = b.build_scheduler(config["scheduler"], optimizer)

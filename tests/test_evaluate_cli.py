@@ -234,7 +234,7 @@ def test_another_tree_with_the_same_classes(run_copy: Path, tmp_path: Path):
     other = make_tree(tmp_path / "other", counts={"test": 2}, seed=7)
     result = cli("imgcls.evaluate", f"run_dir={run_copy}", f"data.root={other}", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = run_copy / "eval" / "test-best_root=other"  # named for what it measured; device left out
+    out = run_copy / "eval" / "test-best_root-other"  # named for what it measured; device left out
     rows = read_csv(out / "predictions.csv")
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in (other / "test").glob("*/*.jpg"))
     assert read_json(out / "metrics.json")["test/samples"] == 6

@@ -91,7 +91,7 @@ def test_output_dir_never_reuses_a_folder(tmp_path):
     named = output_dir(
         tmp_path, "test-best", ["data.root=/data/other_tree", "device=cpu", "data.num_workers=0"]
     )
-    assert [first.name, second.name, named.name] == ["test-best", "test-best_2", "test-best_root=other_tree"]
+    assert [first.name, second.name, named.name] == ["test-best", "test-best_2", "test-best_root-other_tree"]
 
 
 def test_calibration_bins_and_ece_by_hand():

@@ -203,7 +203,7 @@ def test_help_lists_groups_and_options(tmp_path: Path):
     for line in [
         "data: digits, hymenoptera, imagefolder",
         "optimizer: adam, adamw, sgd",
-        "scheduler: cosine, none, step",
+        "scheduler: cosine, multistep, none, onecycle, plateau, step",
         "model: resnet18",
         "loss: cross_entropy",
     ]:
