@@ -17,11 +17,12 @@ from hydra.experimental.callback import Callback
 LOCK_DIR = Path(tempfile.gettempdir()) / f"imgcls-gpu-slots-{os.getuid()}"
 
 
-def claim_gpu(count: int, lock_dir: Path = LOCK_DIR, wait_s: float = 1.0) -> tuple[int, int]:
+def claim_gpu(count: int, lock_dir: Path | None = None, wait_s: float = 1.0) -> tuple[int, int]:
     """(index, fd) of the first of `count` GPUs no other job holds; waits while all are held.
 
     flock is released by the kernel when the holder exits, so a killed job never strands a GPU.
     """
+    lock_dir = lock_dir or LOCK_DIR
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:
         for index in range(count):
@@ -52,10 +53,10 @@ class OneGpuPerJob(Callback):
         self.fd: int | None = None
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+        from omegaconf import OmegaConf
 
-        if HydraConfig.get().mode != RunMode.MULTIRUN or str(config.get("device")) not in ("auto", "cuda"):
+        multirun = str(OmegaConf.select(config, "hydra.mode")).endswith("MULTIRUN")
+        if not multirun or str(config.get("device")) not in ("auto", "cuda"):
             return
         import torch
 

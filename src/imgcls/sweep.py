@@ -194,25 +194,24 @@ def _hparam_value(text: str) -> float | str:
     return value if math.isfinite(value) else text
 
 
-def write_hparams(jobs: list[dict[str, Any]], keys: list[str]) -> None:
-    """<job>/tensorboard/hparams: one HParams session per job with a value, so TensorBoard pointed
-    at the sweep directory lists every job's swept values beside its objective.
+def write_hparams(jobs: list[dict[str, Any]], keys: list[str], out: Path) -> None:
+    """<sweep>/hparams/<job>: one HParams session per job with a value, so TensorBoard pointed at
+    the sweep directory lists every job's swept values beside its objective (HPARAMS tab).
 
-    Every session declares the same keys (a missing one is ""): the HParams dashboard builds its
-    columns from the sessions it finds. Rewritten whole, so a resumed sweep never doubles entries.
+    Every session declares the same keys (a missing one is ""): the dashboard builds its columns
+    from the sessions it finds. Rewritten whole, so a resumed sweep never doubles an entry, and
+    kept out of the job directories, which the sweep never touches once a job is done.
     """
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
+    shutil.rmtree(out, ignore_errors=True)
     for j in jobs:
-        out = Path(j["run_dir"]) / "tensorboard" / "hparams"
-        shutil.rmtree(out, ignore_errors=True)
         if j[OBJECTIVE] is None:
             continue
         hp = {k: _hparam_value(j["params"].get(k, "")) for k in keys} | {"status": j["status"]}
-        metrics = {OBJECTIVE: j[OBJECTIVE]}
-        with SummaryWriter(log_dir=str(out)) as w:
-            for summary in hparams(hp, metrics):
+        with SummaryWriter(log_dir=str(out / Path(j["run_dir"]).name)) as w:
+            for summary in hparams(hp, {OBJECTIVE: j[OBJECTIVE]}):
                 w.file_writer.add_summary(summary)
             w.add_scalar(OBJECTIVE, j[OBJECTIVE], j["best_epoch"] or 0)
 
@@ -228,7 +227,7 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
     keys = swept_keys(jobs)
     write_csv(jobs, keys, sweep_dir / "sweep_summary.csv")
     plotted = plot_objective(jobs, keys, sweep_dir / "sweep_objective.png")
-    write_hparams(jobs, keys)
+    write_hparams(jobs, keys, sweep_dir / "hparams")
     stream = stream or sys.stdout
     counts = {s: sum(j["status"] == s for j in jobs) for s in dict.fromkeys(j["status"] for j in jobs)}
     print(
