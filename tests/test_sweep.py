@@ -133,9 +133,27 @@ def test_a_failing_job_does_not_stop_the_grid(tmp_path: Path):
     assert re.search(r"^3\s+1\s+failed\s+-\s+0/1\s+optimizer.lr=-1\s", result.stdout, re.M)
 
 
-def test_ctrl_c_stops_the_whole_sweep(tmp_path: Path):
+def count_states(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as con:
+        return dict(con.execute("SELECT state, count(*) FROM trials GROUP BY state").fetchall())
+
+
+def load_trials(sweep: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="imgcls", storage=f"sqlite:///{sweep / 'optuna.db'}").trials
+
+
+# the batch size is searched here: a fixed data.batch_size=... would take it out of the space
+OPTUNA = ["-m", "hparams_search=optuna", "data.batch_size=choice(4,8)"]
+OPTUNA += [o for o in SWEEP_TINY if not o.startswith("data.batch_size=")]
+
+
+@pytest.mark.parametrize("search", ["grid", "optuna"])
+def test_ctrl_c_stops_the_whole_sweep(tmp_path: Path, search: str):
     tree = make_tree(tmp_path / "tiny")
-    args = ["-m", *SWEEP_TINY, f"data.root={tree}", "optimizer.lr=0.01,0.02,0.03"]
+    if search == "grid":
+        args = ["-m", *SWEEP_TINY, f"data.root={tree}", "optimizer.lr=0.01,0.02,0.03"]
+    else:
+        args = [*OPTUNA, "hydra.sweeper.n_trials=3", f"data.root={tree}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgcls.train", *args],
         cwd=tmp_path,
@@ -158,20 +176,10 @@ def test_ctrl_c_stops_the_whole_sweep(tmp_path: Path):
     jobs = job_dirs(sweep)
     assert [j.name[0] for j in jobs] == ["0", "1"]  # the third job never started
     assert status_of(jobs[0]) == "completed" and status_of(jobs[1]) == "interrupted"
-
-
-def count_states(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as con:
-        return dict(con.execute("SELECT state, count(*) FROM trials GROUP BY state").fetchall())
-
-
-def load_trials(sweep: Path) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="imgcls", storage=f"sqlite:///{sweep / 'optuna.db'}").trials
-
-
-# the batch size is searched here: a fixed data.batch_size=... would take it out of the space
-OPTUNA = ["-m", "hparams_search=optuna", "data.batch_size=choice(4,8)"]
-OPTUNA += [o for o in SWEEP_TINY if not o.startswith("data.batch_size=")]
+    if search == "optuna":  # the interrupted trial is closed, and will not count on resume
+        trials = load_trials(sweep)
+        assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+        assert trials[1].user_attrs["interrupted"] is True
 
 
 def test_optuna_search_stores_its_study_and_ranks_the_trials(tmp_path: Path):
@@ -248,9 +256,58 @@ def test_killed_optuna_sweep_resumes_without_losing_or_rerunning_a_trial(tmp_pat
     jobs = job_dirs(sweep)
     assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]
     assert status_of(jobs[3]) == "completed" and trials[3].user_attrs["job_num"] == 3
+    # the resumed sampler does not replay the first run's proposals
+    assert trials[3].params["optimizer.lr"] not in {t.params["optimizer.lr"] for t in trials[:3]}
     rows = read_summary(sweep)
     assert sorted(r["status"] for r in rows) == ["completed", "completed", "completed", "killed"]
     assert rows[-1]["run_dir"] == str(killed.resolve())
+
+
+def test_two_workers_share_one_study_and_its_budget(tmp_path: Path):
+    tree = make_tree(tmp_path / "tiny")
+    db = tmp_path / "shared.db"
+    env = {**os.environ, "IMGCLS_OPTUNA_STORAGE": f"sqlite:///{db}", "IMGCLS_OPTUNA_STUDY": "shared"}
+    args = [
+        "-m",
+        "hparams_search=optuna_shared",
+        *OPTUNA[2:],
+        "hydra.sweeper.n_trials=3",
+        f"data.root={tree}",
+    ]
+    workers = []
+    for name in ("a", "b"):  # two machines, as far as the study can tell: separate working dirs
+        (tmp_path / name).mkdir()
+        cmd = [sys.executable, "-m", "imgcls.train", *args]
+        log = open(tmp_path / name / "worker.log", "w")  # a pipe could fill up and stall the worker
+        workers.append(subprocess.Popen(cmd, cwd=tmp_path / name, env=env, stdout=log, stderr=log))
+    for w, name in zip(workers, ("a", "b"), strict=True):
+        assert w.wait(timeout=600) == 0, (tmp_path / name / "worker.log").read_text()[-3000:]
+    trials = optuna.load_study(study_name="shared", storage=f"sqlite:///{db}").trials
+    counted = [t for t in trials if not t.user_attrs.get("over_budget")]
+    assert [t.state.name for t in counted] == ["COMPLETE"] * 3
+    ran = [j for name in ("a", "b") for j in job_dirs(sweep_dirs(tmp_path / name)[0])]
+    assert len(ran) == 3 and {status_of(j) for j in ran} == {"completed"}
+    assert {t.user_attrs["pid"] for t in counted} == {w.pid for w in workers}  # both took a share
+    assert len({t.params["optimizer.lr"] for t in counted}) == 3  # and proposed different trials
+
+
+def test_workers_racing_to_create_the_tables_retry(monkeypatch, tmp_path: Path):
+    from sqlalchemy.exc import OperationalError
+
+    from hydra_plugins.imgcls_sweepers import _optuna
+
+    calls, real = [], optuna.create_study
+
+    def racing(**kwargs):  # what the loser of the race saw: sqlite's "table ... already exists"
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise OperationalError("CREATE TABLE trial_heartbeats", {}, Exception("already exists"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(_optuna.optuna, "create_study", racing)
+    monkeypatch.setattr(_optuna.time, "sleep", lambda s: None)
+    study = _optuna._open_study("s", f"sqlite:///{tmp_path / 'o.db'}", None, ["maximize"])
+    assert len(calls) == 2 and study.study_name == "s"
 
 
 def test_leaderboard_cli_needs_a_sweep_directory(tmp_path: Path):
@@ -294,9 +351,15 @@ def test_hparams_search_options_compose_and_build(tmp_path: Path, monkeypatch):
     shared = instantiate(compose_train("hparams_search=optuna_shared").hydra.sweeper).sweeper
     assert (shared.storage, shared.study_name) == ("postgresql://u:p@db/optuna", "lr_bs")
     assert shared.direction == "maximize"
+    assert compose_train("hparams_search=optuna_shared").hydra.sweeper.sampler.seed is None
     monkeypatch.delenv("IMGCLS_OPTUNA_STORAGE")
     with pytest.raises(Exception, match="IMGCLS_OPTUNA_STORAGE"):
         instantiate(compose_train("hparams_search=optuna_shared").hydra.sweeper)
+
+
+def test_help_lists_the_search_options(tmp_path: Path):
+    result = cli("imgcls.train", "--help", cwd=tmp_path)
+    assert "hparams_search: grid, optuna, optuna_shared" in result.stdout
 
 
 def test_launcher_options_compose_and_build():

@@ -66,7 +66,8 @@ def job_status(fields: dict[str, str]) -> str:
 
 def read_job(job: Path) -> dict[str, Any]:
     """One job's row, from its files alone: overrides, status, epochs and the objective."""
-    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    saved = job / ".hydra" / "overrides.yaml"  # missing only if the job died as Hydra set it up
+    overrides = (yaml.safe_load(saved.read_text()) or []) if saved.is_file() else []
     summary = job / "summary.txt"
     # a job that died before training started has no summary: Hydra ran it, and it did not finish
     fields = _summary_fields(summary.read_text()) if summary.is_file() else {"status": "failed"}
@@ -172,6 +173,9 @@ def plot_objective(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> b
             # learning rates and the like span decades: a log axis spreads them evenly
             if min(xs) > 0 and max(xs) / min(xs) >= 10:
                 ax.set_xscale("log")
+            if len(set(xs)) <= 8:  # a grid's few values: tick exactly those
+                ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+                ax.minorticks_off()
         else:
             cats = sorted(set(raw))
             ax.scatter([cats.index(v) for v in raw], y)

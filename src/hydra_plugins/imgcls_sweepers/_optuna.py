@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ from hydra_plugins.imgcls_sweepers import report_failures
 from imgcls.sweep import next_job_num, pid_alive
 
 log = logging.getLogger(__name__)
+# trials that never ran to an end: they do not count towards n_trials
+NOT_COUNTED = ("killed", "interrupted", "over_budget")
+
+
+def _counted(trial: Any) -> bool:
+    return not any(trial.user_attrs.get(k) for k in NOT_COUNTED)
 
 
 class ResumableImpl(OptunaSweeperImpl):
@@ -31,13 +38,10 @@ class ResumableImpl(OptunaSweeperImpl):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite file lives here
         directions = self._get_directions()
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            sampler=self.sampler,
-            directions=directions,
-            load_if_exists=True,
-        )
+        study = _open_study(self.study_name, self.storage, self.sampler, directions)
+        if study.trials:
+            # a fixed seed would replay the first run's proposals and rerun its first trials
+            self.sampler.reseed_rng()
         killed = _fail_killed_trials(study)
         log.info(
             f"Study {study.study_name} in {self.storage}: {len(study.trials)} trials so far"
@@ -45,13 +49,13 @@ class ResumableImpl(OptunaSweeperImpl):
         )
         host, pid = socket.gethostname(), os.getpid()
         while True:
-            trials = study.get_trials(deepcopy=False)
-            done = sum(t.state != TrialState.RUNNING and not t.user_attrs.get("killed") for t in trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)  # other workers' trials
-            left = self.n_trials - done - running
+            # finished trials, and those other workers are running, take from the budget
+            left = self.n_trials - sum(_counted(t) for t in study.get_trials(deepcopy=False))
             if left <= 0:
                 break
-            batch = [study.ask() for _ in range(min(self.n_jobs, left))]
+            batch = _within_budget(study, [study.ask() for _ in range(min(self.n_jobs, left))], self.n_trials)
+            if not batch:
+                continue
             overrides = self._configure_trials(batch, space, fixed)
             first = next_job_num(sweep_dir)
             for i, trial in enumerate(batch):
@@ -62,6 +66,7 @@ class ResumableImpl(OptunaSweeperImpl):
                 returns = self.launcher.launch(overrides, initial_job_idx=first)
             except BaseException:  # Ctrl-C: the asked trials did not finish
                 for trial in batch:
+                    trial.set_user_attr("interrupted", True)
                     study.tell(trial, state=TrialState.FAIL)
                 raise
             failed = report_failures(returns)
@@ -87,6 +92,39 @@ class ResumableImpl(OptunaSweeperImpl):
                 OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
                 sweep_dir / "optimization_results.yaml",
             )
+
+
+def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) -> Any:
+    """create_study(load_if_exists=True), retried: workers started together on a new database
+    race to create its tables, and all but one get "table ... already exists" (seen with SQLite)."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(
+                study_name=name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
+            )
+        except OperationalError as exc:
+            if attempt == 4:
+                raise
+            log.warning(f"opening the study failed ({exc.orig}); retrying")
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _within_budget(study: Any, asked: list[Any], n_trials: int) -> list[Any]:
+    """The asked trials that fit the budget; the rest are told FAIL with user attr over_budget.
+
+    Workers sharing a study may ask at the same moment. Trial numbers are handed out by the
+    storage, so every worker agrees that the first n_trials counted numbers are the budget.
+    """
+    numbers = sorted(t.number for t in study.get_trials(deepcopy=False) if _counted(t))
+    keep = set(numbers[:n_trials])
+    for trial in asked:
+        if trial.number not in keep:
+            trial.set_user_attr("over_budget", True)
+            study.tell(trial, state=TrialState.FAIL)
+    return [t for t in asked if t.number in keep]
 
 
 def _fail_killed_trials(study: Any) -> int:
