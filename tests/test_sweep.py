@@ -133,6 +133,33 @@ def test_a_failing_job_does_not_stop_the_grid(tmp_path: Path):
     assert re.search(r"^3\s+1\s+failed\s+-\s+0/1\s+optimizer.lr=-1\s", result.stdout, re.M)
 
 
+def test_parallel_launcher_runs_jobs_at_the_same_time(tmp_path: Path):
+    from datetime import datetime
+
+    tree = make_tree(tmp_path / "tiny")
+    # 4 epochs: each job outlasts the few seconds a worker process may take to start
+    tiny = [o for o in SWEEP_TINY if not o.startswith("trainer.epochs=")] + ["trainer.epochs=4"]
+    args = ["-m", "hydra/launcher=parallel", "trainer.num_threads=1", *tiny, f"data.root={tree}"]
+    result = cli("imgcls.train", *args, "optimizer.lr=0.01,0.02", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path)
+    spans = []
+    for job in job_dirs(sweep):
+        assert status_of(job) == "completed"
+        text = (job / "summary.txt").read_text()
+        times = [re.search(rf"^{k}:\s*(\S+ \S+)", text, re.M).group(1) for k in ("started", "ended")]
+        spans.append([datetime.fromisoformat(t) for t in times])
+        assert pid_of(job) != os.getpid()
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, spans  # the two runs overlap in time
+    assert pid_of(job_dirs(sweep)[0]) != pid_of(job_dirs(sweep)[1])  # in two worker processes
+    assert len(read_summary(sweep)) == 2
+
+
+def pid_of(job: Path) -> int:
+    return int(re.search(r"^heartbeat:.*\(pid (\d+) on", (job / "summary.txt").read_text(), re.M).group(1))
+
+
 def count_states(db: Path) -> dict[str, int]:
     with sqlite3.connect(db) as con:
         return dict(con.execute("SELECT state, count(*) FROM trials GROUP BY state").fetchall())
