@@ -71,8 +71,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
       more trials (without raising) once a batch fails more than that fraction.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, **kwargs: Any) -> None:  # the keys of hydra/sweeper/optuna, as Hydra passes them
         from hydra_plugins.imgcls_sweepers._optuna import ResumableImpl  # optuna loads only when used
 
-        self.sweeper.__class__ = ResumableImpl
+        self.sweeper = ResumableImpl(**kwargs)

@@ -38,6 +38,11 @@ class ResumableImpl(OptunaSweeperImpl):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite file lives here
         directions = self._get_directions()
+        if len(directions) != 1:
+            raise ValueError(
+                f"hydra.sweeper.direction={directions}: imgcls.train returns one objective (the best "
+                "validation accuracy), so give one direction, e.g. maximize"
+            )
         study = _open_study(self.study_name, self.storage, self.sampler, directions)
         if study.trials:
             # a fixed seed would replay the first run's proposals and rerun its first trials
@@ -85,7 +90,7 @@ class ResumableImpl(OptunaSweeperImpl):
                 break
 
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if complete and len(directions) == 1:
+        if complete:
             best = study.best_trial
             log.info(f"Best parameters: {best.params}; best value: {best.value}")
             OmegaConf.save(
