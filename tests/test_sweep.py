@@ -337,6 +337,16 @@ def test_workers_racing_to_create_the_tables_retry(monkeypatch, tmp_path: Path):
     assert len(calls) == 2 and study.study_name == "s"
 
 
+def test_job_directory_names_shorten_sampled_floats():
+    from imgcls.naming import run_label
+
+    # an Optuna suggestion is cut to 6 significant digits in the name; config.yaml keeps it whole
+    assert run_label("optimizer.lr=0.0013292918943162175,data.batch_size=4") == "batch_size=4,lr=0.00132929"
+    assert run_label("optimizer.weight_decay=2.9380279387035334e-05") == "weight_decay=2.93803e-05"
+    for kept in ["lr=0.01", "lr=1e-05", "lr=-1", "seed=123456789012", "name=abc.defghijklmnop"]:
+        assert run_label(kept) == kept
+
+
 def test_leaderboard_cli_needs_a_sweep_directory(tmp_path: Path):
     result = cli("imgcls.sweep", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
