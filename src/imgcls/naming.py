@@ -30,9 +30,17 @@ def run_label(override_dirname: str) -> str:
             continue
         if "/" in value:
             value = Path(value.rstrip("/")).name or value
+        value = _short_float(value)
         parts.append(_UNSAFE.sub("-", f"{key.rsplit('.', 1)[-1]}-{value}").strip("-"))
     label = "_".join(sorted(parts))
     return label[:120] or "base"
+
+
+def _short_float(value: str) -> str:
+    """`0.0013292918943162175` (an Optuna suggestion) -> `0.00132929`; config.yaml keeps it whole."""
+    if len(value) <= 10 or not re.fullmatch(r"[-+]?\d*\.\d+(e[-+]?\d+)?|[-+]?\d+e[-+]?\d+", value, re.I):
+        return value
+    return f"{float(value):.6g}"
 
 
 def _split_overrides(text: str) -> list[str]:

@@ -1,0 +1,77 @@
+"""imgcls's Hydra sweepers: a grid that outlives failed jobs, and an Optuna search that resumes.
+
+Hydra only instantiates sweepers found under the `hydra_plugins` namespace package, hence this
+location. Both keep job numbers above those already in the sweep directory, so a sweep rerun or
+resumed into the same directory never writes into a finished job's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import OmegaConf
+
+from imgcls.sweep import next_job_num
+
+log = logging.getLogger(__name__)
+
+
+def report_failures(returns: Any) -> int:
+    failed = [r for r in returns if r.status == JobStatus.FAILED]
+    for r in failed:
+        # the job's summary.txt holds the traceback; one line here keeps the sweep's log readable
+        log.warning(f"job failed, the sweep goes on: {' '.join(r.overrides)}: {r._return_value!r}")
+    return len(failed)
+
+
+class GridSweeper(BasicSweeper):
+    """Hydra's basic (grid) sweeper, except that a failed job is logged and the sweep goes on.
+
+    Hydra's own stops at the first batch with a failure and raises, which skips the callbacks'
+    on_multirun_end and so the leaderboard. Failed jobs say why in their own summary.txt.
+    """
+
+    def sweep(self, arguments: list[str]) -> Any:
+        params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(
+            params
+        )
+        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns, failed = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)  # a typo in an override fails before any job runs
+            results = self.launcher.launch(batch, initial_job_idx=next_job_num(sweep_dir))
+            failed += report_failures(results)
+            returns.append(results)
+        if failed:
+            log.warning(f"{failed} of {sum(len(r) for r in returns)} jobs failed")
+        return returns
+
+
+class ResumableOptunaSweeper(OptunaSweeper):
+    """hydra-optuna-sweeper's OptunaSweeper, made to resume and to share a study.
+
+    - `n_trials` is the number of finished trials the study should hold, not the number this
+      process runs: rerun into the same storage and only the missing trials run.
+    - Trials this host left RUNNING in a process that no longer exists (a killed sweep) are
+      marked FAIL with user attr `killed`, and do not count towards n_trials.
+    - Workers on several machines sharing one storage split the budget: each batch asks only for
+      what is left after the finished trials and those other workers are running.
+    - A failed trial is recorded FAIL and the sweep goes on; `max_failure_rate` stops asking for
+      more trials (without raising) once a batch fails more than that fraction.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:  # the keys of hydra/sweeper/optuna, as Hydra passes them
+        from hydra_plugins.imgcls_sweepers._optuna import ResumableImpl  # optuna loads only when used
+
+        self.sweeper = ResumableImpl(**kwargs)

@@ -1,0 +1,144 @@
+"""The resumable Optuna sweep loop (imported only when an Optuna sweep runs: optuna is slow to load)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobStatus
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from hydra_plugins.imgcls_sweepers import report_failures
+from imgcls.sweep import next_job_num, pid_alive
+
+log = logging.getLogger(__name__)
+# trials that never ran to an end: they do not count towards n_trials
+NOT_COUNTED = ("killed", "interrupted", "over_budget")
+
+
+def _counted(trial: Any) -> bool:
+    return not any(trial.user_attrs.get(k) for k in NOT_COUNTED)
+
+
+class ResumableImpl(OptunaSweeperImpl):
+    def sweep(self, arguments: list[str]) -> None:
+        self._process_searchspace_config()
+        space, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
+        if self.search_space_distributions:
+            space = {**self.search_space_distributions, **space}
+        for name in fixed:
+            space.pop(name, None)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite file lives here
+        directions = self._get_directions()
+        if len(directions) != 1:
+            raise ValueError(
+                f"hydra.sweeper.direction={directions}: imgcls.train returns one objective (the best "
+                "validation accuracy), so give one direction, e.g. maximize"
+            )
+        study = _open_study(self.study_name, self.storage, self.sampler, directions)
+        if study.trials:
+            # a fixed seed would replay the first run's proposals and rerun its first trials
+            self.sampler.reseed_rng()
+        killed = _fail_killed_trials(study)
+        log.info(
+            f"Study {study.study_name} in {self.storage}: {len(study.trials)} trials so far"
+            + (f", {killed} left running by a killed sweep marked FAIL" if killed else "")
+        )
+        host, pid = socket.gethostname(), os.getpid()
+        while True:
+            # finished trials, and those other workers are running, take from the budget
+            left = self.n_trials - sum(_counted(t) for t in study.get_trials(deepcopy=False))
+            if left <= 0:
+                break
+            batch = _within_budget(study, [study.ask() for _ in range(min(self.n_jobs, left))], self.n_trials)
+            if not batch:
+                continue
+            overrides = self._configure_trials(batch, space, fixed)
+            first = next_job_num(sweep_dir)
+            for i, trial in enumerate(batch):
+                trial.set_user_attr("host", host)
+                trial.set_user_attr("pid", pid)
+                trial.set_user_attr("job_num", first + i)
+            try:
+                returns = self.launcher.launch(overrides, initial_job_idx=first)
+            except BaseException:  # Ctrl-C: the asked trials did not finish
+                for trial in batch:
+                    trial.set_user_attr("interrupted", True)
+                    study.tell(trial, state=TrialState.FAIL)
+                raise
+            failed = report_failures(returns)
+            for trial, ret in zip(batch, returns, strict=True):
+                value = ret._return_value if ret.status == JobStatus.COMPLETED else None
+                if isinstance(value, (int, float)):
+                    study.tell(trial, values=[float(value)])
+                else:
+                    if value is not None or ret.status == JobStatus.COMPLETED:
+                        log.warning(f"trial {trial.number}: the job returned {value!r}, not a number")
+                    study.tell(trial, state=TrialState.FAIL)
+            if failed / len(returns) > self.max_failure_rate:
+                log.error(
+                    f"{failed} of {len(returns)} jobs failed (max_failure_rate={self.max_failure_rate})"
+                )
+                break
+
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if complete:
+            best = study.best_trial
+            log.info(f"Best parameters: {best.params}; best value: {best.value}")
+            OmegaConf.save(
+                OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
+                sweep_dir / "optimization_results.yaml",
+            )
+
+
+def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) -> Any:
+    """create_study(load_if_exists=True), retried: workers started together on a new database
+    race to create its tables, and all but one get "table ... already exists" (seen with SQLite)."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(
+                study_name=name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
+            )
+        except OperationalError as exc:
+            if attempt == 4:
+                raise
+            log.warning(f"opening the study failed ({exc.orig}); retrying")
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _within_budget(study: Any, asked: list[Any], n_trials: int) -> list[Any]:
+    """The asked trials that fit the budget; the rest are told FAIL with user attr over_budget.
+
+    Workers sharing a study may ask at the same moment. Trial numbers are handed out by the
+    storage, so every worker agrees that the first n_trials counted numbers are the budget.
+    """
+    numbers = sorted(t.number for t in study.get_trials(deepcopy=False) if _counted(t))
+    keep = set(numbers[:n_trials])
+    for trial in asked:
+        if trial.number not in keep:
+            trial.set_user_attr("over_budget", True)
+            study.tell(trial, state=TrialState.FAIL)
+    return [t for t in asked if t.number in keep]
+
+
+def _fail_killed_trials(study: Any) -> int:
+    """Mark FAIL (user attr killed) the RUNNING trials whose process on this host is gone."""
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") == host and pid is not None and not pid_alive(int(pid)):
+            study._storage.set_trial_user_attr(t._trial_id, "killed", True)
+            study.tell(t.number, state=TrialState.FAIL)
+            n += 1
+    return n
