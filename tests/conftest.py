@@ -41,6 +41,15 @@ def make_tree(root: Path, counts=None, size=(20, 16), fmt="JPEG", seed=0) -> Pat
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scan_cache_dir(tmp_path_factory) -> Path:
+    """The data check's cache goes to a temp folder, never the user's ~/.cache/imgcls."""
+    folder = tmp_path_factory.mktemp("imgcls-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGCLS_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def tiny_tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "tiny")

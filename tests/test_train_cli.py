@@ -191,10 +191,15 @@ def test_hymenoptera_trains_past_its_stray_gif(tmp_path: Path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 1 file(s) that are not images by suffix: train/ants/imageNotFound.gif" in result.stderr
+    # the placeholder GIF decodes, so hymenoptera.yaml excludes it by name
+    assert "left out 1 file(s) matching data.exclude ['train/ants/imageNotFound.gif']" in result.stderr
     (run,) = run_dirs(tmp_path)
     assert "2 classes; train 244, val 153 images" in summary_value(run, "data")
     assert summary_value(run, "classes") == "ants, bees"
+    assert re.fullmatch(
+        r"397 files \(\d+ decoded, \d+ from cache\) in [\d.]+ s; 1 warning\(s\)",
+        summary_value(run, "data check"),
+    )
 
 
 def test_help_lists_groups_and_options(tmp_path: Path):

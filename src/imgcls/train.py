@@ -142,13 +142,10 @@ def train_run(
     data.setup()
     if ckpt:
         check_classes(ckpt["class_names"], data.class_names, data.root)
-    for split, files in data.skipped.items():
-        if files:
-            shown = ", ".join(str(Path(f).relative_to(data.root)) for f in files[:5])
-            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
-            logger.warning(
-                f"{split}: skipped {len(files)} file(s) that are not images by suffix: {shown}{more}"
-            )
+    for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
+        logger.warning(warning)
+    if d.main:
+        data.write_split(run_dir / "data_split.json")  # only when data.val_fraction carved one
     pipelines, normalize = b.build_transforms(config["transforms"])
     model = b.build_model(config["model"], num_classes=len(data.class_names))
     if d.enabled and trainer.get("sync_batchnorm"):
@@ -221,6 +218,7 @@ def train_run(
             f"{count_parameters(model):,} parameters",
             "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
             "classes": ", ".join(data.class_names),
+            "data check": data.report.summary_line(),
             "batch": f"{data.batch_size} per process x {d.world} process(es) = {data.batch_size * d.world} "
             f"per step; optimizer.lr {config['optimizer'].get('lr')} as configured (not scaled)",
         }
@@ -234,6 +232,7 @@ def train_run(
         "run_started": recorder.started.isoformat(),
         "world_size": d.world,
         "class_counts": class_counts,  # of train/: class-weighted losses are rebuilt from them
+        **data.checkpoint_entries(),  # data fingerprint, carved val split
     }
     with stop_on_signals() as stop:
         result = fit(

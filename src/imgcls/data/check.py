@@ -1,0 +1,182 @@
+"""What the data check finds in a scanned tree: counts, imbalance, duplicates, leakage, tiny images."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from imgcls.data.scan import FileRecord
+
+# Past 10:1 between the largest and smallest class, plain cross-entropy tends to ignore the small
+# ones; class weights or a balanced sampler are worth a look. A warning, not an error.
+IMBALANCE_WARN_RATIO = 10.0
+SHOWN = 10  # examples per warning; the check lists every unreadable file, warnings need only a few
+
+# (split, path relative to the root, class index)
+Sample = tuple[str, str, int]
+
+
+@dataclass
+class DataReport:
+    """Everything the check found; errors stop training, warnings are shown and logged."""
+
+    root: str
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
+    folders: dict[str, str] = field(default_factory=dict)  # split -> folder name ("" when carved)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped_bad: int = 0  # unreadable files left out under on_bad_image=skip
+    scanned: str = ""  # "398 files (398 decoded, 0 from cache) in 3.1 s"
+
+    def summary_line(self) -> str:
+        """One line for summary.txt."""
+        parts = [self.scanned]
+        if self.skipped_bad:
+            parts.append(f"skipped {self.skipped_bad} unreadable file(s)")
+        parts.append(f"{len(self.warnings)} warning(s)")
+        return "; ".join(parts)
+
+    def text(self) -> str:
+        lines = [f"data check: {self.root}", f"scanned {self.scanned}"]
+        for split, counts in self.counts.items():
+            total = sum(counts.values())
+            where = f"{self.folders[split]}/" if self.folders.get(split) else "carved from train"
+            per_class = ", ".join(f"{c} {n}" for c, n in counts.items())
+            lines.append(f"{split} ({where}): {total} images in {len(counts)} classes: {per_class}")
+            ratio = imbalance(counts)
+            if ratio is not None:
+                lines.append(f"  imbalance (largest / smallest class): {ratio:.2f}")
+        for title, items in (("warnings", self.warnings), ("errors", self.errors)):
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines += ["  - " + item.replace("\n", "\n    ") for item in items]
+        if not self.errors:
+            lines.append("ok: no errors" + (f", {len(self.warnings)} warning(s)" if self.warnings else ""))
+        return "\n".join(lines)
+
+
+def imbalance(counts: dict[str, int]) -> float | None:
+    sizes = [n for n in counts.values() if n > 0]
+    return max(sizes) / min(sizes) if len(sizes) >= 2 else None
+
+
+def shown(items: list[str], n: int = SHOWN) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def imbalance_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
+    out = []
+    for split, per_class in counts.items():
+        ratio = imbalance(per_class)
+        if ratio is not None and ratio >= IMBALANCE_WARN_RATIO:
+            big = max(per_class, key=per_class.get)
+            small = min(per_class, key=per_class.get)
+            out.append(
+                f"{split}: classes are imbalanced {ratio:.1f}:1 ({big} {per_class[big]}, "
+                f"{small} {per_class[small]}); consider class weights or a balanced sampler"
+            )
+    return out
+
+
+def small_image_warning(samples: list[Sample], records: dict[str, FileRecord], min_size: int) -> list[str]:
+    small = [
+        f"{rel} ({records[rel].width}x{records[rel].height})"
+        for _, rel, _ in samples
+        if min(records[rel].width, records[rel].height) < min_size
+    ]
+    if not small:
+        return []
+    return [
+        f"{len(small)} image(s) smaller than {min_size} px on a side (data.min_image_size): {shown(small)}"
+    ]
+
+
+def duplicate_warnings(
+    samples: list[Sample], records: dict[str, FileRecord], class_names: list[str]
+) -> list[str]:
+    """Identical bytes twice: within a split (over-weighted, maybe mislabeled) or across splits
+    (leakage: the model is scored on images it trained on)."""
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        groups[records[sample[1]].sha256].append(sample)
+    within: dict[str, list[str]] = defaultdict(list)
+    conflicting: list[str] = []
+    across: list[str] = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        text = " = ".join(rel for _, rel, _ in group)
+        if len({split for split, _, _ in group}) > 1:
+            across.append(text)
+            continue
+        within[group[0][0]].append(text)
+        if len({target for _, _, target in group}) > 1:
+            labels = sorted({class_names[t] for _, _, t in group})
+            conflicting.append(f"{text} ({' vs '.join(labels)})")
+    out = [
+        f"{split}: {len(texts)} set(s) of identical files: {shown(texts)}" for split, texts in within.items()
+    ]
+    if conflicting:
+        out.append(f"identical files with different classes: {shown(conflicting)}")
+    if across:
+        out.append(
+            f"leakage: {len(across)} set(s) of identical files in more than one split "
+            f"(validation and test scores count them as unseen): {shown(across)}"
+        )
+    return out
+
+
+def carve_val(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A stratified (train, val) split of train's samples.
+
+    Each file's place follows from a hash of (seed, path), not from a shuffled list: adding or
+    removing one file moves at most that file, never reshuffles the rest."""
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for sample in train:
+        by_class[sample[2]].append(sample)
+    keep, val = [], []
+    for target in sorted(by_class):
+        members = sorted(by_class[target], key=lambda s: hashlib.sha256(f"{seed}:{s[1]}".encode()).digest())
+        n_val = round(len(members) * fraction)
+        n_val = min(max(n_val, 1), len(members) - 1)  # one of each class on both sides when possible
+        val += members[:n_val]
+        keep += members[n_val:]
+    return sorted(keep, key=lambda s: s[1]), sorted(val, key=lambda s: s[1])
+
+
+def fingerprint(samples: dict[str, list[Sample]], records: dict[str, FileRecord], class_names: list[str]):
+    """Per split: file count, bytes and one sha256 over (path, size, content hash, class)."""
+    out = {}
+    for split, items in samples.items():
+        digest = hashlib.sha256()
+        for _, rel, target in sorted(items, key=lambda s: s[1]):
+            r = records[rel]
+            digest.update(f"{rel}\t{r.size}\t{r.sha256}\t{class_names[target]}\n".encode())
+        out[split] = {
+            "files": len(items),
+            "bytes": sum(records[rel].size for _, rel, _ in items),
+            "sha256": digest.hexdigest(),
+        }
+    return {"splits": out}
+
+
+def fingerprint_changes(recorded: dict | None, current: dict) -> list[str]:
+    """What differs between a checkpoint's data fingerprint and today's tree, one line per split."""
+    if not recorded or "splits" not in recorded:
+        return []
+    changes = []
+    for split, now in current["splits"].items():
+        then = recorded["splits"].get(split)
+        if then is None:
+            changes.append(f"{split}: not in the recorded data")
+        elif then["sha256"] != now["sha256"]:
+            changes.append(
+                f"{split}: changed since the checkpoint ({then['files']} -> {now['files']} files, "
+                f"{then['bytes']:,} -> {now['bytes']:,} bytes)"
+            )
+    changes += [
+        f"{s}: in the recorded data, missing now" for s in recorded["splits"] if s not in current["splits"]
+    ]
+    return changes

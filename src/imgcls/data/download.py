@@ -1,0 +1,149 @@
+"""Fetch a zipped data tree: resumable (HTTP Range), checksum-verified when a sha256 is given."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from loguru import logger
+
+from imgcls.data.loading import DataError
+from imgcls.log import is_terminal
+
+CHUNK = 1 << 20
+
+
+def fetch_tree(root: Path, url: str, sha256: str | None = None, archive_folder: str | None = None) -> None:
+    """Download url (a zip) next to root, verify it, unpack it, and move its archive_folder to root.
+
+    An interrupted download leaves <root>.zip.part, which the next call resumes."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    part = root.with_name(root.name + ".zip.part")
+    try:
+        download(url, part)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(
+            f"data.root={str(root)!r} does not exist and downloading {url} failed ({reason}). "
+            f"On a machine with internet, download {url}, unzip it, and put its "
+            f"{archive_folder or 'top'} folder at {root.resolve()} (or point data.root at it). "
+            + (
+                f"The {part.stat().st_size:,} bytes fetched so far in {part} resume on the next run."
+                if part.exists()
+                else ""
+            )
+        ) from exc
+    if sha256:
+        actual = file_sha256(part)
+        if actual != sha256.lower():
+            part.unlink()  # a wrong file would resume into a wrong file forever: start over next time
+            raise DataError(
+                f"{url}: sha256 {actual} does not match data.download.sha256={sha256}; the download "
+                "was deleted. Retry, or check the expected checksum."
+            )
+    else:
+        logger.warning(f"{url}: no data.download.sha256 set, the archive is not verified")
+    unpack(part, root, archive_folder)
+    part.unlink()
+
+
+def download(url: str, part: Path, timeout: float = 30) -> None:
+    """Append to part from where it ends (HTTP Range); restart from zero if the server ignores it."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left to fetch: the part is complete
+            return
+        raise
+    with response:
+        resumed = have > 0 and response.status == 206
+        if have and not resumed:
+            logger.info(f"{url}: the server does not resume downloads; starting over")
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if resumed else "wb") as f, _bar(url, total, have) as advance:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                advance(len(chunk))
+    if total is not None and part.stat().st_size != total:
+        raise OSError(f"connection closed after {part.stat().st_size:,} of {total:,} bytes")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unpack(archive: Path, root: Path, archive_folder: str | None) -> None:
+    """Extract into a temp folder beside root, then rename: root appears whole or not at all."""
+    tmp = root.with_name(f".{root.name}.unpack-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
+    except zipfile.BadZipFile as exc:
+        archive.unlink()
+        raise DataError(
+            f"{archive} is not a zip file ({exc}); deleted it, the next run downloads again"
+        ) from exc
+    source = tmp / archive_folder if archive_folder else tmp
+    if not source.is_dir():
+        found = ", ".join(sorted(p.name for p in tmp.iterdir())) or "nothing"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"{archive} holds {found}, not the folder {archive_folder!r} (data.download.archive_folder)"
+        )
+    os.rename(source, root)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _bar:
+    """A rich progress bar on a terminal; a log line every 10% elsewhere."""
+
+    def __init__(self, url: str, total: int | None, done: int):
+        self.url, self.total, self.done = url, total, done
+        self.next_log = 0.1
+        self.progress = None
+
+    def __enter__(self):
+        if self.done:
+            logger.info(f"{self.url}: resuming after {self.done:,} bytes")
+        if is_terminal():
+            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+            from imgcls.log import _console
+
+            self.progress = Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
+                                     console=_console, transient=True)  # fmt: skip
+            self.progress.start()
+            self.task = self.progress.add_task(
+                f"download {Path(self.url).name}", total=self.total, completed=self.done
+            )
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress.update(self.task, advance=n)
+        elif self.total and self.done / self.total >= self.next_log:
+            logger.info(
+                f"{self.url}: {self.done:,} of {self.total:,} bytes ({100 * self.done / self.total:.0f}%)"
+            )
+            self.next_log = self.done / self.total + 0.1
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False

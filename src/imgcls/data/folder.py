@@ -1,0 +1,304 @@
+"""An ImageFolder tree <root>/<split>/<class>/<image>: list it, check it, split it, load it."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from imgcls.data import check
+from imgcls.data.images import DEFAULT_MAX_PIXELS
+from imgcls.data.loading import DataError, ImageDataset
+from imgcls.data.scan import scan_files
+from imgcls.sampling import EpochSampler, EpochSeeded, worker_init
+
+ON_BAD_IMAGE = ("error", "skip")
+
+
+def _visible(name: str) -> bool:
+    # .ipynb_checkpoints, .DS_Store, .git and friends are never classes or samples
+    return not name.startswith(".")
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
+
+
+def scan_class(class_dir: Path, extensions: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """All image files below class_dir (sorted, recursive), and the files skipped for their suffix."""
+    keep, skipped = [], []
+    exts = {e.lower() for e in extensions}
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        for name in sorted(filenames):
+            if not _visible(name):
+                continue
+            path = Path(dirpath) / name
+            (keep if path.suffix.lower() in exts else skipped).append(path)
+    return keep, skipped
+
+
+class ImageFolderData:
+    """A tree <root>/<split>/<class>/<image>; the class list comes from the train split.
+
+    setup() checks the whole tree before anything trains; its findings are in `report`."""
+
+    required_splits = ("train", "val")
+
+    def __init__(
+        self,
+        root: str,
+        splits: Mapping[str, str],
+        batch_size: int,
+        num_workers: int = 0,
+        extensions: Sequence[str] = (".jpg", ".jpeg", ".png"),
+        exclude: Sequence[str] = (),
+        on_bad_image: str = "error",
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        min_image_size: int = 32,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
+        split_file: str | None = None,
+        download: Mapping[str, Any] | None = None,
+    ):
+        if batch_size < 1:
+            raise DataError(f"data.batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise DataError(f"data.num_workers must be 0 or more, got {num_workers}")
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise DataError(
+                f"data.on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}"
+            )
+        if max_image_pixels < 1:
+            raise DataError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
+        if val_fraction is not None and not 0 < val_fraction < 1:
+            raise DataError(
+                f"data.val_fraction must be between 0 and 1 (e.g. 0.2), or null; got {val_fraction}"
+            )
+        self.root = Path(root)
+        self.split_dirs = dict(splits)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.extensions = list(extensions)
+        self.exclude = list(exclude)
+        self.on_bad_image = on_bad_image
+        self.max_pixels = max_image_pixels
+        self.min_image_size = min_image_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.split_file = Path(split_file) if split_file else None
+        self.download = dict(download) if download else None
+        self.class_names: list[str] = []
+        self.samples: dict[str, list[tuple[str, int]]] = {}
+        self.skipped: dict[str, list[Path]] = {}  # files left out for their suffix, per split
+        self.report = check.DataReport(str(self.root))
+        self.fingerprint: dict[str, Any] = {}
+        self.carved: dict[str, Any] | None = None  # the val split drawn from train, when val_fraction
+
+    def prepare(self) -> None:
+        """Make the tree available: fetch it when a download is configured, else check it is there."""
+        if not self.root.is_dir() and self.download:
+            from imgcls.data.download import fetch_tree
+
+            fetch_tree(root=self.root, **self.download)
+        if not self.root.is_dir():
+            raise DataError(
+                f"data.root={str(self.root)!r} is not a folder (resolved: {self.root.resolve()}). "
+                "Point data.root at a folder holding train/ and val/ class folders."
+            )
+
+    def setup(self) -> None:
+        """List, decode and check every split; raise DataError listing everything that is wrong."""
+        self.prepare()
+        report = self.report = check.DataReport(str(self.root))
+        present = {s: self.root / d for s, d in self.split_dirs.items() if (self.root / d).is_dir()}
+        carve = self.val_fraction is not None
+        required = ("train",) if carve else self.required_splits
+        missing = [f"{self.split_dirs[s]}/" for s in required if s not in present]
+        if missing:
+            found = sorted(e.name + "/" for e in os.scandir(self.root) if e.is_dir()) or ["nothing"]
+            hint = "" if carve else " With no val/ folder, data.val_fraction=0.2 carves one out of train."
+            raise DataError(
+                f"{self.root}: missing split folder(s) {', '.join(missing)}; found {', '.join(found)}. "
+                f"Each split needs one folder per class (set data.splits.<split> to rename a split).{hint}"
+            )
+        if carve and "val" in present:
+            raise DataError(
+                f"data.val_fraction={self.val_fraction} carves val out of train, but {present['val']} "
+                "exists: drop data.val_fraction to use that folder, or rename it."
+            )
+        self.class_names = find_classes(present["train"])
+        if len(self.class_names) < 2:
+            raise DataError(
+                f"{present['train']}: found {len(self.class_names)} class folder(s), need at least 2 "
+                "(one folder per class, holding its images)."
+            )
+        listed = self._list(present, report)
+        scan = scan_files(self.root, [p for files in listed.values() for _, p in files], self.max_pixels)
+        records = scan.records
+        report.scanned = (
+            f"{len(records)} files ({scan.decoded} decoded, {scan.cached} from cache) in {scan.seconds:.1f} s"
+        )
+        bad = [(rel, r.error) for rel, r in records.items() if r.error]
+        if bad and self.on_bad_image == "error":
+            report.errors.append(
+                f"{len(bad)} file(s) cannot be used (set data.on_bad_image=skip to leave them out):\n"
+                + "\n".join(f"{rel}: {error}" for rel, error in bad)
+            )
+        elif bad:
+            report.skipped_bad = len(bad)
+            report.warnings.append(
+                f"skipped {len(bad)} unreadable file(s) (data.on_bad_image=skip): "
+                + check.shown([f"{rel} ({error})" for rel, error in bad])
+            )
+        samples: dict[str, list[check.Sample]] = {}
+        for split, files in listed.items():
+            samples[split] = []
+            for target, path in files:
+                rel = path.relative_to(self.root).as_posix()
+                if not records[rel].error:
+                    samples[split].append((split, rel, target))
+            for target, name in enumerate(self.class_names):
+                total = sum(1 for t, _ in files if t == target)
+                if (present[split] / name).is_dir() and not any(s[2] == target for s in samples[split]):
+                    why = (
+                        f"all {total} unreadable"
+                        if total
+                        else f"none with suffix {', '.join(self.extensions)}"
+                    )
+                    report.errors.append(f"{present[split] / name}: no usable image ({why})")
+        if carve and not report.errors:
+            samples["train"], samples["val"] = self._carve(samples["train"], report)
+        self._warn(samples, records, report)
+        report.folders = {s: self.split_dirs[s] if s in present else "" for s in samples}
+        report.counts = {
+            split: {name: sum(1 for s in items if s[2] == t) for t, name in enumerate(self.class_names)}
+            for split, items in samples.items()
+        }
+        if report.errors:
+            raise DataError(f"the data tree {self.root} has problems:\n  " + "\n  ".join(report.errors))
+        self.samples = {
+            split: [(str(self.root / rel), target) for _, rel, target in items]
+            for split, items in samples.items()
+        }
+        self.fingerprint = check.fingerprint(samples, records, self.class_names)
+
+    def _list(self, present: dict[str, Path], report: check.DataReport) -> dict[str, list[tuple[int, Path]]]:
+        """(class index, path) of every candidate file per split; structural problems go to report."""
+        listed: dict[str, list[tuple[int, Path]]] = {}
+        excluded = 0
+        for split, split_dir in present.items():
+            classes = find_classes(split_dir)
+            lacking = sorted(set(self.class_names) - set(classes))
+            extra = sorted(set(classes) - set(self.class_names))
+            if lacking:
+                report.errors.append(f"{split_dir}: missing class folder(s) {', '.join(lacking)}")
+            if extra:
+                report.errors.append(f"{split_dir}: class folder(s) not in train: {', '.join(extra)}")
+            listed[split], self.skipped[split] = [], []
+            for target, name in enumerate(self.class_names):
+                if name not in classes:
+                    continue
+                files, odd = scan_class(split_dir / name, self.extensions)
+                for path in files:
+                    rel = path.relative_to(self.root).as_posix()
+                    if any(fnmatch.fnmatchcase(rel, pattern) for pattern in self.exclude):
+                        excluded += 1
+                    else:
+                        listed[split].append((target, path))
+                self.skipped[split] += odd
+        not_images = [p.relative_to(self.root).as_posix() for files in self.skipped.values() for p in files]
+        if not_images:
+            report.warnings.append(
+                f"skipped {len(not_images)} file(s) that are not images by suffix: {check.shown(not_images)}"
+            )
+        if excluded:
+            report.warnings.append(f"left out {excluded} file(s) matching data.exclude {self.exclude}")
+        return listed
+
+    def _carve(self, train: list[check.Sample], report: check.DataReport):
+        if self.split_file is None:
+            kept, val = check.carve_val(train, self.val_fraction, self.split_seed)
+        else:  # the split an earlier run drew: evaluate and resume must see exactly the same files
+            try:
+                recorded = json.loads(self.split_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise DataError(f"data.split_file={str(self.split_file)!r} cannot be read: {exc}") from exc
+            by_rel = {s[1]: s for s in train}
+            lost = [rel for rel in recorded["train"] + recorded["val"] if rel not in by_rel]
+            if lost:
+                report.errors.append(
+                    f"{len(lost)} file(s) of the recorded split {self.split_file} are gone: {check.shown(lost)}"
+                )
+            kept = [by_rel[rel] for rel in recorded["train"] if rel in by_rel]
+            val = [("val", *by_rel[rel][1:]) for rel in recorded["val"] if rel in by_rel]
+            new = len(train) - len(kept) - len(val)
+            if new > 0:
+                report.warnings.append(f"{new} file(s) in train are not in {self.split_file}: left out")
+        val = [("val", rel, target) for _, rel, target in val]
+        self.carved = {
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "train": [rel for _, rel, _ in kept],
+            "val": [rel for _, rel, _ in val],
+        }
+        return kept, val
+
+    def _warn(self, samples, records, report: check.DataReport) -> None:
+        everything = [s for items in samples.values() for s in items]
+        counts = {
+            split: {name: sum(1 for s in items if s[2] == t) for t, name in enumerate(self.class_names)}
+            for split, items in samples.items()
+        }
+        report.warnings += check.imbalance_warnings(counts)
+        report.warnings += check.small_image_warning(everything, records, self.min_image_size)
+        report.warnings += check.duplicate_warnings(everything, records, self.class_names)
+
+    def write_split(self, path: Path) -> None:
+        """Record the carved val split (file lists), so evaluate and resume reuse it: data.split_file."""
+        if self.carved is not None:
+            Path(path).write_text(json.dumps(self.carved, indent=1) + "\n")
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """Plain entries for every checkpoint: the data fingerprint, and the carved split if any."""
+        return {"data_fingerprint": self.fingerprint, "data_split": self.carved}
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.samples)
+
+    def dataset(self, split: str, transform: Callable | None = None) -> ImageDataset:
+        return ImageDataset(self.samples[split], transform, self.max_pixels)
+
+    def loader(
+        self,
+        split: str,
+        transform: Callable | None,
+        *,
+        train: bool,
+        seed: int = 0,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ) -> DataLoader:
+        """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch."""
+        dataset = EpochSeeded(self.dataset(split, transform), seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world),
+            # a last batch of one sample breaks BatchNorm in training; evaluation sees every sample
+            drop_last=train and len(dataset) > self.batch_size * world,
+            num_workers=self.num_workers,
+            pin_memory=pin_memory,
+            # fresh workers each epoch copy the dataset, and with it the epoch that set_epoch set
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=worker_init,
+        )

@@ -1,0 +1,118 @@
+"""Hash and decode every file of a tree once, cached per tree and revalidated by size and mtime."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgcls.data.images import BadImageError, load_image
+
+CACHE_VERSION = 1  # bump when what a record means changes: old caches are then ignored
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    mtime_ns: int
+    sha256: str
+    width: int = 0
+    height: int = 0
+    error: str | None = None  # why the file cannot be used, or None for a good image
+
+
+def cache_dir() -> Path:
+    """$IMGCLS_CACHE_DIR, else $XDG_CACHE_HOME/imgcls, else ~/.cache/imgcls (never the data tree,
+    which may be read-only or shared)."""
+    if os.environ.get("IMGCLS_CACHE_DIR"):
+        return Path(os.environ["IMGCLS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgcls"
+
+
+def cache_file(root: Path) -> Path:
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:20]
+    return cache_dir() / "scan" / f"{key}.json"
+
+
+def inspect_file(path: Path, max_pixels: int) -> FileRecord:
+    """Read once: hash the bytes, then decode them exactly as training will."""
+    stat = path.stat()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, a broken network mount: the file is unusable, say why
+        return FileRecord(stat.st_size, stat.st_mtime_ns, "", error=f"cannot read: {exc.strerror or exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image = load_image(io.BytesIO(data), max_pixels)
+    except BadImageError as exc:
+        return FileRecord(stat.st_size, stat.st_mtime_ns, digest, error=str(exc))
+    return FileRecord(stat.st_size, stat.st_mtime_ns, digest, image.width, image.height)
+
+
+@dataclass
+class ScanResult:
+    records: dict[str, FileRecord]  # by path relative to the root, with / separators
+    decoded: int  # files read and decoded now
+    cached: int  # files whose cached record was still valid
+    seconds: float
+
+
+def scan_files(root: Path, paths: Iterable[Path], max_pixels: int, workers: int | None = None) -> ScanResult:
+    """A record per path; only files new or changed (size, mtime) since the last scan are read."""
+    start = time.perf_counter()
+    cache_path = cache_file(root)
+    cached = _read_cache(cache_path, max_pixels)
+    records: dict[str, FileRecord] = {}
+    todo: list[tuple[str, Path]] = []
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        old = cached.get(rel)
+        stat = path.stat()
+        if old is not None and old.size == stat.st_size and old.mtime_ns == stat.st_mtime_ns:
+            records[rel] = old
+        else:
+            todo.append((rel, path))
+    if todo:
+        # Pillow's decoders and hashlib release the GIL: threads scale without pickling anything
+        workers = workers or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            for (rel, _), record in zip(
+                todo, pool.map(lambda t: inspect_file(t[1], max_pixels), todo), strict=True
+            ):
+                records[rel] = record
+        _write_cache(cache_path, root, max_pixels, records)  # files gone from the tree drop out
+    return ScanResult(records, len(todo), len(records) - len(todo), time.perf_counter() - start)
+
+
+def _read_cache(path: Path, max_pixels: int) -> dict[str, FileRecord]:
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("version") != CACHE_VERSION or payload.get("max_pixels") != max_pixels:
+            return {}  # the pixel limit decides which files are refused: rescan under the new one
+        return {rel: FileRecord(*fields) for rel, fields in payload["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # missing, unreadable or from another version: a full scan rebuilds it
+
+
+def _write_cache(path: Path, root: Path, max_pixels: int, records: dict[str, FileRecord]) -> None:
+    payload = {
+        "version": CACHE_VERSION,
+        "root": str(root.resolve()),
+        "max_pixels": max_pixels,
+        "files": {
+            rel: [r.size, r.mtime_ns, r.sha256, r.width, r.height, r.error] for rel, r in records.items()
+        },
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(payload, separators=(",", ":")))
+        os.replace(tmp, path)  # a concurrent run reads the old cache or the new one, never half
+    except OSError:
+        pass  # a read-only cache folder costs the next run a rescan, nothing else
