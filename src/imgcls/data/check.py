@@ -33,7 +33,7 @@ class DataReport:
         """One line for summary.txt."""
         parts = [self.scanned]
         if self.skipped_bad:
-            parts.append(f"skipped {self.skipped_bad} unreadable file(s)")
+            parts.append(f"skipped {self.skipped_bad} unreadable file(s) (data.on_bad_image=skip)")
         parts.append(f"{len(self.warnings)} warning(s)")
         return "; ".join(parts)
 

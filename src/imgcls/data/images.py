@@ -42,8 +42,8 @@ def load_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXE
         if _is_empty(source):
             raise BadImageError("empty file (0 bytes)") from exc
         raise BadImageError("not an image: no image format recognizes its content") from exc
-    except OSError as exc:
-        raise BadImageError(f"cannot open: {exc}") from exc
+    except OSError as exc:  # e.g. a header cut short
+        raise BadImageError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
     with opened as im:
         width, height = im.size
         if width * height > max_pixels:
