@@ -175,6 +175,7 @@ class ImageFolderData:
                     report.errors.append(f"{present[split] / name}: no usable image ({why})")
         if carve and not report.errors:
             samples["train"], samples["val"] = self._carve(samples["train"], report)
+            samples = {s: samples[s] for s in self.split_dirs if s in samples}  # train, val, test
         self._warn(samples, records, report)
         report.folders = {s: self.split_dirs[s] if s in present else "" for s in samples}
         report.counts = {
