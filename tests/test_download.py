@@ -33,7 +33,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         body = payload[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body[: self.server.cut])  # cut: the connection drops after that many bytes
 
     def log_message(self, *args):
         pass
@@ -50,6 +50,7 @@ def server(tmp_path: Path):
     httpd.payload = archive.read_bytes()
     httpd.requests = []
     httpd.ranges = True
+    httpd.cut = None
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/mini_data.zip"
     httpd.sha256 = hashlib.sha256(httpd.payload).hexdigest()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -79,6 +80,19 @@ def test_partial_download_resumes_with_a_range_request(tmp_path: Path, server):
     fetch_tree(root, server.url, server.sha256, "mini_data")
     assert server.requests == ["bytes=1000-"]
     assert (root / "train" / "cat" / "cat_000.jpg").is_file() and not part.exists()
+
+
+def test_an_interrupted_download_resumes_on_the_next_run(tmp_path: Path, server):
+    server.cut = 1500
+    root = tmp_path / "mini_data"
+    with pytest.raises(
+        DataError, match="The 1,500 bytes fetched so far in .*mini_data.zip.part resume on the next run"
+    ):
+        fetch_tree(root, server.url, server.sha256, "mini_data")
+    server.cut = None
+    fetch_tree(root, server.url, server.sha256, "mini_data")
+    assert server.requests == [None, "bytes=1500-"]
+    assert (root / "train" / "cat" / "cat_000.jpg").is_file()
 
 
 def test_a_server_without_range_support_restarts_from_zero(tmp_path: Path, server):

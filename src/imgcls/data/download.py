@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import urllib.error
@@ -27,17 +28,17 @@ def fetch_tree(root: Path, url: str, sha256: str | None = None, archive_folder: 
     part = root.with_name(root.name + ".zip.part")
     try:
         download(url, part)
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
+        resume = (
+            f" The {part.stat().st_size:,} bytes fetched so far in {part} resume on the next run."
+            if part.exists()
+            else ""
+        )
         raise DataError(
             f"data.root={str(root)!r} does not exist and downloading {url} failed ({reason}). "
             f"On a machine with internet, download {url}, unzip it, and put its "
-            f"{archive_folder or 'top'} folder at {root.resolve()} (or point data.root at it). "
-            + (
-                f"The {part.stat().st_size:,} bytes fetched so far in {part} resume on the next run."
-                if part.exists()
-                else ""
-            )
+            f"{archive_folder or 'top'} folder at {root.resolve()} (or point data.root at it).{resume}"
         ) from exc
     if sha256:
         actual = file_sha256(part)
