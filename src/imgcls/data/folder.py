@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,24 +165,24 @@ class ImageFolderData:
                 rel = path.relative_to(self.root).as_posix()
                 if not records[rel].error:
                     samples[split].append((split, rel, target))
+            listed_per_class = Counter(t for t, _ in files)
+            usable_per_class = Counter(s[2] for s in samples[split])
             for target, name in enumerate(self.class_names):
-                total = sum(1 for t, _ in files if t == target)
-                if (present[split] / name).is_dir() and not any(s[2] == target for s in samples[split]):
-                    why = (
-                        f"all {total} unreadable"
-                        if total
-                        else f"none with suffix {', '.join(self.extensions)}"
-                    )
-                    report.errors.append(f"{present[split] / name}: no usable image ({why})")
+                if (present[split] / name).is_dir() and not usable_per_class[target]:
+                    if listed_per_class[target]:
+                        report.errors.append(
+                            f"{present[split] / name}: no usable image (all {listed_per_class[target]} unreadable)"
+                        )
+                    else:
+                        report.errors.append(
+                            f"{present[split] / name}: no image files ({', '.join(self.extensions)})"
+                        )
         if carve and not report.errors:
             samples["train"], samples["val"] = self._carve(samples["train"], report)
             samples = {s: samples[s] for s in self.split_dirs if s in samples}  # train, val, test
         self._warn(samples, records, report)
         report.folders = {s: self.split_dirs[s] if s in present else "" for s in samples}
-        report.counts = {
-            split: {name: sum(1 for s in items if s[2] == t) for t, name in enumerate(self.class_names)}
-            for split, items in samples.items()
-        }
+        report.counts = self._counts(samples)
         if report.errors:
             raise DataError(f"the data tree {self.root} has problems:\n  " + "\n  ".join(report.errors))
         self.samples = {
@@ -253,13 +254,15 @@ class ImageFolderData:
 
     def _warn(self, samples, records, report: check.DataReport) -> None:
         everything = [s for items in samples.values() for s in items]
-        counts = {
-            split: {name: sum(1 for s in items if s[2] == t) for t, name in enumerate(self.class_names)}
-            for split, items in samples.items()
-        }
-        report.warnings += check.imbalance_warnings(counts)
+        report.warnings += check.imbalance_warnings(self._counts(samples))
         report.warnings += check.small_image_warning(everything, records, self.min_image_size)
         report.warnings += check.duplicate_warnings(everything, records, self.class_names)
+
+    def _counts(self, samples: dict[str, list[check.Sample]]) -> dict[str, dict[str, int]]:
+        per_split = {split: Counter(s[2] for s in items) for split, items in samples.items()}
+        return {
+            split: {name: c[t] for t, name in enumerate(self.class_names)} for split, c in per_split.items()
+        }
 
     def write_split(self, path: Path) -> None:
         """Record the carved val split (file lists), so evaluate and resume reuse it: data.split_file."""
