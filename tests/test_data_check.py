@@ -185,6 +185,15 @@ def test_val_fraction_carves_a_seeded_stratified_split(tmp_path: Path):
     reused.setup()
     assert reused.samples == d.samples
     assert "1 file(s) in train are not in" in "\n".join(reused.report.warnings)
+    # a recorded file that is gone is an error; an unreadable record is named
+    (root / "train" / "dog" / "dog_000.jpg").unlink()
+    with pytest.raises(
+        DataError, match=r"1 file\(s\) of the recorded split .* are gone: train/dog/dog_000.jpg"
+    ):
+        data(root, val_fraction=0.2, split_seed=3, split_file=str(tmp_path / "data_split.json")).setup()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match=r"data.split_file='.*bad.json' is not a readable data_split.json"):
+        data(root, val_fraction=0.2, split_file=str(tmp_path / "bad.json")).setup()
     with pytest.raises(DataError, match="carves val out of train, but"):
         data(make_tree(tmp_path / "u"), val_fraction=0.2).setup()
     with pytest.raises(DataError, match="data.val_fraction must be between 0 and 1"):
@@ -215,6 +224,8 @@ def test_scan_is_cached_outside_the_tree_and_revalidated(tmp_path: Path, monkeyp
     changes = fingerprint_changes(first.fingerprint, third.fingerprint)
     assert changes == ["train: changed since the checkpoint (24 -> 23 files, " + changes[0].split(", ", 1)[1]]
     assert fingerprint_changes(first.fingerprint, second.fingerprint) == []
+    assert third.changes_since({"data_fingerprint": first.fingerprint}) == changes  # resume, evaluate
+    assert third.changes_since({}) == []  # a checkpoint from before fingerprints: nothing to compare
     # a different pixel limit decides differently: everything is rescanned
     fourth = data(root, max_image_pixels=100)
     with pytest.raises(DataError, match="48 file"):

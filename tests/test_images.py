@@ -58,6 +58,24 @@ def test_cmyk_jpeg_keeps_its_colors(tmp_path: Path):
     assert close(load_image(tmp_path / "c.jpg"), RED, tol=8)
 
 
+def test_cmyk_with_an_unusable_profile_falls_back_to_the_plain_conversion(tmp_path: Path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()  # not a CMYK profile
+    solid(RED).convert("CMYK").save(tmp_path / "c.jpg", quality=95, icc_profile=srgb)
+    assert Image.open(tmp_path / "c.jpg").info["icc_profile"]
+    assert close(load_image(tmp_path / "c.jpg"), RED, tol=8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_sixteen_bit_is_scaled_not_clipped_to_white(tmp_path: Path, suffix):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / f"d{suffix}")
+    assert Image.open(tmp_path / f"d{suffix}").mode == "I;16"
+    got = pixels(load_image(tmp_path / f"d{suffix}"))[0, :, 0]
+    assert got.tolist() == [0, 1, 128, 255]
+
+
 def test_sixteen_bit_png_is_scaled_not_clipped_to_white(tmp_path: Path):
     values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "d.png")

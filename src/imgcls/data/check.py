@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -126,57 +125,3 @@ def duplicate_warnings(
             f"(validation and test scores count them as unseen): {shown(across)}"
         )
     return out
-
-
-def carve_val(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A stratified (train, val) split of train's samples.
-
-    Each file's place follows from a hash of (seed, path), not from a shuffled list: adding or
-    removing one file moves at most that file, never reshuffles the rest."""
-    by_class: dict[int, list[Sample]] = defaultdict(list)
-    for sample in train:
-        by_class[sample[2]].append(sample)
-    keep, val = [], []
-    for target in sorted(by_class):
-        members = sorted(by_class[target], key=lambda s: hashlib.sha256(f"{seed}:{s[1]}".encode()).digest())
-        n_val = round(len(members) * fraction)
-        n_val = min(max(n_val, 1), len(members) - 1)  # one of each class on both sides when possible
-        val += members[:n_val]
-        keep += members[n_val:]
-    return sorted(keep, key=lambda s: s[1]), sorted(val, key=lambda s: s[1])
-
-
-def fingerprint(samples: dict[str, list[Sample]], records: dict[str, FileRecord], class_names: list[str]):
-    """Per split: file count, bytes and one sha256 over (path, size, content hash, class)."""
-    out = {}
-    for split, items in samples.items():
-        digest = hashlib.sha256()
-        for _, rel, target in sorted(items, key=lambda s: s[1]):
-            r = records[rel]
-            digest.update(f"{rel}\t{r.size}\t{r.sha256}\t{class_names[target]}\n".encode())
-        out[split] = {
-            "files": len(items),
-            "bytes": sum(records[rel].size for _, rel, _ in items),
-            "sha256": digest.hexdigest(),
-        }
-    return {"splits": out}
-
-
-def fingerprint_changes(recorded: dict | None, current: dict) -> list[str]:
-    """What differs between a checkpoint's data fingerprint and today's tree, one line per split."""
-    if not recorded or "splits" not in recorded:
-        return []
-    changes = []
-    for split, now in current["splits"].items():
-        then = recorded["splits"].get(split)
-        if then is None:
-            changes.append(f"{split}: not in the recorded data")
-        elif then["sha256"] != now["sha256"]:
-            changes.append(
-                f"{split}: changed since the checkpoint ({then['files']} -> {now['files']} files, "
-                f"{then['bytes']:,} -> {now['bytes']:,} bytes)"
-            )
-    changes += [
-        f"{s}: in the recorded data, missing now" for s in recorded["splits"] if s not in current["splits"]
-    ]
-    return changes

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from imgcls.data import check
+from imgcls.data import check, splits
 from imgcls.data.images import DEFAULT_MAX_PIXELS
 from imgcls.data.loading import DataError, ImageDataset
 from imgcls.data.scan import scan_files
@@ -144,7 +144,7 @@ class ImageFolderData:
         scan = scan_files(self.root, [p for files in listed.values() for _, p in files], self.max_pixels)
         records = scan.records
         report.scanned = (
-            f"{len(records)} files ({scan.decoded} decoded, {scan.cached} from cache) in {scan.seconds:.1f} s"
+            f"{len(records)} files ({scan.decoded} decoded, {scan.cached} from cache) in {scan.seconds:.2f} s"
         )
         bad = [(rel, r.error) for rel, r in records.items() if r.error]
         if bad and self.on_bad_image == "error":
@@ -189,7 +189,7 @@ class ImageFolderData:
             split: [(str(self.root / rel), target) for _, rel, target in items]
             for split, items in samples.items()
         }
-        self.fingerprint = check.fingerprint(samples, records, self.class_names)
+        self.fingerprint = splits.fingerprint(samples, records, self.class_names)
 
     def _list(self, present: dict[str, Path], report: check.DataReport) -> dict[str, list[tuple[int, Path]]]:
         """(class index, path) of every candidate file per split; structural problems go to report."""
@@ -226,23 +226,9 @@ class ImageFolderData:
 
     def _carve(self, train: list[check.Sample], report: check.DataReport):
         if self.split_file is None:
-            kept, val = check.carve_val(train, self.val_fraction, self.split_seed)
-        else:  # the split an earlier run drew: evaluate and resume must see exactly the same files
-            try:
-                recorded = json.loads(self.split_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise DataError(f"data.split_file={str(self.split_file)!r} cannot be read: {exc}") from exc
-            by_rel = {s[1]: s for s in train}
-            lost = [rel for rel in recorded["train"] + recorded["val"] if rel not in by_rel]
-            if lost:
-                report.errors.append(
-                    f"{len(lost)} file(s) of the recorded split {self.split_file} are gone: {check.shown(lost)}"
-                )
-            kept = [by_rel[rel] for rel in recorded["train"] if rel in by_rel]
-            val = [("val", *by_rel[rel][1:]) for rel in recorded["val"] if rel in by_rel]
-            new = len(train) - len(kept) - len(val)
-            if new > 0:
-                report.warnings.append(f"{new} file(s) in train are not in {self.split_file}: left out")
+            kept, val = splits.carve_val(train, self.val_fraction, self.split_seed)
+        else:
+            kept, val = splits.reuse_split(train, self.split_file, report)
         val = [("val", rel, target) for _, rel, target in val]
         self.carved = {
             "val_fraction": self.val_fraction,
@@ -272,6 +258,11 @@ class ImageFolderData:
     def checkpoint_entries(self) -> dict[str, Any]:
         """Plain entries for every checkpoint: the data fingerprint, and the carved split if any."""
         return {"data_fingerprint": self.fingerprint, "data_split": self.carved}
+
+    def changes_since(self, state: Mapping[str, Any]) -> list[str]:
+        """How today's tree differs from the one a checkpoint was trained on (empty: the same).
+        For resume and evaluate: warn with each line."""
+        return splits.fingerprint_changes(state.get("data_fingerprint"), self.fingerprint)
 
     @property
     def splits(self) -> list[str]:
