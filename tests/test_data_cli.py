@@ -72,9 +72,12 @@ def test_check_in_skip_mode_passes_with_warnings_and_caches(tmp_path: Path, mess
     assert "(0 decoded, 57 from cache)" in second.stdout
 
 
-def test_check_without_its_verb_shows_usage(tmp_path: Path):
+def test_check_without_its_verb_or_root_says_what_is_missing(tmp_path: Path):
     result = cli("imgcls.data", "data.root=x", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "usage: python -m imgcls.data check" in result.stderr
+    result = cli("imgcls.data", "check", "data=imagefolder", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: data.root is required: set it on the command line, data.root=..." in result.stderr
 
 
 def test_training_stops_before_the_model_on_bad_files(tmp_path: Path, messy: Path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from imgcls.errors import UserError
 
@@ -27,6 +27,12 @@ def check(cfg: DictConfig) -> None:
         finally:
             if data.report.scanned:  # counts and warnings, also when there are errors
                 print(data.report.text())
+    except MissingMandatoryValue as exc:
+        print(
+            f"error: {exc.full_key} is required: set it on the command line, {exc.full_key}=...",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except (UserError, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.data.images import BadImageError, load_image
+from imgcls.log import progress
 
 CACHE_VERSION = 1  # bump when what a record means changes: old caches are then ignored
 
@@ -81,11 +82,15 @@ def scan_files(root: Path, paths: Iterable[Path], max_pixels: int, workers: int 
     if todo:
         # Pillow's decoders and hashlib release the GIL: threads scale without pickling anything
         workers = workers or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool:
-            for (rel, _), record in zip(
-                todo, pool.map(lambda t: inspect_file(t[1], max_pixels), todo), strict=True
-            ):
+        # a bar on a terminal; elsewhere a line per tenth of a big first scan (ImageNet: an hour on 2 cores)
+        with (
+            ThreadPoolExecutor(workers) as pool,
+            progress("data check", len(todo), max(1000, len(todo) // 10)) as advance,
+        ):
+            results = pool.map(lambda t: inspect_file(t[1], max_pixels), todo)
+            for (rel, _), record in zip(todo, results, strict=True):
                 records[rel] = record
+                advance()
         _write_cache(cache_path, root, max_pixels, records)  # files gone from the tree drop out
     return ScanResult(records, len(todo), len(records) - len(todo), time.perf_counter() - start)
 
