@@ -237,6 +237,7 @@ def test_scan_is_cached_outside_the_tree_and_revalidated(tmp_path: Path, monkeyp
     [
         ({"on_bad_image": "ignore"}, "data.on_bad_image must be one of error, skip, got 'ignore'"),
         ({"max_image_pixels": 0}, "data.max_image_pixels must be at least 1"),
+        ({"split_file": "data_split.json"}, "data.split_file reuses a split carved by data.val_fraction"),
     ],
 )
 def test_bad_data_options_are_named(tmp_path: Path, kwargs, message):

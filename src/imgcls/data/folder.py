@@ -82,6 +82,8 @@ class ImageFolderData:
             raise DataError(
                 f"data.val_fraction must be between 0 and 1 (e.g. 0.2), or null; got {val_fraction}"
             )
+        if split_file and val_fraction is None:
+            raise DataError("data.split_file reuses a split carved by data.val_fraction: set that too")
         self.root = Path(root)
         self.split_dirs = dict(splits)
         self.batch_size = batch_size
@@ -184,7 +186,8 @@ class ImageFolderData:
         report.folders = {s: self.split_dirs[s] if s in present else "" for s in samples}
         report.counts = self._counts(samples)
         if report.errors:
-            raise DataError(f"the data tree {self.root} has problems:\n  " + "\n  ".join(report.errors))
+            problems = "\n  ".join(e.replace("\n", "\n    ") for e in report.errors)
+            raise DataError(f"the data tree {self.root} has problems:\n  {problems}")
         self.samples = {
             split: [(str(self.root / rel), target) for _, rel, target in items]
             for split, items in samples.items()
