@@ -46,9 +46,16 @@ def test_check_lists_every_bad_file_and_exits_2(tmp_path: Path, messy: Path):
     args = ["check", "data=imagefolder", f"data.root={messy}", "data.max_image_pixels=5000"]
     result = cli("imgcls.data", *args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "error: the data tree" in result.stderr and "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        f"error: 1 problem(s) in {messy} (listed above); training would stop before it starts"
+        in result.stderr
+    )
+    assert "errors (1):\n  - 4 file(s) cannot be used (set data.on_bad_image=skip" in result.stdout
     for name, reason in BAD.items():
-        assert f"train/cat/{name}: " in result.stderr and reason in result.stderr
+        assert re.search(rf"^    train/cat/{re.escape(name)}: .*{re.escape(reason)}", result.stdout, re.M), (
+            name
+        )
     # the report still shows what the check found
     assert "train (train/): 29 images in 3 classes: cat 13, dog 8, fox 8" in result.stdout
     assert "val (val/): 12 images in 3 classes: cat 4, dog 4, fox 4" in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -22,20 +23,25 @@ def check(cfg: DictConfig) -> None:
 
     try:
         data = build_data(cfg.data)
-        try:
-            data.setup()
-        finally:
-            if data.report.scanned:  # counts and warnings, also when there are errors
-                print(data.report.text())
     except MissingMandatoryValue as exc:
-        print(
-            f"error: {exc.full_key} is required: set it on the command line, {exc.full_key}=...",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        fail(f"{exc.full_key} is required: set it on the command line, {exc.full_key}=...")
     except (UserError, OmegaConfBaseException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exc))
+    try:
+        data.setup()
+    except UserError as exc:
+        if not data.report.errors:  # stopped before the scan (no root, no train/): nothing to report
+            fail(str(exc))
+    print(data.report.text())
+    if data.report.errors:  # listed in the report: stderr only says what they mean
+        fail(
+            f"{len(data.report.errors)} problem(s) in {data.root} (listed above); training would stop before it starts"
+        )
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
