@@ -85,6 +85,10 @@ def test_check_without_its_verb_or_root_says_what_is_missing(tmp_path: Path):
     result = cli("imgcls.data", "check", "data=imagefolder", cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: data.root is required: set it on the command line, data.root=..." in result.stderr
+    result = cli("imgcls.data", "check", "--help", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0
+    assert "python -m imgcls.data check is powered by Hydra" in result.stdout
+    assert "data: digits, hymenoptera, imagefolder" in result.stdout
 
 
 def test_training_stops_before_the_model_on_bad_files(tmp_path: Path, messy: Path):
