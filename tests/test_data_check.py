@@ -243,3 +243,21 @@ def test_scan_is_cached_outside_the_tree_and_revalidated(tmp_path: Path, monkeyp
 def test_bad_data_options_are_named(tmp_path: Path, kwargs, message):
     with pytest.raises(DataError, match=re.escape(message)):
         data(tmp_path, **kwargs)
+
+
+def test_exclude_leaves_files_out_by_glob(tmp_path: Path):
+    root = make_tree(tmp_path / "t")
+    d = data(root, exclude=["train/cat/cat_00[0-2].jpg", "*/fox/fox_007.jpg"])
+    d.setup()
+    assert d.report.counts["train"] == {"cat": 5, "dog": 8, "fox": 7}
+    assert "left out 4 file(s) matching data.exclude" in "\n".join(d.report.warnings)
+
+
+def test_a_file_broken_after_the_check_stops_loading_with_its_name(tmp_path: Path):
+    root = make_tree(tmp_path / "t")
+    d = data(root)
+    d.setup()
+    path, _ = d.samples["val"][0]
+    Path(path).write_bytes(b"overwritten while training")
+    with pytest.raises(DataError, match=rf"cannot decode image {re.escape(path)}: not an image"):
+        d.dataset("val")[0]  # never a black stand-in image
