@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, TINY, cli, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
+from PIL import Image
 from test_data_check import BAD, add_messy_files
 
 from imgcls.build import build_data
@@ -131,3 +133,25 @@ def test_val_fraction_split_is_recorded_in_the_run_and_checkpoint(tmp_path: Path
     state = torch.load(run / "weights" / "best.pt", weights_only=True)
     assert state["data_split"] == split
     assert set(state["data_fingerprint"]["splits"]) == {"train", "val", "test"}
+
+
+def test_resume_keeps_the_carved_split_and_warns_about_changed_data(tmp_path: Path):
+    tree = make_tree(tmp_path / "t", counts={"train": 10})
+    args = [*ONE_EPOCH, f"data.root={tree}", "data.val_fraction=0.2"]
+    assert cli("imgcls.train", *args, cwd=tmp_path).returncode == 0
+    (run,) = run_dirs(tmp_path)
+    split = json.loads((run / "data_split.json").read_text())
+    # a new image arrives: a fresh carve might move it into val; the resumed run must not
+    shutil.copy(tree / "train" / "cat" / "cat_000.jpg", tree / "train" / "cat" / "new.jpg")
+    # and one is edited in place: same name, other pixels
+    Image.new("RGB", (20, 16), (250, 0, 0)).save(tree / "train" / "cat" / "cat_001.jpg")
+    result = cli("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "the data changed since the checkpoint: train: changed since the checkpoint (24 -> 24 files"
+        in result.stderr
+    )
+    assert "1 file(s) in train are not in the checkpoint's data_split: left out" in result.stderr
+    state = torch.load(run / "weights" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["data_split"] == split
+    assert json.loads((run / "data_split.json").read_text()) == split

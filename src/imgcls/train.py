@@ -139,9 +139,13 @@ def train_run(
 
     # data first: a broken tree is reported before any model is built
     data = b.build_data(config["data"])
+    if ckpt:
+        data.recorded_split = ckpt.get("data_split")  # a carved val split: exactly the same files
     data.setup()
     if ckpt:
         check_classes(ckpt["class_names"], data.class_names, data.root)
+        for change in data.changes_since(ckpt):  # same classes, other files: resume, but say so
+            logger.warning(f"the data changed since the checkpoint: {change}")
     for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
         logger.warning(warning)
     if d.main:

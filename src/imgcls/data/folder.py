@@ -103,6 +103,8 @@ class ImageFolderData:
         self.report = check.DataReport(str(self.root))
         self.fingerprint: dict[str, Any] = {}
         self.carved: dict[str, Any] | None = None  # the val split drawn from train, when val_fraction
+        # set by a resume to the checkpoint's data_split: the same files, whatever the tree holds now
+        self.recorded_split: Mapping[str, Any] | None = None
 
     def prepare(self) -> None:
         """Make the tree available: fetch it when a download is configured, else check it is there."""
@@ -228,10 +230,13 @@ class ImageFolderData:
         return listed
 
     def _carve(self, train: list[check.Sample], report: check.DataReport):
-        if self.split_file is None:
-            kept, val = splits.carve_val(train, self.val_fraction, self.split_seed)
+        if self.recorded_split is not None:
+            kept, val = splits.reuse_split(train, self.recorded_split, "the checkpoint's data_split", report)
+        elif self.split_file is not None:
+            recorded = splits.read_split_file(self.split_file)
+            kept, val = splits.reuse_split(train, recorded, str(self.split_file), report)
         else:
-            kept, val = splits.reuse_split(train, self.split_file, report)
+            kept, val = splits.carve_val(train, self.val_fraction, self.split_seed)
         val = [("val", rel, target) for _, rel, target in val]
         self.carved = {
             "val_fraction": self.val_fraction,

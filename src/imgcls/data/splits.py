@@ -30,29 +30,32 @@ def carve_val(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sam
     return sorted(keep, key=lambda s: s[1]), sorted(val, key=lambda s: s[1])
 
 
-def reuse_split(
-    train: list[Sample], split_file: Path, report: DataReport
-) -> tuple[list[Sample], list[Sample]]:
-    """The (train, val) an earlier run carved, from its data_split.json: evaluate and resume must
-    see exactly the same files. Recorded files that are gone are errors; new ones are left out."""
+def read_split_file(split_file: Path) -> dict:
     try:
         recorded = json.loads(Path(split_file).read_text())
-        recorded_train, recorded_val = list(recorded["train"]), list(recorded["val"])
+        list(recorded["train"]), list(recorded["val"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"data.split_file={str(split_file)!r} is not a readable data_split.json ({type(exc).__name__}: {exc})"
         ) from exc
+    return recorded
+
+
+def reuse_split(
+    train: list[Sample], recorded: dict, source: str, report: DataReport
+) -> tuple[list[Sample], list[Sample]]:
+    """The (train, val) an earlier run carved (its data_split.json, or its checkpoint's
+    data_split): evaluate and resume must see exactly the same files. Recorded files that are
+    gone are errors; new ones are left out with a warning."""
     by_rel = {s[1]: s for s in train}
-    lost = [rel for rel in recorded_train + recorded_val if rel not in by_rel]
+    lost = [rel for rel in [*recorded["train"], *recorded["val"]] if rel not in by_rel]
     if lost:
-        report.errors.append(
-            f"{len(lost)} file(s) of the recorded split {split_file} are gone: {shown(lost)}"
-        )
-    kept = [by_rel[rel] for rel in recorded_train if rel in by_rel]
-    val = [by_rel[rel] for rel in recorded_val if rel in by_rel]
+        report.errors.append(f"{len(lost)} file(s) of the recorded split in {source} are gone: {shown(lost)}")
+    kept = [by_rel[rel] for rel in recorded["train"] if rel in by_rel]
+    val = [by_rel[rel] for rel in recorded["val"] if rel in by_rel]
     new = len(train) - len(kept) - len(val)
     if new > 0:
-        report.warnings.append(f"{new} file(s) in train are not in {split_file}: left out")
+        report.warnings.append(f"{new} file(s) in train are not in {source}: left out")
     return kept, val
 
 
