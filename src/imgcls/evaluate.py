@@ -15,7 +15,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from loguru import logger
 
     from imgcls import build as b
-    from imgcls.labels import labelled_samples
+    from imgcls.labels import checked_samples, labelled_samples
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
 
@@ -26,7 +26,8 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     class_names = list(state["class_names"])
     # the data next: a missing split or class folders that differ fail before any model is built
     data = b.build_data(config["data"])
-    labelled_samples(data, split, class_names)
+    if checked_samples(data, split, class_names, state) is None:
+        labelled_samples(data, split, class_names)
     restored = restore(config, state, checkpoint)
     # class-weighted losses weigh by the train split's counts, which the checkpoint keeps
     loss_fn = b.build_loss(config["loss"], class_counts=state.get("class_counts"))

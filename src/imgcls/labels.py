@@ -23,6 +23,33 @@ def class_difference(found: Sequence[str], expected: Sequence[str]) -> str | Non
     return "; ".join(parts) or None
 
 
+def checked_samples(
+    data: ImageFolderData, split: str, class_names: Sequence[str], state: dict
+) -> list[tuple[str, int]] | None:
+    """The training path for a tree laid out like the run's own (its train split is there): the
+    full data check, the checkpoint's carved val split reused, and a warning for each way the
+    data changed since the checkpoint. None for any other tree (see labelled_samples)."""
+    if split not in data.split_dirs or not (data.root / data.split_dirs["train"]).is_dir():
+        return None
+    data.recorded_split = state.get("data_split")
+    data.setup()
+    difference = class_difference(data.class_names, class_names)
+    if difference:
+        raise DataError(
+            f"{data.root}: the class folders differ from the checkpoint's {len(class_names)} classes "
+            f"({', '.join(class_names)}): {difference}."
+        )
+    if split not in data.samples:
+        return None
+    for line in data.changes_since(state):
+        logger.warning(f"the data changed since the checkpoint: {line}")
+    # indices are the checkpoint's: a folder's position on disk never shifts a label
+    index = [list(class_names).index(name) for name in data.class_names]
+    data.samples[split] = [(path, index[target]) for path, target in data.samples[split]]
+    data.class_names = list(class_names)
+    return data.samples[split]
+
+
 def labelled_samples(data: ImageFolderData, split: str, class_names: Sequence[str]) -> list[tuple[str, int]]:
     """Scan <root>/<split folder>/<class>/ with class indices taken from `class_names` (the
     checkpoint's), never from the order of the folders; only this split needs to exist.
