@@ -61,7 +61,8 @@ def test_two_processes_write_one_run_directory(ddp_run: Path):
     summary = (ddp_run / "summary.txt").read_text()
     assert "status:         completed" in summary
     assert (
-        "4 per process x 2 process(es) = 8 per step; optimizer.lr 0.05 as configured (not scaled)" in summary
+        "4 per process x 2 process(es) x 1 accumulated = 8 per optimizer step; optimizer.lr 0.05 as configured (not scaled)"
+        in summary
     )
     assert len(list((ddp_run / "tensorboard").glob("events.*"))) == 1, "rank 0 alone writes TensorBoard"
     assert "rank 1" not in (ddp_run / "logs" / "train.log").read_text()
@@ -151,3 +152,10 @@ def test_sync_batchnorm_on_cpu_is_a_clear_error(tree, tmp_path):
     assert "error: trainer.sync_batchnorm=true needs CUDA devices" in out
     (run,) = run_dirs(tmp_path)
     assert "status:         failed" in (run / "summary.txt").read_text()
+
+
+def test_bad_data_stops_every_rank_with_a_clear_message(tmp_path):
+    rc, out = finish(torchrun(*ARGS, f"data.root={tmp_path / 'nope'}", "trainer.epochs=1", cwd=tmp_path))
+    assert rc != 0
+    assert f"data.root='{tmp_path / 'nope'}' is not a folder" in out
+    assert "error: rank 0 stopped: DataError: data.root=" in out  # rank 1 heard it from rank 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,27 @@ def sync_buffers(model: torch.nn.Module, d: Dist) -> None:
     if d.enabled:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def rank0_first(fn: Callable[[], Any], d: Dist) -> None:
+    """fn() on rank 0, then on the others (which then find its files and caches ready). A user
+    error on rank 0 stops every rank with its message, instead of leaving them waiting forever."""
+    from imgcls.errors import UserError
+
+    if not d.enabled:
+        fn()
+        return
+    if d.main:
+        try:
+            fn()
+        except UserError as exc:
+            broadcast(f"{type(exc).__name__}: {exc}", d)
+            raise
+    error = broadcast(None, d)  # rank 0 sends None (it succeeded); the others receive it
+    if error is not None:
+        raise UserError(f"rank 0 stopped: {error}")
+    if not d.main:
+        fn()
 
 
 def barrier(d: Dist) -> None:

@@ -141,7 +141,7 @@ def train_run(
     data = b.build_data(config["data"])
     if ckpt:
         data.recorded_split = ckpt.get("data_split")  # a carved val split: exactly the same files
-    data.setup()
+    distributed.rank0_first(data.setup, d)  # rank 0 writes, downloads and caches for the others
     if ckpt:
         check_classes(ckpt["class_names"], data.class_names, data.root)
         for change in data.changes_since(ckpt):  # same classes, other files: resume, but say so
@@ -223,8 +223,9 @@ def train_run(
             "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
             "classes": ", ".join(data.class_names),
             "data check": data.report.summary_line(),
-            "batch": f"{data.batch_size} per process x {d.world} process(es) = {data.batch_size * d.world} "
-            f"per step; optimizer.lr {config['optimizer'].get('lr')} as configured (not scaled)",
+            "batch": f"{data.batch_size} per process x {d.world} process(es) x {accum} accumulated = "
+            f"{data.batch_size * d.world * accum} per optimizer step; optimizer.lr "
+            f"{config['optimizer'].get('lr')} as configured (not scaled)",
         }
     )
     logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
