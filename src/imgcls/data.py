@@ -173,8 +173,9 @@ class ImageFolderData:
             drop_last=train and len(dataset) > self.batch_size * world,
             num_workers=self.num_workers,
             pin_memory=pin_memory,
-            # fresh workers each epoch copy the dataset, and with it the epoch that set_epoch set
-            persistent_workers=False,
+            # workers live across epochs (no start-up per epoch): the sampler hands each of them the
+            # epoch with every index, so their copy of the dataset never goes stale
+            persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=worker_init,
         )
