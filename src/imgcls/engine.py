@@ -19,6 +19,7 @@ from imgcls.distributed import SINGLE, Dist, all_sum, any_rank, gather, sync_buf
 from imgcls.errors import ConfigError, UserError
 from imgcls.log import is_terminal, progress
 from imgcls.seeding import epoch_seed, rng_state, seed_everything
+from imgcls.speed import FP32, Precision
 
 
 class NonFiniteLossError(UserError):
@@ -82,6 +83,7 @@ def train_one_epoch(
     should_stop: Callable[[], int | None] = lambda: None,
     on_step: Callable[[], None] = lambda: None,
     d: Dist = SINGLE,
+    amp: Precision = FP32,
 ) -> dict[str, float]:
     """One pass over `loader` (from batch `start_step`, continuing `partial`'s running sums,
     this rank's own under torchrun; the epoch's metrics are summed over ranks).
@@ -111,14 +113,17 @@ def train_one_epoch(
             images, targets = _to_device(batch, device, normalize, channels_last)
             if buffers:
                 torch._foreach_copy_(before, buffers)
-            logits = model(images)
-            loss = loss_fn(logits, targets)
+            with amp.autocast():
+                logits = model(images)
+                loss = loss_fn(logits, targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            amp.backward(loss)
+            amp.unscale(optimizer)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
-            # one device sync per step buys the guarantee that no NaN ever reaches the weights
-            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            # one device sync per step buys the guarantee that no NaN ever reaches the weights;
+            # an fp16 gradient overflow is the GradScaler's to skip (amp.step), not an error
+            if not bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | amp.skips_overflow)):
                 if buffers:
                     torch._foreach_copy_(buffers, before)
                 what = "loss" if not torch.isfinite(loss) else "gradient norm"
@@ -129,7 +134,7 @@ def train_one_epoch(
                     step=step,
                     partial=sums(),
                 )
-            optimizer.step()
+            amp.step(optimizer)
             n = targets.shape[0]
             seen += n
             loss_sum += loss.detach() * n
@@ -166,6 +171,7 @@ def evaluate(
     channels_last: bool = False,
     log_every: int = 50,
     d: Dist = SINGLE,
+    amp: Precision = FP32,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Metrics for `split`, plus every sample's target and prediction (under torchrun: gathered
     from every rank, so the numbers are those of one process evaluating the whole split)."""
@@ -176,8 +182,9 @@ def evaluate(
     with progress(split, len(loader), every=log_every) as advance:
         for batch in loader:
             images, targets = _to_device(batch, device, normalize, channels_last)
-            logits = model(images)
-            loss_sum += loss_fn(logits, targets).double() * targets.shape[0]
+            with amp.autocast():
+                logits = model(images)
+                loss_sum += loss_fn(logits, targets).double() * targets.shape[0]
             targets_all.append(targets)
             preds_all.append(logits.argmax(1))
             advance()
@@ -259,6 +266,7 @@ def fit(
     should_stop: Callable[[], int | None] = lambda: None,
     train_model: nn.Module | None = None,
     d: Dist = SINGLE,
+    amp: Precision = FP32,
 ) -> dict[str, Any]:
     """for epoch: train, validate, step the schedule, record, save last.pt (and best.pt on a new
     best val/acc). `resume` is a checkpoint whose model, optimizer, scheduler and random states
@@ -290,7 +298,7 @@ def fit(
         return training_state(
             model, optimizer, scheduler, epoch=epoch, history=history, best_acc=best_acc,
             best_epoch=best_epoch, config=config, class_names=class_names,
-            extra={**(checkpoint_extra or {}), **extra, "partial": partial},
+            extra={**(checkpoint_extra or {}), **amp.state_dict(), **extra, "partial": partial},
         )  # fmt: skip
 
     def save(state: dict[str, Any], path: Path) -> None:
@@ -309,6 +317,7 @@ def fit(
                 train_model, loaders["train"], loss_fn, optimizer, device, normalize,
                 channels_last=channels_last, description=f"epoch {epoch}/{epochs}", log_every=log_every,
                 start_step=start_step, partial=partial, should_stop=should_stop, on_step=on_step, d=d,
+                amp=amp,
             )  # fmt: skip
         except StopTraining as stop:
             save(state(epoch - 1, step=stop.step, partial=stop.partial), last_path)
@@ -326,7 +335,7 @@ def fit(
         sync_buffers(model, d)  # evaluate and save rank 0's model, the same on every rank
         val_metrics, _, _ = evaluate(
             model, loaders["val"], loss_fn, device, normalize,
-            split="val", channels_last=channels_last, log_every=log_every, d=d,
+            split="val", channels_last=channels_last, log_every=log_every, d=d, amp=amp,
         )  # fmt: skip
         if not is_finite(model):
             raise NonFiniteLossError(
