@@ -10,8 +10,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as TF
 
+from imgcls.cache import MODES, CachedImages, build_store, decode
 from imgcls.errors import ConfigError, UserError
 from imgcls.sampling import EpochSampler, EpochSeeded, worker_init
 
@@ -53,9 +53,12 @@ def load_image(path: str | Path) -> Image.Image:
 class ImageDataset(Dataset):
     """(path, class index) samples -> (uint8 CHW tensor, class index)."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable | None = None):
+    def __init__(
+        self, samples: list[tuple[str, int]], transform: Callable | None = None, size: int | None = None
+    ):
         self.samples = samples
         self.transform = transform
+        self.size = size  # shorter side resized to this at decoding (data.cache_size)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -63,7 +66,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
         try:
-            image = TF.pil_to_tensor(load_image(path))
+            image = decode(path, self.size)
         except Exception as exc:  # name the file: a bare PIL error says nothing about which one
             raise DataError(f"cannot decode image {path}: {exc}") from exc
         if self.transform is not None:
@@ -83,6 +86,9 @@ class ImageFolderData:
         batch_size: int,
         num_workers: int = 0,
         extensions: Sequence[str] = (".jpg", ".jpeg", ".png"),
+        cache: str = "none",
+        cache_size: int | None = None,
+        cache_dir: str = "~/.cache/imgcls/images",
     ):
         if batch_size < 1:
             raise DataError(f"data.batch_size must be at least 1, got {batch_size}")
@@ -93,6 +99,10 @@ class ImageFolderData:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.extensions = list(extensions)
+        if cache not in MODES:
+            raise DataError(f"data.cache={cache!r} is not one of {', '.join(MODES)}")
+        self.cache, self.cache_size, self.cache_dir = cache, cache_size, Path(cache_dir).expanduser()
+        self.stores: dict = {}  # split -> cache.Store, built on first use
         self.class_names: list[str] = []
         self.samples: dict[str, list[tuple[str, int]]] = {}
         self.skipped: dict[str, list[Path]] = {}
@@ -149,8 +159,12 @@ class ImageFolderData:
     def splits(self) -> list[str]:
         return list(self.samples)
 
-    def dataset(self, split: str, transform: Callable | None = None) -> ImageDataset:
-        return ImageDataset(self.samples[split], transform)
+    def dataset(self, split: str, transform: Callable | None = None) -> Dataset:
+        if self.cache == "none":
+            return ImageDataset(self.samples[split], transform, self.cache_size)
+        if split not in self.stores:
+            self.stores[split] = build_store(self.samples[split], self.cache, self.cache_size, self.cache_dir)
+        return CachedImages(self.samples[split], self.stores[split], transform)
 
     def loader(
         self,

@@ -17,6 +17,7 @@ from imgcls.errors import ConfigError
 RESUMABLE_KEYS = (
     "resume", "trainer.epochs", "device", "deterministic", "data.num_workers",
     "trainer.num_threads", "trainer.log_every_n_steps", "trainer.compile", "trainer.channels_last",
+    "data.cache", "data.cache_dir",
 )  # fmt: skip
 
 
