@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,14 +94,18 @@ def build_store(samples, mode: str, size: int | None, folder: Path) -> Store:
             offsets, shapes = np.array(index["offsets"], np.int64), np.array(index["shapes"], np.int64)
             logger.info(f"image cache: reusing {data_file} ({offsets[-1] / 2**20:.0f} MiB)")
             return Store(str(data_file), offsets, shapes)
+
     # decoded first, then copied: the build peaks at about twice the cache's size, the run after it
     # holds the cache once
-    images = []
-    for p in paths:
+    def load(path: str) -> torch.Tensor:
         try:
-            images.append(decode(p, size))
+            return decode(path, size)
         except Exception as exc:
-            raise DataError(f"cannot decode image {p}: {exc}") from exc
+            raise DataError(f"cannot decode image {path}: {exc}") from exc
+
+    # threads, not processes: PIL releases the GIL while it decodes and resizes
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        images = list(pool.map(load, paths))
     shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
     offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
     if mode == "memory":
