@@ -288,7 +288,8 @@ def fit(
     start_step, partial = resume.get("step", 0), resume.get("partial")
     if resume.get("partial_ranks") and d.enabled:
         partial = resume["partial_ranks"][d.rank]
-    train_model = train_model or model
+    # `is None`, not `or`: a torch.compile wrapper raises on bool() (it forwards __len__)
+    train_model = model if train_model is None else train_model
     last_path = weights_dir / "last.pt"
 
     def state(epoch: int, partial: dict | None = None, **extra: Any) -> dict[str, Any]:

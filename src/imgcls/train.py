@@ -201,7 +201,7 @@ def train_run(
             f"{count_parameters(model):,} parameters",
             "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
             "classes": ", ".join(data.class_names),
-            "speed": f"precision {amp.name}, channels_last {channels_last}, "
+            "settings": f"precision {amp.name}, channels_last {channels_last}, "
             f"compile {bool(trainer.get('compile'))}, {data.num_workers} loader worker(s)",
             "batch": f"{data.batch_size} per process x {d.world} process(es) = {data.batch_size * d.world} "
             f"per step; optimizer.lr {config['optimizer'].get('lr')} as configured (not scaled)",
