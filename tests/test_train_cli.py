@@ -36,8 +36,7 @@ def test_run_directory_holds_everything(trained_run: Path):
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", run.parent.name)
     # named from the overrides, not from where the data lives or which device ran it
     assert re.fullmatch(
-        r"\d{2}-\d{2}-\d{2}_batch_size=4,data=imagefolder,epochs=2,lr=0.01,"
-        r"root=tiny,transforms=digits",
+        r"\d{2}-\d{2}-\d{2}_batch_size-4_data-imagefolder_epochs-2_lr-0.01_root-tiny_transforms-digits",
         run.name,
     ), run.name
     for rel in [
