@@ -14,6 +14,7 @@ from imgcls.distributed import SINGLE, Dist, all_sum, any_rank, gather
 from imgcls.errors import ConfigError, UserError
 from imgcls.log import is_terminal, progress
 from imgcls.recipes import Recipe
+from imgcls.speed import FP32, Precision
 
 
 class NonFiniteLossError(UserError):
@@ -78,6 +79,7 @@ def train_one_epoch(
     on_step: Callable[[], None] = lambda: None,
     recipe: Recipe | None = None,
     d: Dist = SINGLE,
+    amp: Precision = FP32,
 ) -> dict[str, float]:
     """One pass over `loader` (from batch `start_step`, continuing `partial`'s running sums,
     this rank's own under torchrun; the epoch's metrics are summed over ranks).
@@ -126,9 +128,10 @@ def train_one_epoch(
             # under DDP, only the last batch of an accumulation window all-reduces gradients
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                logits = model(images)
-                loss = loss_fn(logits, soft_targets if soft is not None else targets)
-                (loss / k).backward()
+                with amp.autocast():
+                    logits = model(images)
+                    loss = loss_fn(logits, soft_targets if soft is not None else targets)
+                amp.backward(loss / k)
             finite &= torch.isfinite(loss)
             n = targets.shape[0]
             seen += n
@@ -136,10 +139,12 @@ def train_one_epoch(
             correct += (logits.detach().argmax(1) == targets).sum()
             step += 1
             if last:
+                amp.unscale(optimizer)  # the norm, the check and clipping see the true gradients
                 grads = [p.grad for p in params if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
-                # one device sync per optimizer step buys the guarantee that no NaN reaches the weights
-                if not bool(finite & torch.isfinite(grad_norm)):
+                # one device sync per optimizer step buys the guarantee that no NaN reaches the
+                # weights; an fp16 gradient overflow is the GradScaler's to skip (amp.step)
+                if not bool(finite & (torch.isfinite(grad_norm) | amp.skips_overflow)):
                     if buffers:
                         torch._foreach_copy_(buffers, before)
                     what = "loss" if not bool(finite) else "gradient norm"
@@ -154,7 +159,7 @@ def train_one_epoch(
                     )  # fmt: skip
                 if recipe.grad_clip_norm:
                     torch.nn.utils.clip_grads_with_norm_(params, recipe.grad_clip_norm, grad_norm)
-                optimizer.step()
+                amp.step(optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 if recipe.step_scheduler is not None:
                     recipe.step_scheduler.step()
@@ -192,6 +197,7 @@ def evaluate(
     channels_last: bool = False,
     log_every: int = 50,
     d: Dist = SINGLE,
+    amp: Precision = FP32,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Metrics for `split`, plus every sample's target and prediction (under torchrun: gathered
     from every rank, so the numbers are those of one process evaluating the whole split)."""
@@ -202,8 +208,9 @@ def evaluate(
     with progress(split, len(loader), every=log_every) as advance:
         for batch in loader:
             images, targets = _to_device(batch, device, normalize, channels_last)
-            logits = model(images)
-            loss_sum += loss_fn(logits, targets).double() * targets.shape[0]
+            with amp.autocast():
+                logits = model(images)
+                loss_sum += loss_fn(logits, targets).double() * targets.shape[0]
             targets_all.append(targets)
             preds_all.append(logits.argmax(1))
             advance()

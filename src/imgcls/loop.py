@@ -24,6 +24,7 @@ from imgcls.recipes import (
     top_k_epochs,
 )  # fmt: skip
 from imgcls.seeding import epoch_seed, rng_state, seed_everything
+from imgcls.speed import FP32, Precision
 
 
 def training_state(
@@ -85,6 +86,7 @@ def fit(
     early_stopping: tuple[int | None, float] = (None, 0.0),
     keep_top_k: int = 0,
     d: Dist = SINGLE,
+    amp: Precision = FP32,
 ) -> dict[str, Any]:
     """for epoch: train, validate (the EMA too), step the schedule, record, save last.pt, best.pt
     on a new best score (the better of val/acc and the EMA's val/acc, whose weights best.pt then
@@ -113,7 +115,8 @@ def fit(
     start_step, partial = resume.get("step", 0), resume.get("partial")
     if resume.get("partial_ranks") and d.enabled:
         partial = resume["partial_ranks"][d.rank]
-    train_model = train_model or model
+    # `is None`, not `or`: a torch.compile wrapper raises on bool() (it forwards __len__)
+    train_model = model if train_model is None else train_model
     last_path = weights_dir / "last.pt"
     stopped_early = early_stop_reason(history, *early_stopping)
 
@@ -126,7 +129,7 @@ def fit(
         return training_state(
             model, optimizer, scheduler, epoch=epoch, history=history, best_acc=best_acc,
             best_epoch=best_epoch, config=config, class_names=class_names,
-            extra={**(checkpoint_extra or {}), **extra, "partial": partial},
+            extra={**(checkpoint_extra or {}), **amp.state_dict(), **extra, "partial": partial},
         )  # fmt: skip
 
     def save(state: dict[str, Any], path: Path) -> None:
@@ -152,7 +155,7 @@ def fit(
                 train_model, loaders["train"], loss_fn, optimizer, device, normalize,
                 channels_last=channels_last, description=f"epoch {epoch}/{epochs}", log_every=log_every,
                 start_step=start_step, partial=partial, should_stop=should_stop, on_step=on_step,
-                recipe=recipe, d=d,
+                recipe=recipe, d=d, amp=amp,
             )  # fmt: skip
         except StopTraining as stop:
             save(state(epoch - 1, step=stop.step, partial=stop.partial, epoch_lr=lr), last_path)
@@ -168,7 +171,13 @@ def fit(
             raise NonFiniteLossError(f"{exc} ({where})", exc.step, exc.partial) from None
         start_step, partial = 0, None
         sync_buffers(model, d)  # evaluate and save rank 0's model, the same on every rank
-        evaluation = {"split": "val", "channels_last": channels_last, "log_every": log_every, "d": d}
+        evaluation = {
+            "split": "val",
+            "channels_last": channels_last,
+            "log_every": log_every,
+            "d": d,
+            "amp": amp,
+        }
         val_metrics, _, _ = evaluate(model, loaders["val"], loss_fn, device, normalize, **evaluation)
         if ema is not None:
             ema_metrics, _, _ = evaluate(ema.module, loaders["val"], loss_fn, device, normalize, **evaluation)

@@ -16,7 +16,8 @@ from imgcls.errors import ConfigError
 # optimizer, scheduler, seed) would make the resumed run a different run than the one saved.
 RESUMABLE_KEYS = (
     "resume", "trainer.epochs", "device", "deterministic", "data.num_workers",
-    "trainer.num_threads", "trainer.log_every_n_steps",
+    "trainer.num_threads", "trainer.log_every_n_steps", "trainer.compile", "trainer.channels_last",
+    "data.cache", "data.cache_dir",
 )  # fmt: skip
 
 

@@ -22,8 +22,10 @@ def mix(*values: int) -> int:
     return x >> 1
 
 
-class EpochSampler(Sampler[int]):
-    """A permutation of range(n) drawn from (seed, epoch) (or 0..n-1 unshuffled), from `start`.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """(epoch, index) pairs: a permutation of range(n) drawn from (seed, epoch) (or 0..n-1
+    unshuffled), from `start`. The epoch travels with each index to the worker that loads it, so
+    persistent workers, whose copy of the dataset was made once, still seed by the right epoch.
 
     Under torchrun each rank takes every world-th index of the same order. Shuffled (training),
     the order is cut to a multiple of the world size so every rank takes as many steps; in order
@@ -38,8 +40,9 @@ class EpochSampler(Sampler[int]):
         """`start` samples of this epoch's order are skipped: they were seen before a resume."""
         self.epoch, self.start = epoch, start
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start :].tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, i) for i in self._indices()[self.start :].tolist())
 
     def _indices(self) -> torch.Tensor:
         if self.shuffle:
@@ -67,16 +70,18 @@ class EpochSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int] | int):
+        """`key` is (epoch, index) from EpochSampler, or a bare index read at `self.epoch`."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix(self.seed, self.epoch, 2, index))
+            torch.manual_seed(mix(self.seed, epoch, 2, index))
             return self.dataset[index]
 
 
 def set_epoch(loader, epoch: int, start_batch: int = 0) -> None:
     """Point a loader built by make_loader at `epoch`, skipping its first `start_batch` batches."""
     loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)
-    loader.dataset.epoch = epoch  # fresh (non-persistent) workers copy the dataset each epoch
+    loader.dataset.epoch = epoch  # for bare-index access; loaders pass the epoch with each index
 
 
 def worker_init(worker_id: int) -> None:

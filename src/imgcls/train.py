@@ -123,6 +123,7 @@ def train_run(
     from imgcls.resume import check_classes, remove_stale_temp_files, restore
     from imgcls.seeding import configure_determinism, seed_everything, set_rng_state
     from imgcls.signals import stop_on_signals
+    from imgcls.speed import FirstStep, Precision, compile_model, resolve_channels_last, resolve_precision
 
     trainer = config["trainer"]
     logger.info(f"run directory: {run_dir}")
@@ -136,6 +137,9 @@ def train_run(
     device = resolve_device(device_spec if d.enabled else str(config["device"]))
     if trainer.get("num_threads"):
         torch.set_num_threads(int(trainer["num_threads"]))
+    # a checkpoint without trainer.precision was trained in fp32
+    amp = Precision(resolve_precision(trainer.get("precision", "fp32"), device), device)
+    channels_last = resolve_channels_last(trainer.get("channels_last", "auto"), device)
 
     # data first: a broken tree is reported before any model is built
     data = b.build_data(config["data"])
@@ -192,7 +196,8 @@ def train_run(
             ranks = ckpt.get("rng_ranks") or []
             set_rng_state(ranks[d.rank] if d.enabled and len(ranks) == d.world else ckpt["rng"])
 
-    channels_last = bool(trainer.get("channels_last")) and device.type != "mps"
+    if ckpt:
+        amp.load_state_dict(ckpt)  # the fp16 loss scale and its growth count
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     normalize = normalize.to(device)
     train_model = model
@@ -213,6 +218,7 @@ def train_run(
     if recipe.ema is not None and ckpt and ckpt.get("ema"):
         recipe.ema.load_state_dict(ckpt["ema"])
     early = trainer.get("early_stopping") or {}
+    train_model = compile_model(train_model, bool(trainer.get("compile")))
 
     sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
     recorder.info.update(
@@ -223,6 +229,8 @@ def train_run(
             "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
             "classes": ", ".join(data.class_names),
             "data check": data.report.summary_line(),
+            "settings": f"precision {amp.name}, channels_last {channels_last}, "
+            f"compile {bool(trainer.get('compile'))}, {data.num_workers} loader worker(s)",
             "batch": f"{data.batch_size} per process x {d.world} process(es) x {accum} accumulated = "
             f"{data.batch_size * d.world * accum} per optimizer step; optimizer.lr "
             f"{config['optimizer'].get('lr')} as configured (not scaled)",
@@ -239,14 +247,19 @@ def train_run(
         "class_counts": class_counts,  # of train/: class-weighted losses are rebuilt from them
         **data.checkpoint_entries(),  # data fingerprint, carved val split
     }
+
+    def started(seconds: float) -> None:
+        recorder.info["startup"] = f"{seconds:.1f} s from process start to the first training step"
+        logger.info(f"first training step after {seconds:.1f} s (from process start)")
+
     with stop_on_signals() as stop:
         result = fit(
             model, optimizer, scheduler, loss_fn, loaders, normalize, device,
             epochs=trainer["epochs"], seed=seed, weights_dir=run_dir / "weights", config=config,
-            class_names=data.class_names, on_epoch=recorder.log_epoch, on_step=recorder.heartbeat,
+            class_names=data.class_names, on_epoch=recorder.log_epoch, on_step=FirstStep(recorder.heartbeat, started),
             checkpoint_extra=extra, channels_last=channels_last,
             log_every=trainer.get("log_every_n_steps", 50), resume=ckpt, should_stop=stop.requested,
-            train_model=train_model, recipe=recipe, d=d,
+            train_model=train_model, recipe=recipe, d=d, amp=amp,
             early_stopping=(early.get("patience"), float(early.get("min_delta") or 0.0)),
             keep_top_k=int(trainer.get("keep_top_k") or 0),
         )  # fmt: skip
@@ -259,8 +272,9 @@ def train_run(
             pipeline = pipelines["val"] if split == "train" else pipelines[split]
             loader = data.loader(split, pipeline, train=False, **shard)
             metrics, targets, preds = evaluate(
-                model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last, d=d
-            )
+                model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last, d=d,
+                amp=amp,
+            )  # fmt: skip
             final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
             if not d.main:
                 continue

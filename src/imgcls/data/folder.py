@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from imgcls.cache import MODES, CachedImages, build_store
 from imgcls.data import check, splits
 from imgcls.data.images import DEFAULT_MAX_PIXELS
 from imgcls.data.loading import DataError, ImageDataset
@@ -67,6 +68,9 @@ class ImageFolderData:
         split_seed: int = 0,
         split_file: str | None = None,
         download: Mapping[str, Any] | None = None,
+        cache: str = "none",
+        cache_size: int | None = None,
+        cache_dir: str = "~/.cache/imgcls/images",
     ):
         if batch_size < 1:
             raise DataError(f"data.batch_size must be at least 1, got {batch_size}")
@@ -97,6 +101,10 @@ class ImageFolderData:
         self.split_seed = split_seed
         self.split_file = Path(split_file) if split_file else None
         self.download = dict(download) if download else None
+        if cache not in MODES:
+            raise DataError(f"data.cache={cache!r} is not one of {', '.join(MODES)}")
+        self.cache, self.cache_size, self.cache_dir = cache, cache_size, Path(cache_dir).expanduser()
+        self.stores: dict = {}  # split -> cache.Store, built on first use
         self.class_names: list[str] = []
         self.samples: dict[str, list[tuple[str, int]]] = {}
         self.skipped: dict[str, list[Path]] = {}  # files left out for their suffix, per split
@@ -276,8 +284,14 @@ class ImageFolderData:
     def splits(self) -> list[str]:
         return list(self.samples)
 
-    def dataset(self, split: str, transform: Callable | None = None) -> ImageDataset:
-        return ImageDataset(self.samples[split], transform, self.max_pixels)
+    def dataset(self, split: str, transform: Callable | None = None) -> Dataset:
+        if self.cache == "none":
+            return ImageDataset(self.samples[split], transform, self.max_pixels, self.cache_size)
+        if split not in self.stores:
+            self.stores[split] = build_store(
+                self.samples[split], self.cache, self.cache_size, self.cache_dir, self.max_pixels
+            )
+        return CachedImages(self.samples[split], self.stores[split], transform)
 
     def loader(
         self,
@@ -300,8 +314,9 @@ class ImageFolderData:
             drop_last=train and len(dataset) > self.batch_size * world,
             num_workers=self.num_workers,
             pin_memory=pin_memory,
-            # fresh workers each epoch copy the dataset, and with it the epoch that set_epoch set
-            persistent_workers=False,
+            # workers live across epochs (no start-up per epoch): the sampler hands each of them the
+            # epoch with every index, so their copy of the dataset never goes stale
+            persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=worker_init,
         )

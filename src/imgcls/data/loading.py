@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
-from imgcls.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
+from imgcls.cache import decode
+from imgcls.data.images import DEFAULT_MAX_PIXELS, BadImageError
 from imgcls.errors import ConfigError, UserError
 
 
@@ -25,10 +25,12 @@ class ImageDataset(Dataset):
         samples: list[tuple[str, int]],
         transform: Callable | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        size: int | None = None,
     ):
         self.samples = samples
         self.transform = transform
         self.max_pixels = max_pixels
+        self.size = size  # shorter side resized to this at decoding (data.cache_size)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -36,7 +38,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
         try:
-            image = TF.pil_to_tensor(load_image(path, self.max_pixels))
+            image = decode(path, self.size, self.max_pixels)
         except (BadImageError, OSError) as exc:
             # the check decoded this file before training: it changed or vanished since. Stop and
             # name it rather than substitute a black image the model would learn from.
