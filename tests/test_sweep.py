@@ -117,7 +117,7 @@ def test_a_failing_job_does_not_stop_the_grid(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = sweep_dirs(tmp_path)
     failed, after = job_dirs(sweep)[1:]
-    assert "lr=-1" in failed.name and status_of(failed) == "failed"
+    assert "lr--1" in failed.name and status_of(failed) == "failed"
     assert "Invalid learning rate: -1" in (failed / "summary.txt").read_text()
     assert status_of(after) == "completed"  # the job after the failure still ran
     assert "job failed, the sweep goes on" in result.stdout + result.stderr

@@ -101,15 +101,16 @@ class ResumableImpl(OptunaSweeperImpl):
 
 def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) -> Any:
     """create_study(load_if_exists=True), retried: workers started together on a new database
-    race to create its tables, and all but one get "table ... already exists" (seen with SQLite)."""
-    from sqlalchemy.exc import OperationalError
+    race to create its tables, and all but one get "table ... already exists" or, one step later,
+    "UNIQUE constraint failed: alembic_version.version_num" (both seen with SQLite)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(5):
         try:
             return optuna.create_study(
                 study_name=name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
             )
-        except OperationalError as exc:
+        except (OperationalError, IntegrityError) as exc:
             if attempt == 4:
                 raise
             log.warning(f"opening the study failed ({exc.orig}); retrying")
