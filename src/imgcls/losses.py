@@ -11,6 +11,14 @@ from torch import nn
 from imgcls.errors import ConfigError
 
 
+def class_counts(samples: Sequence[tuple[str, int]], num_classes: int) -> list[int]:
+    """Images per class in (path, class index) samples: what class weights are computed from."""
+    counts = [0] * num_classes
+    for _, target in samples:
+        counts[target] += 1
+    return counts
+
+
 def class_weight_tensor(class_weights: str | Sequence[float] | None, class_counts: Sequence[int] | None):
     """None, `balanced` (n / (classes x count), scikit-learn's rule) or one weight per class."""
     if class_weights is None:

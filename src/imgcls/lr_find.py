@@ -51,6 +51,7 @@ def find(config: dict, run_dir: Path) -> float:
 
     from imgcls import build as b
     from imgcls.engine import _to_device, resolve_device
+    from imgcls.losses import class_counts
     from imgcls.seeding import seed_everything
 
     opts = config["lr_find"]
@@ -63,7 +64,7 @@ def find(config: dict, run_dir: Path) -> float:
     model = b.build_model(config["model"], num_classes=len(data.class_names)).to(device)
     normalize = normalize.to(device)
     optimizer = b.build_optimizer(config["optimizer"], model)
-    counts = [sum(1 for _, t in data.samples["train"] if t == c) for c in range(len(data.class_names))]
+    counts = class_counts(data.samples["train"], len(data.class_names))
     loss_fn = b.build_loss(config["loss"], class_counts=counts)
     loader = data.loader("train", pipelines["train"], train=True, seed=int(config["seed"]))
     model.train()

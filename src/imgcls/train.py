@@ -117,6 +117,7 @@ def train_run(
     from imgcls.checkpoint import load_checkpoint
     from imgcls.engine import evaluate, resolve_device
     from imgcls.loop import fit
+    from imgcls.losses import class_counts as count_classes
     from imgcls.models import count_parameters
     from imgcls.recipes import Recipe, build_mix, make_ema
     from imgcls.reports import write_split_report
@@ -176,9 +177,7 @@ def train_run(
         raise ConfigError(f"trainer.grad_accum_steps must be at least 1, got {accum}")
     steps_per_epoch = -(-len(loaders["train"]) // accum)  # optimizer steps, for per-step schedules
     scheduler = b.build_scheduler(config["scheduler"], optimizer, steps_per_epoch=steps_per_epoch)
-    class_counts = [0] * len(data.class_names)
-    for _, target in data.samples["train"]:
-        class_counts[target] += 1
+    class_counts = count_classes(data.samples["train"], len(data.class_names))
     loss_fn = b.build_loss(config["loss"], class_counts=class_counts)
     if ckpt:
         scheduler_args = {k: v for k, v in (config["scheduler"] or {}).items() if not k.startswith("_")}
