@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config value that cannot be built; the message names the key."""
+
+
+class DataError(UserError):
+    """A problem with the user's data tree, reported before any training starts."""

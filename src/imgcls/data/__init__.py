@@ -1,20 +1,35 @@
-"""ImageFolder data: check the tree, decode every common image to RGB, build seeded loaders."""
+"""ImageFolder data: check the tree, decode every common image to RGB, build seeded loaders.
 
-from imgcls.data.check import DataReport
-from imgcls.data.folder import ImageFolderData, find_classes, scan_class
-from imgcls.data.images import BadImageError, load_image
-from imgcls.data.loading import DataError, ImageDataset, Normalize
-from imgcls.data.splits import fingerprint_changes
+Names are imported on first use: `from imgcls.data.images import load_image` (or listing) then
+costs no PyTorch import, which the ONNX predictor relies on."""
 
-__all__ = [
-    "BadImageError",
-    "DataError",
-    "DataReport",
-    "ImageDataset",
-    "ImageFolderData",
-    "Normalize",
-    "find_classes",
-    "fingerprint_changes",
-    "load_image",
-    "scan_class",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "BadImageError": "imgcls.data.images",
+    "DataError": "imgcls.errors",
+    "DataReport": "imgcls.data.check",
+    "ImageDataset": "imgcls.data.loading",
+    "ImageFolderData": "imgcls.data.folder",
+    "Normalize": "imgcls.data.loading",
+    "find_classes": "imgcls.data.listing",
+    "fingerprint_changes": "imgcls.data.splits",
+    "load_image": "imgcls.data.images",
+    "scan_class": "imgcls.data.listing",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'imgcls.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # once per name
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

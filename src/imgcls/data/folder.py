@@ -16,34 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from imgcls.cache import MODES, CachedImages, build_store
 from imgcls.data import check, splits
 from imgcls.data.images import DEFAULT_MAX_PIXELS
+from imgcls.data.listing import find_classes, scan_class
 from imgcls.data.loading import DataError, ImageDataset
 from imgcls.data.scan import scan_files
 from imgcls.sampling import EpochSampler, EpochSeeded, worker_init
 
 ON_BAD_IMAGE = ("error", "skip")
-
-
-def _visible(name: str) -> bool:
-    # .ipynb_checkpoints, .DS_Store, .git and friends are never classes or samples
-    return not name.startswith(".")
-
-
-def find_classes(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
-
-
-def scan_class(class_dir: Path, extensions: Sequence[str]) -> tuple[list[Path], list[Path]]:
-    """All image files below class_dir (sorted, recursive), and the files skipped for their suffix."""
-    keep, skipped = [], []
-    exts = {e.lower() for e in extensions}
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filenames):
-            if not _visible(name):
-                continue
-            path = Path(dirpath) / name
-            (keep if path.suffix.lower() in exts else skipped).append(path)
-    return keep, skipped
 
 
 class ImageFolderData:

@@ -10,11 +10,9 @@ from torch.utils.data import Dataset
 
 from imgcls.cache import decode
 from imgcls.data.images import DEFAULT_MAX_PIXELS, BadImageError
-from imgcls.errors import ConfigError, UserError
+from imgcls.errors import ConfigError, DataError
 
-
-class DataError(UserError):
-    """A problem with the user's data tree, reported before any training starts."""
+__all__ = ["DataError", "ImageDataset", "Normalize"]
 
 
 class ImageDataset(Dataset):
