@@ -11,41 +11,83 @@ from imgcls.cli import main_over_run
 
 def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     """Evaluate as conf/evaluate.yaml's keys say, with `overrides` applied to the run's saved
-    config; returns the new evaluation folder. Heavy imports live here so --help stays instant."""
+    config (to each member's, for an ensemble); returns the new evaluation folder. Heavy imports
+    live here so --help stays instant."""
     from loguru import logger
 
-    from imgcls import build as b
-    from imgcls.labels import checked_samples, labelled_samples
+    from imgcls.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
+    from imgcls.errors import ConfigError
+    from imgcls.inference import check_views
     from imgcls.log import setup_logging, teardown_logging
-    from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
+    from imgcls.runs import find_run, output_dir
 
-    run_dir = find_run(cfg["run_dir"])
-    checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
-    config, state = load_run(run_dir, checkpoint, overrides)  # every _target_ checked here
+    single, many = cfg.get("run_dir"), cfg.get("run_dirs")
+    if single and many:
+        raise ConfigError("set run_dir=<a run> or run_dirs=[<run>,<run>,...] (an ensemble), not both")
+    if not single and not many:
+        raise ConfigError(
+            "run_dir is required: set it on the command line, run_dir=... (or run_dirs=[a,b] for an ensemble)"
+        )
+    if many is not None and (isinstance(many, str) or len(many) < 2):
+        raise ConfigError(f"run_dirs={many}: an ensemble needs a list of at least two runs, run_dirs=[a,b]")
+    try:
+        views = check_views(cfg.get("tta_views") or []) if cfg.get("tta") else []
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.get("tta") and not views:
+        raise ConfigError("tta=true needs at least one view: tta_views=[hflip] (hflip, vflip, crops)")
     split = str(cfg["split"])
-    class_names = list(state["class_names"])
-    # the data next: a missing split or class folders that differ fail before any model is built
-    data = b.build_data(config["data"])
-    if checked_samples(data, split, class_names, state) is None:
-        labelled_samples(data, split, class_names)
-    restored = restore(config, state, checkpoint)
-    # class-weighted losses weigh by the train split's counts, which the checkpoint keeps
-    loss_fn = b.build_loss(config["loss"], class_counts=state.get("class_counts"))
-
-    label = str(cfg["checkpoint"]) if cfg["checkpoint"] in ("best", "last") else checkpoint.stem
+    # every member found, loaded and its data checked before any of them predicts
+    members: list[Member] = [load_member(find_run(d), cfg, overrides, split) for d in (many or [single])]
+    first = members[0]
+    for m in members[1:]:
+        if m.class_names != first.class_names:
+            raise ConfigError(
+                f"run_dirs: {m.run_dir} has the classes {m.class_names}, {first.run_dir} has "
+                f"{first.class_names}: an ensemble needs runs trained on the same classes"
+            )
+        if m.paths != first.paths:
+            raise ConfigError(
+                f"run_dirs: {m.run_dir}'s {split} split holds other files than {first.run_dir}'s "
+                f"({len(m.paths)} vs {len(first.paths)}): an ensemble is evaluated on one set of images"
+            )
+    suffix = "_tta" if views else ""
+    label = str(cfg["checkpoint"]) if cfg["checkpoint"] in ("best", "last") else first.checkpoint.stem
     if cfg.get("out_dir"):
         out = output_dir(Path(cfg["out_dir"]).parent, Path(cfg["out_dir"]).name, [])
+    elif many:
+        out = output_dir(ensemble_dir([m.run_dir for m in members]), f"{split}-{label}{suffix}", overrides)
     else:
-        out = output_dir(run_dir / "eval", f"{split}-{label}", overrides)
+        out = output_dir(first.run_dir / "eval", f"{split}-{label}{suffix}", overrides)
     log_ids = setup_logging(out / "inference.log")
     try:
-        logger.info(f"evaluating {checkpoint} (epoch {state.get('epoch', '?')}) on {split}: {data.root}")
+        for m in members:
+            logger.info(
+                f"evaluating {m.checkpoint} (epoch {m.state.get('epoch', '?')}) on {split}: {m.data.root}"
+                + (f", test-time augmentation over {', '.join(['identity', *views])}" if views else "")
+            )
         if overrides:
             logger.info(f"overrides of the run's config: {' '.join(overrides)}")
-        (out / "config.yaml").write_text(
-            _yaml({"evaluate": cfg, "overrides": overrides, "checkpoint": str(checkpoint), "run": config})
-        )
-        report(out, cfg, split, data, restored, loss_fn, state, checkpoint)
+        saved = {"evaluate": cfg, "overrides": overrides}
+        if many:
+            saved["members"] = [{"run_dir": str(m.run_dir), "checkpoint": str(m.checkpoint)} for m in members]
+        else:
+            saved |= {"checkpoint": str(first.checkpoint), "run": first.config}
+        (out / "config.yaml").write_text(_yaml(saved))
+        for m in members:
+            m.predict(views, float(cfg.get("tta_crop_scale", 1.15)))
+        if many:
+            k = max(1, min(int(cfg["top_k"]), len(first.class_names)))
+            rows = [member_row(m, split, k, int(cfg["calibration_bins"])) for m in members]
+            p = ensemble_predictions([m.predictions for m in members])
+            source = {"members": rows, "combination": "mean of the members' softmax probabilities"}
+            title = f"{split}, ensemble of {len(members)} runs"
+            report(out, cfg, split, first.data, p, epoch=0, title=title, source=source, members=rows)
+        else:
+            source = {"checkpoint": str(first.checkpoint)}
+            title = f"{split}, {first.checkpoint.name} (epoch {int(first.state.get('epoch', 0))})"
+            report(out, cfg, split, first.data, first.predictions, epoch=int(first.state.get("epoch", 0)),
+                   title=title, source=source, state=first.state)  # fmt: skip
         logger.info(f"results in {out}")
         return out
     except Exception as exc:
@@ -55,8 +97,12 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         teardown_logging(log_ids)
 
 
-def report(out: Path, cfg: dict, split: str, data, restored, loss_fn, state: dict, checkpoint: Path) -> None:
-    """Predict every sample of `split`, then write the files, TensorBoard entries and console tables."""
+def report(
+    out: Path, cfg: dict, split: str, data, p, *, epoch: int, title: str, source: dict,
+    state: dict | None = None, members: list[dict] | None = None,
+) -> None:  # fmt: skip
+    """Write the files, TensorBoard entries and console tables of one split's predictions `p`
+    (a run's, or an ensemble's with each member's figures in `members`)."""
     import matplotlib.pyplot as plt
     import numpy as np
     from loguru import logger
@@ -64,25 +110,27 @@ def report(out: Path, cfg: dict, split: str, data, restored, loss_fn, state: dic
 
     from imgcls import metrics as m
     from imgcls import tables
-    from imgcls.inference import predict, topk_indices
     from imgcls.plots import error_grid_figure, reliability_figure
-    from imgcls.reports import confusion, confusion_figure, prediction_rows, report_text, write_csv
+    from imgcls.reports import (
+        confusion,
+        confusion_figure,
+        prediction_rows,
+        report_text,
+        topk_indices,
+        write_csv,
+    )
 
     class_names = data.class_names
-    pipeline = (
-        restored.pipelines["val"]
-        if split == "train"
-        else restored.pipelines.get(split, restored.pipelines["val"])
-    )
-    loader = data.loader(split, pipeline, train=False, pin_memory=restored.device.type == "cuda")
-    p = predict(
-        restored.model, loader, restored.device, restored.normalize, loss_fn=loss_fn,
-        channels_last=restored.channels_last, description=split, log_every=restored.log_every,
-    )  # fmt: skip
     k = max(1, min(int(cfg["top_k"]), len(class_names)))
     n_bins = int(cfg["calibration_bins"])
-    epoch = int(state.get("epoch", 0))
     metrics = m.summary(split, p, k, n_bins)
+    extra: dict = {}
+    if p.plain is not None:  # test-time augmentation: the same images without it, for comparison
+        views = ["identity", *(cfg.get("tta_views") or [])]
+        extra["tta"] = {"views": views, "crop_scale": cfg.get("tta_crop_scale"),
+                        "without_tta": m.summary(split, p.plain, k, n_bins)}  # fmt: skip
+    if members:
+        extra["members"] = members
     paths = [path for path, _ in data.samples[split]]
     probs, confidence = p.probs, p.confidence
 
@@ -99,9 +147,10 @@ def report(out: Path, cfg: dict, split: str, data, restored, loss_fn, state: dic
                 **metrics,
                 "epoch": epoch,
                 "split": split,
-                "checkpoint": str(checkpoint),
+                **source,
                 "top_k": k,
                 "calibration_bins": n_bins,
+                **extra,
             },
             indent=2,
         )
@@ -113,7 +162,6 @@ def report(out: Path, cfg: dict, split: str, data, restored, loss_fn, state: dic
     acc = metrics[f"{split}/acc"]
     wrong = np.flatnonzero(~p.correct)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: int(cfg["errors_shown"])]
-    title = f"{split}, {checkpoint.name} (epoch {epoch})"
     figures = {
         "confusion_matrix": confusion_figure(
             cm, class_names, f"{title}: accuracy {acc:.4f} ({cm.sum()} images)"
@@ -146,24 +194,33 @@ def report(out: Path, cfg: dict, split: str, data, restored, loss_fn, state: dic
     finally:
         writer.close()
 
-    overall = [
-        ("split", f"{split} ({data.root / data.split_dirs[split]})"),
-        ("checkpoint", f"{checkpoint} (epoch {epoch})"),
+    overall = [("split", f"{split} ({data.root / data.split_dirs[split]})")]
+    if "checkpoint" in source:
+        overall.append(("checkpoint", f"{source['checkpoint']} (epoch {epoch})"))
+    else:
+        overall.append(("ensemble", f"{len(members or [])} runs, {source.get('combination')}"))
+    overall += [
         ("samples", str(len(paths))),
         ("accuracy", f"{acc:.4f} ({int(p.correct.sum())}/{len(paths)})"),
         (f"top-{k} accuracy", f"{metrics[f'{split}/acc_top{k}']:.4f}"),
         ("mean loss", f"{metrics[f'{split}/loss']:.4f}"),
         (f"ECE ({n_bins} bins)", f"{metrics[f'{split}/ece']:.4f}"),
     ]
-    recorded = {int(h["epoch"]): h for h in state.get("history", []) if "epoch" in h}
+    recorded = {int(h["epoch"]): h for h in (state or {}).get("history", []) if "epoch" in h}
     if split == "val" and epoch in recorded:
         overall.append(("val acc in training", f"{recorded[epoch]['val/acc']:.4f} (epoch {epoch})"))
+    if "tta" in extra:
+        plain = extra["tta"]["without_tta"]
+        overall.append(("without TTA", f"accuracy {plain[f'{split}/acc']:.4f}, loss {plain[f'{split}/loss']:.4f}, "
+                                       f"ECE {plain[f'{split}/ece']:.4f} (views: {', '.join(extra['tta']['views'])})"))  # fmt: skip
+    shown = [tables.metrics_table("evaluation", overall)]
+    if members:
+        ensemble_row = {"run_dir": "ensemble", "epoch": "", "acc": acc, "top_k_acc": metrics[f"{split}/acc_top{k}"],
+                        "loss": metrics[f"{split}/loss"], "ece": metrics[f"{split}/ece"]}  # fmt: skip
+        write_csv(out / "members.csv", [*members, ensemble_row])
+        shown.append(tables.members_table([*members, ensemble_row], k))
     text = tables.show(
-        [
-            tables.metrics_table("evaluation", overall),
-            tables.class_table(scores),
-            tables.confused_table(m.confused_pairs(cm, class_names)),
-        ]
+        [*shown, tables.class_table(scores), tables.confused_table(m.confused_pairs(cm, class_names))]
     )
     logger.debug("\n" + text)  # the file sink only: the console already shows the tables
     logger.info(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +14,7 @@ from torch import nn
 # val split and the best checkpoint then equals the one recorded in training, bit for bit
 from imgcls.engine import _to_device
 from imgcls.log import progress
+from imgcls.reports import topk_indices  # noqa: F401  (torch-free, for the ONNX predictor; re-exported)
 
 
 @dataclass
@@ -24,6 +25,10 @@ class Predictions:
     preds: np.ndarray  # (N,) argmax on the device, as engine.evaluate takes it
     targets: np.ndarray  # (N,)
     losses: np.ndarray | None  # (N,) the configured loss of each sample
+
+    # with test-time augmentation: logits are the log of the views' mean probabilities, and
+    # `plain` holds the predictions of the unaugmented images alone (the numbers without TTA)
+    plain: Predictions | None = None
 
     @property
     def probs(self) -> np.ndarray:
@@ -51,6 +56,37 @@ def per_sample_loss(loss_fn: Callable) -> Callable:
     )
 
 
+TTA_VIEWS = ("hflip", "vflip", "crops")
+
+
+def check_views(views: Sequence[str]) -> list[str]:
+    unknown = [v for v in views if v not in TTA_VIEWS]
+    if unknown:
+        raise ValueError(
+            f"tta_views: {', '.join(map(str, unknown))} unknown; choose from {', '.join(TTA_VIEWS)}"
+        )
+    return list(dict.fromkeys(views))
+
+
+def augmented_views(images: torch.Tensor, views: Sequence[str], crop_scale: float) -> list[torch.Tensor]:
+    """The batch itself first, then each view: horizontal and vertical flips, and `crops`: the four
+    corners and the center of the batch enlarged by crop_scale (bilinear), each at the input size."""
+    out = [images]
+    for view in views:
+        if view == "hflip":
+            out.append(images.flip(-1))
+        elif view == "vflip":
+            out.append(images.flip(-2))
+        elif view == "crops":
+            h, w = images.shape[-2:]
+            big_h, big_w = max(h, round(h * crop_scale)), max(w, round(w * crop_scale))
+            big = nn.functional.interpolate(images, size=(big_h, big_w), mode="bilinear", align_corners=False)
+            dy, dx = big_h - h, big_w - w
+            for top, left in [(0, 0), (0, dx), (dy, 0), (dy, dx), (dy // 2, dx // 2)]:
+                out.append(big[..., top : top + h, left : left + w])
+    return out
+
+
 @torch.inference_mode()
 def predict(
     model: nn.Module,
@@ -62,15 +98,32 @@ def predict(
     channels_last: bool = False,
     description: str = "predict",
     log_every: int = 50,
+    views: Sequence[str] = (),
+    crop_scale: float = 1.15,
 ) -> Predictions:
-    """Run the model in eval mode over the loader; the loss is computed when loss_fn is given."""
+    """Run the model in eval mode over the loader; the loss is computed when loss_fn is given.
+
+    With `views` (test-time augmentation, see augmented_views) each sample's prediction is the mean
+    of its views' softmax probabilities, and its loss the configured loss of their log."""
     model.eval()
+    views = check_views(views)
     sample_loss = per_sample_loss(loss_fn) if loss_fn is not None else None
     logits_all, preds_all, targets_all, losses_all = [], [], [], []
+    plain_logits, plain_preds, plain_losses = [], [], []
     with progress(description, len(loader), every=log_every) as advance:
         for batch in loader:
             images, targets = _to_device(batch, device, normalize, channels_last)
             logits = model(images)
+            if views:
+                plain_logits.append(logits.float())
+                plain_preds.append(logits.argmax(1))
+                if sample_loss is not None:
+                    plain_losses.append(sample_loss(logits, targets).double())
+                probs = torch.stack(
+                    [logits.float().softmax(1)]
+                    + [model(v).float().softmax(1) for v in augmented_views(images, views, crop_scale)[1:]]
+                ).mean(0)
+                logits = probs.log()  # softmax(log p) = p: every consumer of logits sees the mean
             preds_all.append(logits.argmax(1))
             logits_all.append(logits.float())
             targets_all.append(targets)
@@ -79,15 +132,10 @@ def predict(
             advance()
     if not logits_all:
         raise ValueError("no samples to predict")
-    return Predictions(
-        logits=torch.cat(logits_all).cpu().numpy(),
-        preds=torch.cat(preds_all).cpu().numpy(),
-        targets=torch.cat(targets_all).cpu().numpy(),
-        losses=torch.cat(losses_all).cpu().numpy() if losses_all else None,
-    )
 
+    def cat(parts: list[torch.Tensor]) -> np.ndarray | None:
+        return torch.cat(parts).cpu().numpy() if parts else None
 
-def topk_indices(logits: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) class indices, best first; ties go to the lower index, as argmax breaks them, so
-    the first column is always the prediction."""
-    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    targets_np = cat(targets_all)
+    plain = Predictions(cat(plain_logits), cat(plain_preds), targets_np, cat(plain_losses)) if views else None
+    return Predictions(cat(logits_all), cat(preds_all), targets_np, cat(losses_all), plain=plain)

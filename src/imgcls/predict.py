@@ -42,6 +42,17 @@ def collect_images(inputs: str | Sequence[str], extensions: Sequence[str]) -> li
 
 def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     """Predict as conf/predict.yaml's keys say; returns the folder holding predictions.csv."""
+    from imgcls.errors import ConfigError
+
+    if cfg.get("onnx") and cfg.get("run_dir"):
+        raise ConfigError("set run_dir=<a training run> or onnx=<an exported .onnx file>, not both")
+    if cfg.get("onnx"):
+        return run_onnx(cfg, overrides)
+    if not cfg.get("run_dir"):
+        raise ConfigError(
+            "run_dir is required: run_dir=outputs/<date>/<time>_<name> (a training run), "
+            "or onnx=<run>/export/best.onnx (an exported model)"
+        )
     from datetime import datetime
 
     from loguru import logger
@@ -98,6 +109,65 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         teardown_logging(log_ids)
 
 
+def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
+    """The same predictions.csv and console table from an exported ONNX model under ONNX Runtime,
+    with the preprocessing its metadata documents: no PyTorch, no training code."""
+    from datetime import datetime
+
+    import numpy as np
+    from loguru import logger
+
+    from imgcls import tables
+    from imgcls.errors import ConfigError
+    from imgcls.exported import OnnxClassifier, softmax
+    from imgcls.log import progress, setup_logging, teardown_logging
+    from imgcls.reports import prediction_rows, topk_indices, write_csv
+    from imgcls.runs import output_dir
+
+    if overrides:
+        raise ConfigError(
+            f"{' '.join(overrides)}: an exported model has no run config to override; "
+            "predict's own keys are listed by --help"
+        )
+    model = OnnxClassifier(Path(cfg["onnx"]).expanduser())
+    data = model.metadata.get("config", {}).get("data", {})
+    files = collect_images(cfg["inputs"], data.get("extensions") or [".jpg", ".jpeg", ".png"])
+    if cfg.get("out_dir"):
+        out = output_dir(Path(cfg["out_dir"]).parent, Path(cfg["out_dir"]).name, [])
+    else:
+        out = output_dir(model.path.parent / "predict", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), [])
+    log_ids = setup_logging(out / "predict.log")
+    try:
+        logger.info(f"predicting {len(files)} image(s) with {model.path} (ONNX Runtime)")
+        (out / "config.yaml").write_text(_yaml({"predict": cfg, "onnx": str(model.path)}))
+        batch_size = int(data.get("batch_size") or 32)
+        logits = []
+        with progress("predict", -(-len(files) // batch_size)) as advance:
+            for start in range(0, len(files), batch_size):
+                batch = [
+                    model.preprocess(f, data.get("max_image_pixels"))
+                    for f in files[start : start + batch_size]
+                ]
+                logits.append(model.logits(np.stack(batch)))
+                advance()
+        logits = np.concatenate(logits)
+        probs = softmax(logits)
+        k = max(1, min(int(cfg["top_k"]), len(model.class_names)))
+        rows = prediction_rows(
+            [str(f) for f in files], probs, logits.argmax(1), topk_indices(logits, k), model.class_names
+        )
+        write_csv(out / "predictions.csv", rows)
+        text = tables.show([tables.predictions_table(rows, k, int(cfg["console_rows"]))])
+        logger.debug("\n" + text)
+        logger.info(f"predictions for {len(rows)} image(s) in {out / 'predictions.csv'}")
+        return out
+    except Exception as exc:
+        logger.error(f"prediction failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        teardown_logging(log_ids)
+
+
 def _yaml(data: Any) -> str:
     import yaml
 
@@ -105,7 +175,7 @@ def _yaml(data: Any) -> str:
 
 
 def main() -> None:
-    main_over_run("predict", run)
+    main_over_run("predict", run, path_keys=("run_dir", "checkpoint", "out_dir", "onnx"))
 
 
 if __name__ == "__main__":

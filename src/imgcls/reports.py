@@ -86,6 +86,12 @@ def write_split_report(
     return text
 
 
+def topk_indices(logits: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) class indices, best first; ties go to the lower index, as argmax breaks them, so
+    the first column is always the prediction."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
 def prediction_rows(
     paths: Sequence[str],
     probs: np.ndarray,

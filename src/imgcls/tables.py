@@ -78,3 +78,19 @@ def show(tables: Sequence[Table]) -> str:
     for t in tables:
         plain.print(t)
     return buf.getvalue()
+
+
+def members_table(rows: Sequence[dict], k: int) -> Table:
+    """An ensemble: each member's figures, then the ensemble's (the last row)."""
+    table = Table(title="ensemble members", box=box.SIMPLE_HEAVY, title_justify="left")
+    table.add_column("run", overflow="fold")
+    for name in ("epoch", "accuracy", f"top-{k}", "loss", "ECE"):
+        table.add_column(name, justify="right")
+    for i, r in enumerate(rows):
+        if i == len(rows) - 1:
+            table.add_section()
+        table.add_row(
+            r["run_dir"], str(r["epoch"]), f"{r['acc']:.4f}", f"{r['top_k_acc']:.4f}",
+            f"{r['loss']:.4f}", f"{r['ece']:.4f}", style="bold" if i == len(rows) - 1 else None,
+        )  # fmt: skip
+    return table

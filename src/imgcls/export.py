@@ -1,0 +1,354 @@
+"""`python -m imgcls.export run_dir=... format=onnx|torchscript|safetensors`: a deployable model
+next to the run, checked against PyTorch on real validation images before it is kept."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from imgcls.cli import main_over_run
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+DECODE = "8-bit RGB: EXIF orientation applied, alpha composited onto white (imgcls.data.images.load_image)"
+
+
+def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
+    """Export as conf/export.yaml's keys say; returns the exported file."""
+    from loguru import logger
+
+    from imgcls import build as b
+    from imgcls.errors import ConfigError
+    from imgcls.exported import ExportError, preprocessing_steps
+    from imgcls.labels import checked_samples, labelled_samples
+    from imgcls.log import setup_logging, teardown_logging
+    from imgcls.runs import find_checkpoint, find_run, load_run, restore
+
+    fmt = str(cfg["format"])
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt}: choose one of {', '.join(FORMATS)}")
+    if float(cfg["tolerance"]) < 0 or int(cfg["verify_images"]) < 1:
+        raise ConfigError("tolerance must be >= 0 and verify_images >= 1")
+    run_dir = find_run(cfg["run_dir"])
+    checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
+    config, state = load_run(run_dir, checkpoint, overrides)
+    config = {**config, "device": "cpu", "trainer": {**config.get("trainer", {}), "channels_last": False}}
+    class_names = list(state["class_names"])
+    split = str(cfg["split"])
+    data = b.build_data(config["data"])
+    if checked_samples(data, split, class_names, state) is None:
+        labelled_samples(data, split, class_names)
+    restored = restore(config, state, checkpoint)  # on the CPU, in fp32: the reference outputs
+    images = _verification_batch(data, split, restored.pipelines["val"], int(cfg["verify_images"]))
+
+    out_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else run_dir / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = str(cfg["checkpoint"]) if cfg["checkpoint"] in ("best", "last") else checkpoint.stem
+    target = out_dir / f"{label}{FORMATS[fmt]}"
+    log_ids = setup_logging(out_dir / "export.log")
+    try:
+        steps, problem = preprocessing_steps(
+            config["transforms"].get("val") or [], config["data"].get("cache_size")
+        )
+        norm = config["transforms"]["normalize"]
+        metadata = {
+            "format_version": 1,
+            "format": fmt,
+            "imgcls_version": _version(),
+            "class_names": class_names,
+            "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
+                      "height": int(images.shape[2]), "width": int(images.shape[3]), "batch": "dynamic"},
+            "output": {"name": "logits", "meaning": "class scores in class_names order; softmax gives probabilities"},
+            "preprocessing": {
+                "decode": DECODE, "steps": steps, "torch_free_problem": problem,
+                "normalize": {"mean": list(norm["mean"]), "std": list(norm["std"]), "formula": "(x / 255 - mean) / std",
+                              "in_model": fmt != "safetensors"},
+            },
+            "source": {"run_dir": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve()),
+                       "epoch": int(state.get("epoch", 0)), "split_checked": split},
+            "config": config,
+        }  # fmt: skip
+        logger.info(f"exporting {checkpoint} (epoch {state.get('epoch', '?')}) as {fmt} to {target}")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            check = _write_and_check(fmt, tmp, restored, images, metadata, float(cfg["tolerance"]), cfg)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if not check["passed"]:
+            rejected = target.with_name(target.name + ".rejected")
+            os.replace(tmp, rejected)
+            raise ExportError(
+                f"{fmt} export does not match PyTorch: max |logit difference| {check['max_abs_diff']:.3g} > "
+                f"{check['allowed_abs_diff']:.3g} (tolerance {check['tolerance']:.3g} x the largest |logit| "
+                f"{check['logit_scale']:.3g}), top-1 agrees on {check['top1_agree']}/{check['images']} "
+                f"images; kept as {rejected} for inspection, {target} left as it was"
+            )
+        os.replace(tmp, target)  # atomically: an earlier export stays whole until this one is checked
+        (target.with_name(target.name + ".check.json")).write_text(json.dumps(check, indent=2) + "\n")
+        logger.info(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB); check: {_describe(check)}")
+        if problem and fmt == "onnx":
+            logger.warning(f"{problem}: python -m imgcls.predict onnx=... will refuse this export")
+        return target
+    except Exception as exc:
+        logger.error(f"export failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        teardown_logging(log_ids)
+
+
+def _verification_batch(data, split: str, pipeline, n: int):
+    """n images spread evenly over the split (every class, not the first folder's), through the
+    eval pipeline as evaluation feeds them: a uint8 NCHW batch."""
+    import torch
+
+    from imgcls.exported import ExportError
+
+    dataset = data.dataset(split, pipeline)
+    count = len(dataset)
+    picks = sorted({round(i * (count - 1) / max(n - 1, 1)) for i in range(min(n, count))})
+    tensors = [dataset[i][0] for i in picks]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ExportError(
+            f"the eval pipeline (transforms.val) gives images of different sizes {sorted(shapes)}: an "
+            "export needs one input size; end transforms.val with a CenterCrop (or a Resize to [h, w])"
+        )
+    batch = torch.stack(tensors)
+    batch.paths = [data.samples[split][i][0] for i in picks]  # type: ignore[attr-defined]
+    return batch
+
+
+def _write_and_check(
+    fmt: str, path: Path, restored, images, metadata: dict, tolerance: float, cfg: dict
+) -> dict:
+    import torch
+    from torch import nn
+
+    class Exportable(nn.Module):
+        """uint8 NCHW RGB in, logits out: normalization is part of the exported model."""
+
+        def __init__(self, normalize: nn.Module, model: nn.Module):
+            super().__init__()
+            self.normalize, self.model = normalize, model
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.model(self.normalize(images))
+
+    model = Exportable(restored.normalize.cpu(), restored.model.cpu()).eval()
+    with torch.inference_mode():
+        reference = model(images).float()
+        single = model(images[:1]).float()
+    if fmt == "onnx":
+        outputs, extra = _onnx(path, model, images, metadata, cfg)
+    elif fmt == "torchscript":
+        outputs, extra = _torchscript(path, model, images, metadata)
+    else:
+        outputs, extra = _safetensors(path, restored, images, metadata)
+    got, got_single = (torch.as_tensor(o).float() for o in outputs)
+    diff = max((got - reference).abs().max().item(), (got_single - single).abs().max().item())
+    agree = int((got.argmax(1) == reference.argmax(1)).sum())
+    # float32 rounding grows with the logits' size: the tolerance is relative to the largest |logit|
+    scale = max(1.0, reference.abs().max().item(), single.abs().max().item())
+    return {
+        "format": fmt,
+        "images": int(images.shape[0]),
+        "batch_sizes_checked": [int(images.shape[0]), 1],
+        "max_abs_diff": diff,
+        "logit_scale": scale,
+        "tolerance": tolerance,
+        "allowed_abs_diff": tolerance * scale,
+        "top1_agree": agree,
+        "passed": diff <= tolerance * scale and agree == images.shape[0],
+        "checked_files": list(images.paths),
+        **extra,
+    }
+
+
+def _describe(check: dict) -> str:
+    text = (
+        f"max |logit difference| {check['max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g} x the largest "
+        f"|logit| {check['logit_scale']:.3g} = {check['allowed_abs_diff']:.3g}) on "
+        f"{check['images']} real images, batch sizes {check['batch_sizes_checked']}; top-1 agrees on "
+        f"{check['top1_agree']}/{check['images']}"
+    )
+    if "torch_free" in check:
+        tf = check["torch_free"]
+        text += (
+            f"; torch-free preprocessing (Pillow): max pixel difference {tf['max_pixel_diff']}/255, "
+            f"max |logit difference| {tf['max_abs_diff']:.3g}, top-1 agrees on {tf['top1_agree']}/{check['images']}"
+        )
+    return text
+
+
+def _tensor_bytes(state: dict) -> list[tuple[str, bytes]]:
+    return [
+        (k, v.detach().cpu().contiguous().reshape(-1).view(-1).numpy().tobytes()) for k, v in state.items()
+    ]
+
+
+def _onnx(path: Path, model, images, metadata: dict, cfg: dict):
+    import logging
+    import warnings
+
+    import numpy as np
+    import onnx
+    import torch
+    from loguru import logger
+
+    from imgcls.data.images import DEFAULT_MAX_PIXELS, load_image
+    from imgcls.exported import METADATA_KEY, OnnxClassifier, apply_steps, onnx_digest
+
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their optimizer passes log at INFO, per pass
+        logging.getLogger(name).setLevel(logging.WARNING)
+    opset = cfg.get("opset")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (images,), str(path), input_names=["images"], output_names=["logits"], dynamo=True,
+                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=opset,
+                external_data=False, verbose=False,
+            )  # fmt: skip
+    except Exception as exc:  # the exporter raises many types; the TorchScript-based one may still work
+        logger.warning(f"torch.export-based ONNX export failed ({type(exc).__name__}: {exc}); trying the "
+                       "TorchScript-based exporter")  # fmt: skip
+        torch.onnx.export(
+            model, (images,), str(path), input_names=["images"], output_names=["logits"], dynamo=False,
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset or 17,
+        )  # fmt: skip
+    proto = onnx.load(str(path))
+    metadata = {**metadata, "weights_sha256": onnx_digest(proto)}
+    del proto.metadata_props[:]
+    for key, value in {
+        METADATA_KEY: json.dumps(metadata),
+        "class_names": json.dumps(metadata["class_names"]),
+        "preprocessing": json.dumps(metadata["preprocessing"]),
+    }.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    session = OnnxClassifier(path)  # read back as predict reads it: digest, metadata, ONNX Runtime
+    batch = images.numpy()
+    outputs = (session.logits(batch), session.logits(batch[:1]))
+    extra: dict = {"opset": int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))}
+    if not metadata["preprocessing"]["torch_free_problem"]:
+        # the predictor's own preprocessing (Pillow, no torch) on the same files, against the pipeline's
+        max_pixels = metadata["config"]["data"].get("max_image_pixels") or DEFAULT_MAX_PIXELS
+        own = np.stack([apply_steps(load_image(p, max_pixels), session.steps) for p in images.paths])
+        pixel = (
+            int(np.abs(own.astype(np.int16) - batch.astype(np.int16)).max())
+            if own.shape == batch.shape
+            else None
+        )
+        if pixel is None:
+            raise RuntimeError(
+                f"torch-free preprocessing gives {own.shape[1:]}, the pipeline {batch.shape[1:]}"
+            )
+        logits = session.logits(own)
+        with torch.inference_mode():
+            reference = model(images).numpy()
+        extra["torch_free"] = {
+            "max_pixel_diff": pixel,
+            "max_abs_diff": float(np.abs(logits - reference).max()),
+            "top1_agree": int((logits.argmax(1) == reference.argmax(1)).sum()),
+        }
+    return outputs, extra
+
+
+def _torchscript(path: Path, model, images, metadata: dict):
+    import warnings
+
+    import torch
+
+    from imgcls.exported import weights_digest
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, and still works
+        traced = torch.jit.trace(model, images, check_trace=False)
+        metadata = {**metadata, "weights_sha256": weights_digest(_tensor_bytes(traced.state_dict()))}
+        torch.jit.save(traced, str(path), _extra_files={"imgcls.json": json.dumps(metadata)})
+        loaded, _ = read_torchscript(path)
+        with torch.inference_mode():
+            return (loaded(images), loaded(images[:1])), {}
+
+
+def read_torchscript(path: Path):
+    """(scripted module, metadata), refusing a file whose weights changed since export."""
+    import warnings
+
+    import torch
+
+    from imgcls.exported import ExportError, parse_metadata, weights_digest
+
+    files = {"imgcls.json": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    except Exception as exc:  # torch raises RuntimeError and zip errors alike
+        raise ExportError(
+            f"{path}: not a readable TorchScript file ({type(exc).__name__}): export it again"
+        ) from None
+    meta = parse_metadata(files["imgcls.json"], Path(path))
+    if weights_digest(_tensor_bytes(module.state_dict())) != meta.get("weights_sha256"):
+        raise ExportError(f"{path}: its weights changed since export (digest mismatch): export it again")
+    return module.eval(), meta
+
+
+def _safetensors(path: Path, restored, images, metadata: dict):
+    import copy
+
+    import torch
+    from safetensors.torch import save_file
+
+    from imgcls.exported import METADATA_KEY, weights_digest
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in restored.model.state_dict().items()}
+    metadata = {**metadata, "weights_sha256": weights_digest(_tensor_bytes(state))}
+    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+    loaded, _ = read_safetensors(path)
+    fresh = copy.deepcopy(restored.model)
+    fresh.load_state_dict(loaded, strict=True)
+    fresh.eval()
+    with torch.inference_mode():
+        x = restored.normalize(images)
+        return (fresh(x), fresh(x[:1])), {}
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(state dict, metadata), refusing a file whose weights changed since export. Load the state
+    dict into the model that metadata["config"]["model"] builds (normalization is not inside)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    from imgcls.exported import METADATA_KEY, ExportError, parse_metadata, weights_digest
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{path}: not a readable safetensors file ({exc}): export it again") from None
+    if METADATA_KEY not in header:
+        raise ExportError(f"{path}: a safetensors file without imgcls metadata: export it with imgcls.export")
+    meta = parse_metadata(header[METADATA_KEY], Path(path))
+    if weights_digest(_tensor_bytes(state)) != meta.get("weights_sha256"):
+        raise ExportError(f"{path}: its weights changed since export (digest mismatch): export it again")
+    return state, meta
+
+
+def _version() -> str:
+    from imgcls import __version__
+
+    return __version__
+
+
+def main() -> None:
+    main_over_run("export", run)
+
+
+if __name__ == "__main__":
+    main()
