@@ -72,9 +72,8 @@ def ensemble_predictions(members: list[Any]):
 
     probs = np.mean([p.probs for p in members], axis=0)
     targets = members[0].targets
-    with np.errstate(divide="ignore"):
-        log_probs = np.log(probs)
-    losses = -np.log(np.maximum(probs[np.arange(len(targets)), targets], np.finfo(np.float64).tiny))
+    log_probs = np.log(np.maximum(probs, np.finfo(np.float64).tiny))  # a 0 is floored, not -inf
+    losses = -log_probs[np.arange(len(targets)), targets]
     return Predictions(log_probs.astype(np.float32), probs.argmax(1), targets, losses)
 
 

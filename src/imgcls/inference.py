@@ -119,11 +119,13 @@ def predict(
                 plain_preds.append(logits.argmax(1))
                 if sample_loss is not None:
                     plain_losses.append(sample_loss(logits, targets).double())
+                # in float64: a confident model's small probabilities would underflow float32 to 0
                 probs = torch.stack(
-                    [logits.float().softmax(1)]
-                    + [model(v).float().softmax(1) for v in augmented_views(images, views, crop_scale)[1:]]
+                    [logits.double().softmax(1)]
+                    + [model(v).double().softmax(1) for v in augmented_views(images, views, crop_scale)[1:]]
                 ).mean(0)
-                logits = probs.log()  # softmax(log p) = p: every consumer of logits sees the mean
+                # softmax(log p) = p: every consumer of logits sees the mean (a 0 is floored, not -inf)
+                logits = probs.clamp_min(torch.finfo(torch.float64).tiny).log()
             preds_all.append(logits.argmax(1))
             logits_all.append(logits.float())
             targets_all.append(targets)
