@@ -77,3 +77,25 @@ def test_a_run_gives_the_same_results_with_and_without_the_cache(tmp_path):
     a = torch.load(runs["none"] / "weights" / "last.pt", weights_only=True)["model"]
     b = torch.load(runs["memory"] / "weights" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("size", [None, 12])
+def test_header_shapes_equal_decoded_shapes(tmp_path, size):
+    """The cache sizes its buffer from headers before decoding: EXIF rotations and the shorter-side
+    resize must give exactly the shape a decode does."""
+    from PIL import Image
+
+    from imgcls.cache import decode, decoded_shape
+
+    im = Image.new("RGB", (40, 24), (10, 200, 30))
+    paths = []
+    for orientation in (1, 3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        paths.append(tmp_path / f"o{orientation}.jpg")
+        im.save(paths[-1], exif=exif)
+    Image.new("RGB", (9, 30)).save(tmp_path / "small.png")  # shorter side below size: never enlarged
+    paths.append(tmp_path / "small.png")
+    for path in paths:
+        assert decoded_shape(path, size) == tuple(decode(path, size).shape), path
+    assert decoded_shape(paths[2]) == (3, 40, 24)  # orientation 6: stored sideways

@@ -38,6 +38,23 @@ def decode(path: str | Path, size: int | None = None, max_pixels: int | None = N
     return TF.pil_to_tensor(image)
 
 
+def decoded_shape(path: str | Path, size: int | None = None) -> tuple[int, int, int]:
+    """The CHW shape `decode(path, size)` returns, from the file's header alone (EXIF rotations by
+    90 degrees swap the sides)."""
+    with Image.open(path) as im:  # the header only: Pillow decodes nothing until load()
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:  # a corrupt EXIF block: load_image keeps the pixels as stored
+            orientation = 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    if size and min(w, h) > size:
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+    return 3, h, w
+
+
 def fingerprint(paths: list[str], size: int | None) -> str:
     """Changes when a file is added, removed, replaced or touched, or the size changes."""
     h = hashlib.sha256(json.dumps(size).encode())
@@ -96,28 +113,48 @@ def build_store(samples, mode: str, size: int | None, folder: Path, max_pixels: 
             logger.info(f"image cache: reusing {data_file} ({offsets[-1] / 2**20:.0f} MiB)")
             return Store(str(data_file), offsets, shapes)
 
-    # decoded first, then copied: the build peaks at about twice the cache's size, the run after it
-    # holds the cache once
     def load(path: str) -> torch.Tensor:
         try:
             return decode(path, size, max_pixels)
         except Exception as exc:
             raise DataError(f"cannot decode image {path}: {exc}") from exc
 
-    # threads, not processes: PIL releases the GIL while it decodes and resizes
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        images = list(pool.map(load, paths))
-    shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
-    offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
-    if mode == "memory":
-        pixels = torch.empty(int(offsets[-1]), dtype=torch.uint8).share_memory_()
-    else:
+    def allocate(nbytes: int) -> torch.Tensor:
+        if mode == "memory":
+            return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.u8.tmp-{os.getpid()}"
-        pixels = torch.from_numpy(np.memmap(tmp, np.uint8, mode="w+", shape=(max(int(offsets[-1]), 1),)))
-    for im, a, b in zip(images, offsets[:-1], offsets[1:], strict=True):
-        pixels[int(a) : int(b)] = im.reshape(-1)
-    logger.info(f"image cache ({mode}): {len(images)} images, {offsets[-1] / 2**20:.0f} MiB")
+        return torch.from_numpy(np.memmap(tmp, np.uint8, mode="w+", shape=(max(nbytes, 1),)))
+
+    tmp = folder / f".{key}.u8.tmp-{os.getpid()}" if mode == "disk" else None
+    # each image's size from its header first, so the buffer is allocated once and every image is
+    # decoded straight into its place: the build holds the cache plus the images in flight (one
+    # per thread), not a second copy of it. Threads, not processes: PIL releases the GIL.
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        shapes = np.array(list(pool.map(lambda p: decoded_shape(p, size), paths)), np.int64).reshape(-1, 3)
+        offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
+        pixels = allocate(int(offsets[-1]))
+
+        def fill(i: int, buffer: torch.Tensor) -> bool:
+            image = load(paths[i])
+            if tuple(image.shape) != tuple(shapes[i]):
+                return False
+            buffer[int(offsets[i]) : int(offsets[i + 1])] = image.reshape(-1)
+            return True
+
+        filled = pool.map(fill, range(len(paths)), [pixels] * len(paths))
+        wrong = [paths[i] for i, ok in enumerate(filled) if not ok]
+        if wrong:  # a header that disagrees with its pixels: decode everything first, then copy
+            logger.warning(f"image cache: {len(wrong)} file(s) decode to another size than their header "
+                           f"says ({', '.join(wrong[:3])}); building the cache the slow way (twice its size)")  # fmt: skip
+            pixels = None  # freed before the second buffer
+            images = list(pool.map(load, paths))
+            shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
+            offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
+            pixels = allocate(int(offsets[-1]))
+            for im, a, b in zip(images, offsets[:-1], offsets[1:], strict=True):
+                pixels[int(a) : int(b)] = im.reshape(-1)
+            del images
+    logger.info(f"image cache ({mode}): {len(paths)} images, {offsets[-1] / 2**20:.0f} MiB")
     if mode == "memory":
         return Store(pixels, offsets, shapes)
     del pixels  # flush the map, then publish the file and its index atomically
