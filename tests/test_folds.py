@@ -1,19 +1,26 @@
-"""k-fold cross-validation: seeded stratified folds of train, their record, the errors."""
+"""k-fold cross-validation: seeded stratified folds of train, their record, and the sweep's CV table."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from conftest import TINY, cli, make_tree
 
+from imgcls import sweep
 from imgcls.data import DataError, ImageFolderData
 from imgcls.data.splits import fold_of
 
 SPLITS = {"train": "train", "val": "val", "test": "test"}
+SWEEP_TINY = [o for o in TINY if not o.startswith("trainer.epochs=")] + ["trainer.epochs=1"]
 
 
 def data(root: Path, **kwargs) -> ImageFolderData:
@@ -184,3 +191,140 @@ def test_a_bad_fold_stops_training_with_exit_code_2(tmp_path: Path):
         r"^error: .*data.fold=5 is out of range for data.folds=5: choose 0 to 4", result.stderr, re.M
     )
     assert "Traceback" not in result.stderr
+
+
+# -- a real cross-validation sweep --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cv_sweep(tmp_path_factory) -> tuple[Path, Path, str]:
+    """`-m data.fold=0,1,2 data.folds=3` on a tiny tree with a val/ folder (left unused)."""
+    cwd = tmp_path_factory.mktemp("cv")
+    tree = make_tree(cwd / "tiny", counts={"train": 6, "val": 2})
+    args = ["-m", *SWEEP_TINY, f"data.root={tree}", "optimizer.lr=0.01", "data.fold=0,1,2", "data.folds=3"]
+    result = cli("imgcls.train", *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = (cwd / "multirun").glob("*/*")
+    return sweep_dir, tree, result.stdout
+
+
+def best_val_acc(job: Path) -> float:
+    with open(job / "metrics.csv", newline="") as f:
+        return max(float(r["val/acc"]) for r in csv.DictReader(f))
+
+
+def test_cv_sweep_writes_the_mean_and_std_of_the_folds(cv_sweep):
+    sweep_dir, tree, stdout = cv_sweep
+    jobs = sorted(sweep.job_dirs(sweep_dir))
+    # one readable directory per fold
+    assert [re.sub(r"^\d+_", "", j.name) for j in jobs] == [
+        f"batch_size-4_data-imagefolder_epochs-1_fold-{k}_folds-3_lr-0.01_root-tiny_transforms-digits"
+        for k in range(3)
+    ]
+    scores = [best_val_acc(j) for j in jobs]
+    with open(sweep_dir / "cv_summary.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["folds"], row["folds_done"], row["jobs"]) == ("3", "3", "0 1 2")
+    assert float(row["val/acc_best_mean"]) == pytest.approx(statistics.fmean(scores), abs=1e-12)
+    assert float(row["val/acc_best_std"]) == pytest.approx(statistics.stdev(scores), abs=1e-12)  # ddof=1
+    assert (float(row["val/acc_best_min"]), float(row["val/acc_best_max"])) == (min(scores), max(scores))
+    assert row["per_fold"] == " ".join(f"{k}={s!r}" for k, s in enumerate(scores))
+    assert row["not_done"] == "" and row["note"] == ""
+    table = stdout[stdout.index("cross-validation: val/acc_best over the completed folds") :].splitlines()
+    assert table[1].split()[:3] == ["folds", "done", "mean"]
+    assert table[2].split()[:2] == ["3/3", f"{statistics.fmean(scores):.4f}"]
+    assert "cv_summary.csv" in stdout[stdout.index("wrote ") :]
+
+    # each fold's run: val is its fold; together the folds cover train exactly once
+    vals = []
+    for k, job in enumerate(jobs):
+        split = json.loads((job / "data_split.json").read_text())
+        assert (split["folds"], split["fold"], split["split_seed"]) == (3, k, 0)
+        assert torch.load(job / "weights" / "best.pt", weights_only=True)["data_split"] == split
+        assert (
+            f"val split:      fold {k} of 3 of train, data.split_seed=0" in (job / "summary.txt").read_text()
+        )
+        vals.append(set(split["val"]))
+        assert not set(split["train"]) & set(split["val"])
+    train_files = {p.relative_to(tree).as_posix() for p in (tree / "train").rglob("*.jpg")}
+    assert set().union(*vals) == train_files and sum(map(len, vals)) == len(train_files) == 18
+
+    # `python -m imgcls.sweep` rebuilds the table from the job directories alone
+    written = (sweep_dir / "cv_summary.csv").read_text()
+    (sweep_dir / "cv_summary.csv").unlink()
+    rebuilt = cli("imgcls.sweep", str(sweep_dir), cwd=sweep_dir)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert (sweep_dir / "cv_summary.csv").read_text() == written
+
+
+def test_evaluate_and_resume_of_a_fold_see_the_same_val_files(cv_sweep):
+    sweep_dir, tree, _ = cv_sweep
+    job = sorted(sweep.job_dirs(sweep_dir))[1]
+    split = json.loads((job / "data_split.json").read_text())
+    result = cli("imgcls.evaluate", f"run_dir={job}", "split=val", cwd=sweep_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (job / "eval" / "val-best" / "predictions.csv").read_text().splitlines()[1:]
+    evaluated = sorted(Path(r.split(",")[0]).relative_to(tree).as_posix() for r in rows)
+    assert evaluated == sorted(split["val"])  # fold 1, not the tree's val/ folder
+
+    result = cli("imgcls.train", f"resume={job / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=sweep_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(job / "weights" / "last.pt", weights_only=True)["data_split"] == split
+    assert json.loads((job / "data_split.json").read_text()) == split
+
+
+# -- the CV table from job directories ---------------------------------------------------------
+
+
+def fake_job(sweep_dir: Path, num: int, overrides: list[str], status: str, accs: list[float]) -> None:
+    job = sweep_dir / f"{num}_job"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / "summary.txt").write_text(f"status: {status}\nepoch: {len(accs)} of 2\n")
+    rows = "".join(f"{e},{a}\n" for e, a in enumerate(accs, 1))
+    (job / "metrics.csv").write_text("epoch,val/acc\n" + rows)
+
+
+def test_cv_table_counts_and_names_folds_that_did_not_finish(tmp_path: Path):
+    jobs = [  # (lr, fold, status, val/acc per epoch)
+        ("0.1", 0, "completed", [0.5, 0.7]),
+        ("0.1", 1, "completed", [0.8]),
+        ("0.1", 2, "failed", []),
+        ("0.01", 0, "completed", [0.9]),
+        ("0.01", 1, "failed", []),
+        ("0.01", 2, "completed", [0.6, 0.95]),
+        ("0.01", 1, "completed", [0.85]),  # fold 1 again, after its failure
+        ("0.001", 0, "interrupted", [0.4]),  # a partial score is not averaged
+        ("0.001", 1, "completed", [0.3]),
+    ]
+    for num, (lr, fold, status, accs) in enumerate(jobs):
+        fake_job(tmp_path, num, [f"optimizer.lr={lr}", f"data.fold={fold}", "data.folds=3"], status, accs)
+    out = io.StringIO()
+    sweep.summarize(tmp_path, stream=out)
+    with open(tmp_path / "cv_summary.csv", newline="") as f:
+        rows = {r["optimizer.lr"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["0.01", "0.1", "0.001"]  # best mean first
+    full = rows["0.01"]
+    assert (full["folds_done"], full["jobs"], full["not_done"]) == ("3", "3 6 5", "")
+    assert float(full["val/acc_best_mean"]) == pytest.approx(statistics.fmean([0.9, 0.85, 0.95]))
+    assert float(full["val/acc_best_std"]) == pytest.approx(0.05)  # ddof=1 (ddof=0: 0.0408)
+    assert full["note"] == "fold 1 ran 2 times, job 6 counted"
+    part = rows["0.1"]
+    assert (part["folds_done"], part["not_done"]) == ("2", "fold 2 failed (job 2)")
+    assert float(part["val/acc_best_mean"]) == pytest.approx(0.75)
+    one = rows["0.001"]
+    assert (one["folds_done"], one["val/acc_best_std"]) == ("1", "")
+    assert one["not_done"] == "fold 0 interrupted (job 7); fold 2 not run"
+    assert one["note"] == "one fold: no standard deviation"
+    text = out.getvalue()
+    assert "nan" not in text.lower()
+    assert re.search(
+        r"^1/3\s+0\.3000\s+n/a \(1 fold\)\s+0\.3000\s+0\.3000\s+optimizer.lr=0.001\s+fold 0 interrupted",
+        text,
+        re.M,
+    )
+    assert re.search(
+        r"^2/3\s+0\.7500\s+0\.0707\s+0\.7000\s+0\.8000\s+optimizer.lr=0.1\s+fold 2 failed \(job 2\)$",
+        text,
+        re.M,
+    )
