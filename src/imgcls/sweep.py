@@ -1,4 +1,5 @@
-"""The sweep leaderboard: sweep_summary.csv, a ranked table, an objective plot and TensorBoard HParams."""
+"""The sweep leaderboard: sweep_summary.csv, a ranked table, an objective plot and TensorBoard HParams;
+with data.fold swept, the cross-validation table (crossval.py)."""
 
 from __future__ import annotations
 
@@ -226,10 +227,15 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
     It reads only what each job wrote, so it covers failed and killed jobs and every attempt of a
     resumed sweep, and can be rerun at any time: `python -m imgcls.sweep <sweep_dir>`.
     """
+    from imgcls import crossval  # imports this module
+
     sweep_dir = Path(sweep_dir)
     jobs = rank([read_job(j) for j in job_dirs(sweep_dir)])
     keys = swept_keys(jobs)
     write_csv(jobs, keys, sweep_dir / "sweep_summary.csv")
+    folds = crossval.cv_groups(jobs, keys)  # [] unless jobs have a data.fold override
+    if folds:
+        crossval.write_csv(folds, sweep_dir / "cv_summary.csv")
     plotted = plot_objective(jobs, keys, sweep_dir / "sweep_objective.png")
     write_hparams(jobs, keys, sweep_dir / "hparams")
     stream = stream or sys.stdout
@@ -239,7 +245,10 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
         file=stream,
     )
     print(format_table(jobs, keys), file=stream)
-    written = ["sweep_summary.csv"] + (["sweep_objective.png"] if plotted else [])
+    if folds:
+        print(f"\n{crossval.format_table(folds)}", file=stream)
+    written = ["sweep_summary.csv"] + (["cv_summary.csv"] if folds else [])
+    written += ["sweep_objective.png"] if plotted else []
     print(f"wrote {', '.join(str(sweep_dir / w) for w in written)}; compare the jobs with "
           f"`tensorboard --logdir {sweep_dir}` (HPARAMS tab)", file=stream)  # fmt: skip
     stream.flush()

@@ -115,6 +115,7 @@ def train_run(
     from imgcls import build as b
     from imgcls import distributed
     from imgcls.checkpoint import load_checkpoint
+    from imgcls.data.splits import describe
     from imgcls.engine import evaluate, resolve_device
     from imgcls.loop import fit
     from imgcls.losses import class_counts as count_classes
@@ -145,7 +146,7 @@ def train_run(
     # data first: a broken tree is reported before any model is built
     data = b.build_data(config["data"])
     if ckpt:
-        data.recorded_split = ckpt.get("data_split")  # a carved val split: exactly the same files
+        data.recorded_split = ckpt.get("data_split")  # a carved val split or fold: exactly the same files
     distributed.rank0_first(data.setup, d)  # rank 0 writes, downloads and caches for the others
     if ckpt:
         check_classes(ckpt["class_names"], data.class_names, data.root)
@@ -154,7 +155,7 @@ def train_run(
     for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
         logger.warning(warning)
     if d.main:
-        data.write_split(run_dir / "data_split.json")  # only when data.val_fraction carved one
+        data.write_split(run_dir / "data_split.json")  # only when data.val_fraction or data.folds drew val
     pipelines, normalize = b.build_transforms(config["transforms"])
     model = b.build_model(config["model"], num_classes=len(data.class_names))
     if d.enabled and trainer.get("sync_batchnorm"):
@@ -226,6 +227,7 @@ def train_run(
             "model": f"{config['model'].get('name', config['model']['_target_'])}, "
             f"{count_parameters(model):,} parameters",
             "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
+            **({"val split": describe(data.carved)} if data.carved else {}),  # "fold 2 of 5 of train, ..."
             "classes": ", ".join(data.class_names),
             "data check": data.report.summary_line(),
             "settings": f"precision {amp.name}, channels_last {channels_last}, "
@@ -237,6 +239,8 @@ def train_run(
     )
     logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
     logger.info(f"data {recorder.info['data']}")
+    if data.carved:
+        logger.info(f"val split: {recorder.info['val split']}")
 
     # the unresolved config keeps interpolations live for a later resume (${trainer.epochs})
     extra = {

@@ -27,6 +27,7 @@ class DataReport:
     warnings: list[str] = field(default_factory=list)
     skipped_bad: int = 0  # unreadable files left out under on_bad_image=skip
     scanned: str = ""  # "398 files (398 decoded, 0 from cache) in 3.1 s"
+    carved_from: str = "carved from train"  # val drawn from train: how (splits.describe)
 
     def summary_line(self) -> str:
         """One line for summary.txt."""
@@ -40,7 +41,7 @@ class DataReport:
         lines = [f"data check: {self.root}", f"scanned {self.scanned}"]
         for split, counts in self.counts.items():
             total = sum(counts.values())
-            where = f"{self.folders[split]}/" if self.folders.get(split) else "carved from train"
+            where = f"{self.folders[split]}/" if self.folders.get(split) else self.carved_from
             per_class = ", ".join(f"{c} {n}" for c, n in counts.items())
             lines.append(f"{split} ({where}): {total} images in {len(counts)} classes: {per_class}")
             ratio = imbalance(counts)

@@ -19,6 +19,7 @@ from imgcls.data.images import DEFAULT_MAX_PIXELS
 from imgcls.data.listing import find_classes, scan_class
 from imgcls.data.loading import DataError, ImageDataset
 from imgcls.data.scan import scan_files
+from imgcls.data.splits import check_options
 from imgcls.sampling import EpochSampler, EpochSeeded, worker_init
 
 ON_BAD_IMAGE = ("error", "skip")
@@ -43,6 +44,8 @@ class ImageFolderData:
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         min_image_size: int = 32,
         val_fraction: float | None = None,
+        folds: int | None = None,
+        fold: int = 0,
         split_seed: int = 0,
         split_file: str | None = None,
         download: Mapping[str, Any] | None = None,
@@ -60,12 +63,7 @@ class ImageFolderData:
             )
         if max_image_pixels < 1:
             raise DataError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
-        if val_fraction is not None and not 0 < val_fraction < 1:
-            raise DataError(
-                f"data.val_fraction must be between 0 and 1 (e.g. 0.2), or null; got {val_fraction}"
-            )
-        if split_file and val_fraction is None:
-            raise DataError("data.split_file reuses a split carved by data.val_fraction: set that too")
+        check_options(val_fraction, folds, fold, split_file)  # `splits` is the folder names here
         self.root = Path(root)
         self.split_dirs = dict(splits)
         self.batch_size = batch_size
@@ -76,6 +74,7 @@ class ImageFolderData:
         self.max_pixels = max_image_pixels
         self.min_image_size = min_image_size
         self.val_fraction = val_fraction
+        self.folds, self.fold = folds, fold
         self.split_seed = split_seed
         self.split_file = Path(split_file) if split_file else None
         self.download = dict(download) if download else None
@@ -88,7 +87,7 @@ class ImageFolderData:
         self.skipped: dict[str, list[Path]] = {}  # files left out for their suffix, per split
         self.report = check.DataReport(str(self.root))
         self.fingerprint: dict[str, Any] = {}
-        self.carved: dict[str, Any] | None = None  # the val split drawn from train, when val_fraction
+        self.carved: dict[str, Any] | None = None  # val drawn from train (val_fraction, folds)
         # set by a resume to the checkpoint's data_split: the same files, whatever the tree holds now
         self.recorded_split: Mapping[str, Any] | None = None
 
@@ -109,7 +108,7 @@ class ImageFolderData:
         self.prepare()
         report = self.report = check.DataReport(str(self.root))
         present = {s: self.root / d for s, d in self.split_dirs.items() if (self.root / d).is_dir()}
-        carve = self.val_fraction is not None
+        carve = self.val_fraction is not None or self.folds is not None
         required = ("train",) if carve else self.required_splits
         missing = [f"{self.split_dirs[s]}/" for s in required if s not in present]
         if missing:
@@ -119,7 +118,10 @@ class ImageFolderData:
                 f"{self.root}: missing split folder(s) {', '.join(missing)}; found {', '.join(found)}. "
                 f"Each split needs one folder per class (set data.splits.<split> to rename a split).{hint}"
             )
-        if carve and "val" in present:
+        if self.folds is not None and "val" in present:
+            report.warnings += splits.unused_val_warning(self.split_dirs, present, self.folds)
+            del present["val"]  # not listed, not scanned: validation is a fold of train
+        elif carve and "val" in present:
             raise DataError(
                 f"data.val_fraction={self.val_fraction} carves val out of train, but {present['val']} "
                 "exists: drop data.val_fraction to use that folder, or rename it."
@@ -216,20 +218,11 @@ class ImageFolderData:
         return listed
 
     def _carve(self, train: list[check.Sample], report: check.DataReport):
-        if self.recorded_split is not None:
-            kept, val = splits.reuse_split(train, self.recorded_split, "the checkpoint's data_split", report)
-        elif self.split_file is not None:
-            recorded = splits.read_split_file(self.split_file)
-            kept, val = splits.reuse_split(train, recorded, str(self.split_file), report)
-        else:
-            kept, val = splits.carve_val(train, self.val_fraction, self.split_seed)
-        val = [("val", rel, target) for _, rel, target in val]
-        self.carved = {
-            "val_fraction": self.val_fraction,
-            "split_seed": self.split_seed,
-            "train": [rel for _, rel, _ in kept],
-            "val": [rel for _, rel, _ in val],
-        }
+        kept, val, self.carved = splits.draw_val(
+            train, self.class_names, report, val_fraction=self.val_fraction, folds=self.folds,
+            fold=self.fold, seed=self.split_seed, recorded=self.recorded_split, split_file=self.split_file,
+        )  # fmt: skip
+        report.carved_from = splits.describe(self.carved)
         return kept, val
 
     def _warn(self, samples, records, report: check.DataReport) -> None:
@@ -245,7 +238,7 @@ class ImageFolderData:
         }
 
     def write_split(self, path: Path) -> None:
-        """Record the carved val split (file lists), so evaluate and resume reuse it: data.split_file."""
+        """Record the carved val split or fold (file lists), so evaluate and resume reuse it: data.split_file."""
         if self.carved is not None:
             Path(path).write_text(json.dumps(self.carved, indent=1) + "\n")
 
