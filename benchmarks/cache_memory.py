@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        tree = subset_tree(args.data, Path(tmp) / "tree", {"train": args.per_class, "val": args.per_class // 2})
+        tree = subset_tree(
+            args.data, Path(tmp) / "tree", {"train": args.per_class, "val": args.per_class // 2}
+        )
         base = ["data=imagefolder", "transforms=imagenet", f"data.root={tree}", "data.num_workers=0",
                 "data.batch_size=16", "trainer.epochs=1", "device=cpu"]  # fmt: skip
         settings = [
@@ -54,7 +56,9 @@ def main() -> None:
             ("data.cache=memory", ["data.cache=memory"]),
             ("data.cache=memory data.cache_size=256", ["data.cache=memory", "data.cache_size=256"]),
         ]
-        results = {name: peak_run(base + extra, Path(tmp) / f"run{i}") for i, (name, extra) in enumerate(settings)}
+        results = {
+            name: peak_run(base + extra, Path(tmp) / f"run{i}") for i, (name, extra) in enumerate(settings)
+        }
     none_peak = results["data.cache=none"][0]
     rows = [["setting", "peak RSS MiB", "cache MiB", "peak - uncached", "within cache + 64 MiB"]]
     for name, (peak, cache) in results.items():

@@ -201,7 +201,9 @@ def test_torchscript_and_safetensors_round_trip(run: Path):
         and meta["preprocessing"]["normalize"]["in_model"] is False
     )
     assert weights.keys() == state["model"].keys()
-    assert all(torch.equal(weights[k], state["model"][k]) for k in weights)  # the checkpoint's weights, exactly
+    assert all(
+        torch.equal(weights[k], state["model"][k]) for k in weights
+    )  # the checkpoint's weights, exactly
     model = create_model("resnet18", num_classes=3)
     model.load_state_dict(weights)
     _, normalize = b.build_transforms(meta["config"]["transforms"])
