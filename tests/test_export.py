@@ -228,3 +228,20 @@ def test_bad_export_arguments(run: Path):
     )
     result = cli("imgcls.export", "--help", cwd=run.parent)
     assert result.returncode == 0 and "format: onnx" in result.stdout
+
+
+def test_predict_needs_a_run_or_an_export_not_both(run: Path, onnx_file, tmp_path: Path):
+    path, _ = onnx_file
+    image = next((data_root(run) / "test").glob("*/*.jpg"))
+    result = cli("imgcls.predict", f"inputs=[{image}]", cwd=tmp_path)
+    assert (
+        result.returncode == 2
+        and "run_dir is required: set it on the command line, run_dir=..." in result.stderr
+    )
+    result = cli("imgcls.predict", f"run_dir={run}", f"onnx={path}", f"inputs=[{image}]", cwd=tmp_path)
+    assert result.returncode == 2 and "not both" in result.stderr
+    result = cli("imgcls.predict", f"onnx={path}", f"inputs=[{image}]", "device=cpu", cwd=tmp_path)
+    assert (
+        result.returncode == 2
+        and "device=cpu: an exported model has no run config to override" in result.stderr
+    )

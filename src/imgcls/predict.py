@@ -50,7 +50,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         return run_onnx(cfg, overrides)
     if not cfg.get("run_dir"):
         raise ConfigError(
-            "run_dir is required: run_dir=outputs/<date>/<time>_<name> (a training run), "
+            "run_dir is required: set it on the command line, run_dir=... (a training run), "
             "or onnx=<run>/export/best.onnx (an exported model)"
         )
     from datetime import datetime
@@ -58,10 +58,8 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from loguru import logger
 
     from imgcls import build as b
-    from imgcls import tables
-    from imgcls.inference import predict, topk_indices
+    from imgcls.inference import predict
     from imgcls.log import setup_logging, teardown_logging
-    from imgcls.reports import prediction_rows, write_csv
     from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
 
     run_dir = find_run(cfg["run_dir"])
@@ -93,14 +91,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             restored.model, loader, restored.device, restored.normalize,
             channels_last=restored.channels_last, description="predict", log_every=restored.log_every,
         )  # fmt: skip
-        k = max(1, min(int(cfg["top_k"]), len(class_names)))
-        rows = prediction_rows(
-            [str(f) for f in files], p.probs, p.preds, topk_indices(p.logits, k), class_names
-        )
-        write_csv(out / "predictions.csv", rows)
-        text = tables.show([tables.predictions_table(rows, k, int(cfg["console_rows"]))])
-        logger.debug("\n" + text)  # the file sink only: the console already shows the table
-        logger.info(f"predictions for {len(rows)} image(s) in {out / 'predictions.csv'}")
+        write_predictions(out, cfg, files, p.logits, p.probs, p.preds, class_names)
         return out
     except Exception as exc:
         logger.error(f"prediction failed: {type(exc).__name__}: {exc}")
@@ -117,11 +108,9 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
     import numpy as np
     from loguru import logger
 
-    from imgcls import tables
     from imgcls.errors import ConfigError
     from imgcls.exported import OnnxClassifier, softmax
     from imgcls.log import progress, setup_logging, teardown_logging
-    from imgcls.reports import prediction_rows, topk_indices, write_csv
     from imgcls.runs import output_dir
 
     if overrides:
@@ -152,20 +141,28 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
                 advance()
         logits = np.concatenate(logits)
         probs = softmax(logits)
-        k = max(1, min(int(cfg["top_k"]), len(model.class_names)))
-        rows = prediction_rows(
-            [str(f) for f in files], probs, logits.argmax(1), topk_indices(logits, k), model.class_names
-        )
-        write_csv(out / "predictions.csv", rows)
-        text = tables.show([tables.predictions_table(rows, k, int(cfg["console_rows"]))])
-        logger.debug("\n" + text)
-        logger.info(f"predictions for {len(rows)} image(s) in {out / 'predictions.csv'}")
+        write_predictions(out, cfg, files, logits, probs, logits.argmax(1), model.class_names)
         return out
     except Exception as exc:
         logger.error(f"prediction failed: {type(exc).__name__}: {exc}")
         raise
     finally:
         teardown_logging(log_ids)
+
+
+def write_predictions(out: Path, cfg: dict, files: list[Path], logits, probs, preds, class_names) -> None:
+    """predictions.csv (every image), the console table (the first console_rows) and the log."""
+    from loguru import logger
+
+    from imgcls import tables
+    from imgcls.reports import prediction_rows, topk_indices, write_csv
+
+    k = max(1, min(int(cfg["top_k"]), len(class_names)))
+    rows = prediction_rows([str(f) for f in files], probs, preds, topk_indices(logits, k), class_names)
+    write_csv(out / "predictions.csv", rows)
+    text = tables.show([tables.predictions_table(rows, k, int(cfg["console_rows"]))])
+    logger.debug("\n" + text)  # the file sink only: the console already shows the table
+    logger.info(f"predictions for {len(rows)} image(s) in {out / 'predictions.csv'}")
 
 
 def _yaml(data: Any) -> str:
