@@ -80,7 +80,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             k = max(1, min(int(cfg["top_k"]), len(first.class_names)))
             rows = [member_row(m, split, k, int(cfg["calibration_bins"])) for m in members]
             p = ensemble_predictions([m.predictions for m in members])
-            source = {"members": rows, "combination": "mean of the members' softmax probabilities"}
+            source = {"combination": "mean of the members' softmax probabilities"}
             title = f"{split}, ensemble of {len(members)} runs"
             report(out, cfg, split, first.data, p, epoch=0, title=title, source=source, members=rows)
         else:

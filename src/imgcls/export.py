@@ -18,27 +18,27 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     """Export as conf/export.yaml's keys say; returns the exported file."""
     from loguru import logger
 
-    from imgcls import build as b
+    from imgcls.ensemble import load_member
     from imgcls.errors import ConfigError
     from imgcls.exported import ExportError, preprocessing_steps
-    from imgcls.labels import checked_samples, labelled_samples
     from imgcls.log import setup_logging, teardown_logging
-    from imgcls.runs import find_checkpoint, find_run, load_run, restore
+    from imgcls.runs import find_run, restore
 
     fmt = str(cfg["format"])
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt}: choose one of {', '.join(FORMATS)}")
     if float(cfg["tolerance"]) < 0 or int(cfg["verify_images"]) < 1:
         raise ConfigError("tolerance must be >= 0 and verify_images >= 1")
-    run_dir = find_run(cfg["run_dir"])
-    checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
-    config, state = load_run(run_dir, checkpoint, overrides)
-    config = {**config, "device": "cpu", "trainer": {**config.get("trainer", {}), "channels_last": False}}
-    class_names = list(state["class_names"])
     split = str(cfg["split"])
-    data = b.build_data(config["data"])
-    if checked_samples(data, split, class_names, state) is None:
-        labelled_samples(data, split, class_names)
+    # the run, its checkpoint and config (every _target_ checked) and the split's labelled files
+    member = load_member(find_run(cfg["run_dir"]), cfg, overrides, split)
+    run_dir, checkpoint, state, data = member.run_dir, member.checkpoint, member.state, member.data
+    config = {
+        **member.config,
+        "device": "cpu",
+        "trainer": {**member.config.get("trainer", {}), "channels_last": False},
+    }
+    class_names = member.class_names
     restored = restore(config, state, checkpoint)  # on the CPU, in fp32: the reference outputs
     images = _verification_batch(data, split, restored.pipelines["val"], int(cfg["verify_images"]))
 
