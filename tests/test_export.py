@@ -21,7 +21,7 @@ import yaml
 from conftest import cli
 
 from imgcls import build as b
-from imgcls.export import read_safetensors, read_torchscript
+from imgcls.formats import read_safetensors, read_torchscript
 from imgcls.models import create_model
 from imgcls.runs import find_checkpoint, load_run, restore
 
