@@ -12,7 +12,7 @@ from loguru import logger
 from torch import nn
 
 from imgcls import __version__
-from imgcls.checkpoint import save_checkpoint
+from imgcls.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.distributed import SINGLE, Dist, any_rank, gather, sync_buffers
 from imgcls.engine import NonFiniteLossError, StopTraining, evaluate, is_finite, train_one_epoch
 from imgcls.recipes import (
@@ -246,3 +246,32 @@ def keep_top(state: dict[str, Any], history: list[dict], k: int, weights_dir: Pa
     for path in weights_dir.glob("top-epoch*.pt"):
         if int(path.name[len("top-epoch") : len("top-epoch") + 3]) not in keep:
             path.unlink()
+
+
+def report_best_weights(
+    model, run_dir: Path, data, pipelines: dict, shard: dict, loss_fn, device, normalize, recorder,
+    best_epoch: int, *, channels_last: bool, d, amp,
+) -> dict[str, float]:  # fmt: skip
+    """Every split evaluated with best.pt's weights (train through the eval pipeline): the
+    classification report, confusion matrices and TensorBoard entries (rank 0), and
+    {<split>/acc_best_weights} for the summary."""
+    from imgcls.reports import write_split_report  # matplotlib: imported when the reports are due
+
+    model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
+    final: dict[str, float] = {}
+    for split in data.splits:
+        pipeline = pipelines["val"] if split == "train" else pipelines[split]
+        loader = data.loader(split, pipeline, train=False, **shard)
+        metrics, targets, preds = evaluate(
+            model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last, d=d, amp=amp
+        )
+        final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
+        if not d.main:
+            continue
+        text = write_split_report(
+            split, targets, preds, data.class_names, run_dir, recorder.writer, best_epoch
+        )
+        logger.info(
+            f"{split} (best weights, epoch {best_epoch}): accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
+        )
+    return final

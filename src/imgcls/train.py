@@ -114,14 +114,12 @@ def train_run(
 
     from imgcls import build as b
     from imgcls import distributed
-    from imgcls.checkpoint import load_checkpoint
     from imgcls.data.splits import describe
-    from imgcls.engine import evaluate, resolve_device
-    from imgcls.loop import fit
+    from imgcls.engine import resolve_device
+    from imgcls.loop import fit, report_best_weights
     from imgcls.losses import class_counts as count_classes
     from imgcls.models import count_parameters
     from imgcls.recipes import Recipe, build_mix, make_ema
-    from imgcls.reports import write_split_report
     from imgcls.resume import check_classes, remove_stale_temp_files, restore
     from imgcls.seeding import configure_determinism, seed_everything, set_rng_state
     from imgcls.signals import stop_on_signals
@@ -268,26 +266,10 @@ def train_run(
         )  # fmt: skip
         distributed.barrier(d)  # rank 0 has written best.pt before anyone reads it
 
-        # reports with the best weights, on every split; train is read with the eval pipeline
-        model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
-        final: dict[str, float] = {}
-        for split in data.splits:
-            pipeline = pipelines["val"] if split == "train" else pipelines[split]
-            loader = data.loader(split, pipeline, train=False, **shard)
-            metrics, targets, preds = evaluate(
-                model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last, d=d,
-                amp=amp,
-            )  # fmt: skip
-            final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
-            if not d.main:
-                continue
-            text = write_split_report(
-                split, targets, preds, data.class_names, run_dir, recorder.writer, result["best_epoch"]
-            )
-            logger.info(
-                f"{split} (best weights, epoch {result['best_epoch']}): "
-                f"accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
-            )
+        final = report_best_weights(
+            model, run_dir, data, pipelines, shard, loss_fn, device, normalize, recorder, result["best_epoch"],
+            channels_last=channels_last, d=d, amp=amp,
+        )  # fmt: skip
     recorder.finish("completed", final, note=result["stopped_early"])
     logger.info(
         f"done: best val acc {result['best_acc']:.4f} at epoch {result['best_epoch']}; "
