@@ -18,7 +18,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
     from imgcls.errors import ConfigError
     from imgcls.inference import check_views
-    from imgcls.log import setup_logging, teardown_logging
+    from imgcls.log import logged
     from imgcls.runs import find_run, output_dir
 
     single, many = cfg.get("run_dir"), cfg.get("run_dirs")
@@ -59,8 +59,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         out = output_dir(ensemble_dir([m.run_dir for m in members]), f"{split}-{label}{suffix}", overrides)
     else:
         out = output_dir(first.run_dir / "eval", f"{split}-{label}{suffix}", overrides)
-    log_ids = setup_logging(out / "inference.log")
-    try:
+    with logged(out / "inference.log", "evaluation"):
         for m in members:
             logger.info(
                 f"evaluating {m.checkpoint} (epoch {m.state.get('epoch', '?')}) on {split}: {m.data.root}"
@@ -90,11 +89,6 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
                    title=title, source=source, state=first.state)  # fmt: skip
         logger.info(f"results in {out}")
         return out
-    except Exception as exc:
-        logger.error(f"evaluation failed: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        teardown_logging(log_ids)
 
 
 def report(

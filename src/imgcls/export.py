@@ -21,7 +21,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.ensemble import load_member
     from imgcls.errors import ConfigError
     from imgcls.exported import ExportError, preprocessing_steps
-    from imgcls.log import setup_logging, teardown_logging
+    from imgcls.log import logged
     from imgcls.runs import find_run, restore
 
     fmt = str(cfg["format"])
@@ -46,8 +46,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     label = str(cfg["checkpoint"]) if cfg["checkpoint"] in ("best", "last") else checkpoint.stem
     target = out_dir / f"{label}{FORMATS[fmt]}"
-    log_ids = setup_logging(out_dir / "export.log")
-    try:
+    with logged(out_dir / "export.log", "export"):
         steps, problem = preprocessing_steps(
             config["transforms"].get("val") or [], config["data"].get("cache_size")
         )
@@ -91,11 +90,6 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         if problem and fmt == "onnx":
             logger.warning(f"{problem}: python -m imgcls.predict onnx=... will refuse this export")
         return target
-    except Exception as exc:
-        logger.error(f"export failed: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        teardown_logging(log_ids)
 
 
 def _verification_batch(data, split: str, pipeline, n: int):

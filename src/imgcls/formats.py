@@ -8,8 +8,12 @@ from pathlib import Path
 
 
 def tensor_bytes(state: dict) -> list[tuple[str, bytes]]:
+    """(name, raw bytes) of each tensor, for formats' weights digests (any dtype, bfloat16 too)."""
+    import torch
+
     return [
-        (k, v.detach().cpu().contiguous().reshape(-1).view(-1).numpy().tobytes()) for k, v in state.items()
+        (k, v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for k, v in state.items()
     ]
 
 

@@ -59,6 +59,20 @@ def teardown_logging(ids: list[int]) -> None:
 
 
 @contextmanager
+def logged(log_file: Path, what: str) -> Iterator[None]:
+    """Console and `log_file` sinks for one command (evaluate, predict, export); an exception is
+    logged as `<what> failed: ...` in the file too, then re-raised; the sinks are removed after."""
+    ids = setup_logging(log_file)
+    try:
+        yield
+    except Exception as exc:
+        logger.error(f"{what} failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        teardown_logging(ids)
+
+
+@contextmanager
 def progress(description: str, total: int, every: int = 50) -> Iterator:
     """Yields `advance(**fields)`: a transient bar on a terminal; a log line every `every` steps
     (and at the end) when output goes to a file or a pipe."""

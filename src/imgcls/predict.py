@@ -59,7 +59,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
 
     from imgcls import build as b
     from imgcls.inference import predict
-    from imgcls.log import setup_logging, teardown_logging
+    from imgcls.log import logged
     from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
 
     run_dir = find_run(cfg["run_dir"])
@@ -75,8 +75,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         out = output_dir(Path(cfg["out_dir"]).parent, Path(cfg["out_dir"]).name, [])
     else:
         out = output_dir(run_dir / "predict", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), [])
-    log_ids = setup_logging(out / "predict.log")
-    try:
+    with logged(out / "predict.log", "prediction"):
         logger.info(f"predicting {len(files)} image(s) with {checkpoint} (epoch {state.get('epoch', '?')})")
         (out / "config.yaml").write_text(
             _yaml({"predict": cfg, "overrides": overrides, "checkpoint": str(checkpoint), "run": config})
@@ -93,11 +92,6 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         )  # fmt: skip
         write_predictions(out, cfg, files, p.logits, p.probs, p.preds, class_names)
         return out
-    except Exception as exc:
-        logger.error(f"prediction failed: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        teardown_logging(log_ids)
 
 
 def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
@@ -110,7 +104,7 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
 
     from imgcls.errors import ConfigError
     from imgcls.exported import OnnxClassifier, softmax
-    from imgcls.log import progress, setup_logging, teardown_logging
+    from imgcls.log import logged, progress
     from imgcls.runs import output_dir
 
     if overrides:
@@ -125,8 +119,7 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
         out = output_dir(Path(cfg["out_dir"]).parent, Path(cfg["out_dir"]).name, [])
     else:
         out = output_dir(model.path.parent / "predict", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), [])
-    log_ids = setup_logging(out / "predict.log")
-    try:
+    with logged(out / "predict.log", "prediction"):
         logger.info(f"predicting {len(files)} image(s) with {model.path} (ONNX Runtime)")
         (out / "config.yaml").write_text(_yaml({"predict": cfg, "onnx": str(model.path)}))
         batch_size = int(data.get("batch_size") or 32)
@@ -143,11 +136,6 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
         probs = softmax(logits)
         write_predictions(out, cfg, files, logits, probs, logits.argmax(1), model.class_names)
         return out
-    except Exception as exc:
-        logger.error(f"prediction failed: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        teardown_logging(log_ids)
 
 
 def write_predictions(out: Path, cfg: dict, files: list[Path], logits, probs, preds, class_names) -> None:
