@@ -33,7 +33,9 @@ def run_imgcls(args: list[str], cwd: Path, timeout: float = 1800) -> dict:
     """`python -m imgcls.train args` in cwd; its last metrics row, summary and wall time (process
     start to exit, as a user waits for it)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
+    # this checkout's imgcls first, and whatever PYTHONPATH already held after it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "imgcls.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -45,7 +47,13 @@ def run_imgcls(args: list[str], cwd: Path, timeout: float = 1800) -> dict:
     (run,) = sorted(p for p in (cwd / "outputs").glob("*/*") if p.is_dir())
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    return {"wall_s": wall, "rows": rows, "last": rows[-1], "summary": (run / "summary.txt").read_text()}
+    return {
+        "wall_s": wall,
+        "rows": rows,
+        "last": rows[-1],
+        "summary": (run / "summary.txt").read_text(),
+        "run": run,
+    }
 
 
 def summary_value(summary: str, prefix: str) -> str:

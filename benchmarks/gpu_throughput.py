@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
 
-from common import machine, run_imgcls, table
+from common import REPO, machine, run_imgcls, table
 
 BATCH, CLASSES = 256, 10
 # decoded once (threads), shorter side 256 for 224 px crops, then read from shared memory
@@ -77,14 +80,17 @@ def make_tree(root: Path, train: int, val: int) -> Path:
     return root
 
 
-def ceiling(precision: str | None, channels_last: bool, compiled: bool, steps: int) -> float:
-    """Training images/s of the model alone, on random tensors already on the GPU."""
+def ceiling(
+    precision: str | None, channels_last: bool, compiled: bool, steps: int, train: bool = True
+) -> float:
+    """Training (or, train=False, inference) images/s of the model alone, on random tensors already
+    on the GPU."""
     import torch
     import torchvision
 
     torch.backends.cudnn.benchmark = True
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = torchvision.models.resnet18(num_classes=CLASSES).cuda().to(memory_format=fmt)
+    model = torchvision.models.resnet18(num_classes=CLASSES).cuda().to(memory_format=fmt).train(train)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     fwd = torch.compile(model) if compiled else model
     x = torch.randn(BATCH, 3, 224, 224, device="cuda").contiguous(memory_format=fmt)
@@ -98,14 +104,33 @@ def ceiling(precision: str | None, channels_last: bool, compiled: bool, steps: i
         loss.backward()
         opt.step()
 
+    def infer() -> None:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            fwd(x).argmax(1)
+
+    work = step if train else infer
     for _ in range(10):  # warm-up: cuDNN autotuning, compiling
-        step()
+        work()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        work()
     torch.cuda.synchronize()
     return steps * BATCH / (time.perf_counter() - start)
+
+
+def evaluate_ips(run: Path, extra: list[str], workers: int) -> float:
+    """images/s of `python -m imgcls.evaluate` on the run's 20k-image train split, as it logs them
+    (loading, decoding and the model; not process start-up or the reports)."""
+    cmd = [sys.executable, "-m", "imgcls.evaluate", f"run_dir={run}", "split=train",
+           f"data.num_workers={workers}", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    found = re.search(r"predicted (\d+) images in [\d.]+ s \((\d+) images/s", out.stdout + out.stderr)
+    if out.returncode != 0 or not found:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{(out.stdout + out.stderr)[-3000:]}")
+    return float(found.group(2))
 
 
 def main() -> None:
@@ -126,6 +151,14 @@ def main() -> None:
         default=["fp32", "bf16 + channels_last", "bf16 + channels_last + cache",
                  "bf16 + channels_last + compile + cache"],
     )  # fmt: skip
+    parser.add_argument(
+        "--evaluate",
+        nargs="*",
+        default=["bf16 + channels_last", "bf16 + channels_last + cache"],
+        help="settings whose run is also evaluated (python -m imgcls.evaluate split=train) against the "
+        "inference ceiling",
+    )
+    parser.add_argument("--table", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     began = time.perf_counter()
     print(machine(), flush=True)
@@ -142,20 +175,37 @@ def main() -> None:
     for name in args.settings:
         extra, precision, cl, compiled = SETTINGS[name]
         top = ceiling(precision, cl, compiled, steps=30)
-        run = run_imgcls(
-            ["data=imagefolder", f"data.root={root}", "transforms=imagenet", f"data.batch_size={BATCH}",
-             f"data.num_workers={args.workers}", "trainer.epochs=2", "scheduler=none", "device=cuda", *extra],
-            args.out / "runs" / name.replace(" ", "").replace("+", "_"),
-        )  # fmt: skip
+        try:
+            run = run_imgcls(
+                ["data=imagefolder", f"data.root={root}", "transforms=imagenet", f"data.batch_size={BATCH}",
+                 f"data.num_workers={args.workers}", "trainer.epochs=2", "scheduler=none", "device=cuda", *extra],
+                args.out / "runs" / name.replace(" ", "").replace("+", "_"),
+            )  # fmt: skip
+        except SystemExit as exc:  # one failed setting (say, shared memory too small for the cache)
+            print(f"  {name}: FAILED\n{exc}", flush=True)  # is a row, not the end of the benchmark
+            rows.append([name, f"{top:,.0f}", "failed", "-"])
+            continue
         ips = float(run["last"]["train/images_per_s"])
         rows.append([name, f"{top:,.0f}", f"{ips:,.0f}", f"{ips / top:.2f}"])
         print(
             f"  {name}: ceiling {top:,.0f}, imgcls {ips:,.0f} images/s (run {run['wall_s']:.0f} s)",
             flush=True,
         )
-    print(f"\nResNet18, 224 px, batch {BATCH}, {args.workers} loader workers")
-    print(table(rows))
-    print(f"total {time.perf_counter() - began:.0f} s")
+        if name in args.evaluate:  # the same run's best.pt, evaluated on its 20k train images
+            top = ceiling(precision, cl, compiled=False, steps=30, train=False)
+            try:
+                ips = evaluate_ips(run["run"], [e for e in extra if e.startswith("data.cache")], args.workers)
+            except SystemExit as exc:
+                print(f"  evaluate, {name}: FAILED\n{exc}", flush=True)
+                continue
+            rows.append([f"evaluate: {name}", f"{top:,.0f}", f"{ips:,.0f}", f"{ips / top:.2f}"])
+            print(f"  evaluate, {name}: ceiling {top:,.0f}, imgcls {ips:,.0f} images/s", flush=True)
+    text = "\n".join([
+        f"\nResNet18, 224 px, batch {BATCH}, {args.workers} loader workers; {machine()}; GPU {torch.cuda.get_device_name()}",
+        table(rows), f"total {time.perf_counter() - began:.0f} s"])  # fmt: skip
+    print(text, flush=True)
+    if args.table:
+        args.table.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,13 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             saved |= {"checkpoint": str(first.checkpoint), "run": first.config}
         (out / "config.yaml").write_text(_yaml(saved))
         for m in members:
+            start = time.perf_counter()
             m.predict(views, float(cfg.get("tta_crop_scale", 1.15)))
+            seconds = time.perf_counter() - start
+            logger.info(
+                f"predicted {len(m.paths)} images in {seconds:.1f} s ({len(m.paths) / seconds:.0f} images/s, "
+                f"loading and decoding included)"
+            )
         if many:
             k = max(1, min(int(cfg["top_k"]), len(first.class_names)))
             rows = [member_row(m, split, k, int(cfg["calibration_bins"])) for m in members]
