@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -12,8 +13,9 @@ import yaml
 
 from imgcls.errors import ConfigError, UserError
 
-# conf/ sits at the repository root, beside src/ (as train.py finds it)
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# conf/ sits at the repository root and installs as the package imgcls.conf (pyproject.toml's
+# package-dir): a checkout, an editable install and a wheel all find it by import, never by path
+CONFIG_DIR = str(importlib.resources.files("imgcls.conf"))
 # Hydra's flags that take their value as the next argument (`--cfg job`, `-cn evaluate`)
 _FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
 _FLAGS_WITH_VALUE |= {"--cfg", "-c", "--package", "-p", "--info", "-i", "--experimental-rerun"}
@@ -66,11 +68,11 @@ def main_over_run(
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     hydra_args, overrides = split_argv(
-        sys.argv[1:], primary_keys(CONFIG_DIR / f"{config_name}.yaml"), path_keys
+        sys.argv[1:], primary_keys(Path(CONFIG_DIR) / f"{config_name}.yaml"), path_keys
     )
     sys.argv = [sys.argv[0], *hydra_args]
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def _main(cfg) -> None:
         try:
             try:

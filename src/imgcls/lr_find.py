@@ -11,8 +11,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.errors import UserError
-from imgcls.train import CONFIG_DIR
 
 
 def lr_schedule(start_lr: float, end_lr: float, num_iter: int) -> list[float]:

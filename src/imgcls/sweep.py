@@ -278,5 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `imgcls-sweep` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,11 +12,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.errors import ConfigError, UserError
 from imgcls.naming import register_resolvers
 
-# conf/ sits at the repository root, beside src/ (the project installs editable: pip install -e .)
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_resolvers()
 
 

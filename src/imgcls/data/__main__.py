@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.errors import UserError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 USAGE = "usage: python -m imgcls.data check [data=<option>] [data.<key>=<value> ...]"
 
 
