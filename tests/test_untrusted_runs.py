@@ -236,3 +236,36 @@ def test_predict_refuses_fetch_tree_in_a_transform_slot(trained_run: Path, tmp_p
     )
     assert list(site.iterdir()) == [] and not marker.exists()
     assert not (run / "predict").exists()
+
+
+def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp_path: Path):
+    """imgcls.data.ImageFolderData is registered, and its data.download would call fetch_tree:
+    evaluation reads a run's data and never fetches or writes it."""
+
+    def place(config, site, marker):
+        config["data"]["root"] = str(site / "sitecustomize")
+        config["data"]["download"] = {"url": sitecustomize_url(marker), "archive_folder": "sitecustomize"}
+
+    run, site, marker = poisoned_run(trained_run, tmp_path, place)
+    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only training downloads"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert list(site.iterdir()) == [] and not marker.exists()
+
+
+def test_evaluation_never_writes_the_digits_where_a_run_config_points(tmp_path: Path):
+    from imgcls.digits import DigitsData
+    from imgcls.errors import DataError
+    from imgcls.labels import labelled_samples
+
+    root = tmp_path / "site" / "anything"
+    data = DigitsData(str(root), {"train": "train", "val": "val", "test": "test"}, batch_size=8)
+    with pytest.raises(
+        DataError, match=rf"^data.root='{root}' holds no digits, and only training writes them"
+    ):
+        labelled_samples(data, "val", [str(i) for i in range(10)])
+    assert not (tmp_path / "site").exists()
