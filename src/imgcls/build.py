@@ -8,7 +8,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, UserError
 from imgcls.targets import check_targets
 
 
@@ -57,6 +57,8 @@ def complete(partial: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """Call a `_partial_: true` node's partial with its run-time arguments; errors name the key."""
     try:
         return partial(*args, **kwargs)
+    except UserError:
+        raise  # it names its key already (model.weights=...)
     except (TypeError, ValueError) as exc:
         target = getattr(partial, "func", partial)
         raise ConfigError(f"cannot build {key} ({getattr(target, '__qualname__', target)}): {exc}") from exc
