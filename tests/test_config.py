@@ -81,7 +81,9 @@ def test_no_weight_decay_on_norms_and_biases():
 def test_allowlist_refuses_foreign_targets_nested_too(target: str, tmp_path: Path):
     marker = tmp_path / "pwned"
     node = {
-        "_target_": "torch.nn.Sequential",
+        "_target_": "imgcls.models.create_model",
+        "_partial_": True,
+        "name": "resnet18",
         "inner": [{"x": {"_target_": target, "_args_": [f"touch {marker}"]}}],
     }
     with pytest.raises(ConfigError, match=rf"model\.inner\[0\]\.x\._target_='{target}' is not allowed"):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, cli
+from conftest import cli
 
-from imgcls.build import check_targets, target_problem
+from imgcls.build import check_targets
 from imgcls.errors import ConfigError
 
 
@@ -34,7 +39,13 @@ INJECTIONS = {
     "allowed prefix, other module": (
         lambda m: {"_target_": "imgcls.data.folder.os.system", "_args_": [shell(m)]},
         lambda c, node: c.update({"model": node}),
-        "model._target_='imgcls.data.folder.os.system' is not allowed: it resolves to posix.system",
+        "model._target_='imgcls.data.folder.os.system' is not allowed: model builds a classifier",
+    ),
+    "in the slot's namespace, other module": (
+        lambda m: {"_target_": "torch.optim.optimizer.torch.os.system", "_args_": [shell(m)]},
+        lambda c, node: c.update({"optimizer": node}),
+        "optimizer._target_='torch.optim.optimizer.torch.os.system' is not allowed: it resolves to "
+        "posix.system, not a class",
     ),
     "deep in a node evaluation never builds": (
         lambda m: {"_target_": "builtins.exec", "_args_": [f"import os; os.system({shell(m)!r})"]},
@@ -72,17 +83,6 @@ def test_the_injected_nodes_do_run_when_built_blindly(tmp_path: Path, name):
     if hasattr(result, "wait"):
         result.wait()
     assert marker.exists()
-
-
-def _nodes(node):
-    if isinstance(node, dict):
-        if "_target_" in node:
-            yield node
-        for v in node.values():
-            yield from _nodes(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _nodes(v)
 
 
 @pytest.mark.parametrize("name", list(INJECTIONS))
@@ -157,22 +157,115 @@ def test_check_targets_refuses_and_names_the_key(target):
         check_targets(config)
 
 
-def test_every_target_in_the_project_configs_is_allowed():
-    targets = set()
-    for path in (REPO / "conf").rglob("*.yaml"):
-        if "hydra" in path.relative_to(REPO / "conf").parts[:-1]:
-            continue  # launchers: Hydra itself instantiates them, never from a run's config
-        config = yaml.safe_load(path.read_text()) or {}
-        config.pop("hydra", None)  # sweepers and callbacks: the same
-        for node in _nodes(config):
-            if isinstance(node["_target_"], str) and "${" not in node["_target_"]:
-                targets.add(node["_target_"])
-    assert {"torch.optim.SGD", "imgcls.data.ImageFolderData", "torchvision.transforms.v2.Resize"} <= targets
-    assert {t: target_problem(t) for t in targets} == dict.fromkeys(targets)
-
-
 def test_a_config_yaml_that_is_not_yaml_is_named(trained_run: Path, tmp_path: Path):
     run = untrusted_run(trained_run, tmp_path / "run")
     (run / "config.yaml").write_text("data: [unclosed\n")
     result = cli("imgcls.evaluate", f"run_dir={run}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and f"error: {run / 'config.yaml'} is not valid YAML" in result.stderr
+
+
+def sitecustomize_url(marker: Path) -> str:
+    """A zip holding a `sitecustomize` package, as a data: URL: unpacked on a path Python imports
+    at start-up (site-packages, a PYTHONPATH folder), its code runs in every later Python process."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("sitecustomize/__init__.py", f"open({str(marker)!r}, 'w').close()\n")
+    return "data:application/zip;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def fetch_tree_node(site: Path, marker: Path) -> dict:
+    return {
+        "_target_": "imgcls.data.download.fetch_tree",
+        "url": sitecustomize_url(marker),
+        "root": str(site / "sitecustomize"),
+        "archive_folder": "sitecustomize",
+    }
+
+
+def test_fetch_tree_does_unpack_anywhere_when_built_blindly(tmp_path: Path):
+    """The control: imgcls.data.download.fetch_tree, as instantiate would call it, writes the
+    attacker's package at the attacker's path (and imports it: a process that finds it runs it)."""
+    from hydra._internal.utils import _locate
+
+    site, marker = tmp_path / "site", tmp_path / "pwned"
+    node = fetch_tree_node(site, marker)
+    _locate(node.pop("_target_"))(**node)
+    assert (site / "sitecustomize" / "__init__.py").is_file()
+    subprocess.run([sys.executable, "-c", "pass"], env={**os.environ, "PYTHONPATH": str(site)}, check=True)
+    assert marker.exists()
+
+
+def poisoned_run(trained_run: Path, tmp_path: Path, place) -> tuple[Path, Path, Path]:
+    """A copy of the tiny run whose config.yaml `place` poisons; (run, site, marker)."""
+    run = untrusted_run(trained_run, tmp_path / "run")
+    site, marker = tmp_path / "site", tmp_path / "pwned"
+    site.mkdir()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    place(config, site, marker)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run, site, marker
+
+
+def test_evaluate_refuses_fetch_tree_in_a_transform_slot(trained_run: Path, tmp_path: Path):
+    run, site, marker = poisoned_run(
+        trained_run, tmp_path, lambda c, site, m: c["transforms"].update(test=[fetch_tree_node(site, m)])
+    )
+    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"error: {run / 'config.yaml'}: transforms.test[0]._target_='imgcls.data.download.fetch_tree' "
+        "is not allowed: transforms.test[0] builds an image transform: a class from "
+        "torchvision.transforms.v2 that subclasses torchvision.transforms.v2.Transform."
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(site.iterdir()) == [] and not marker.exists()
+    assert not (run / "eval").exists()
+
+
+def test_predict_refuses_fetch_tree_in_a_transform_slot(trained_run: Path, tmp_path: Path):
+    run, site, marker = poisoned_run(
+        trained_run, tmp_path, lambda c, site, m: c["transforms"].update(test=[fetch_tree_node(site, m)])
+    )
+    tree = Path(yaml.safe_load((trained_run / "config.yaml").read_text())["data"]["root"])
+    image = next((tree / "val").glob("*/*.jpg"))
+    result = cli("imgcls.predict", f"run_dir={run}", f"inputs=[{image}]", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        "error: " in result.stderr
+        and "transforms.test[0]._target_='imgcls.data.download.fetch_tree' is not allowed" in result.stderr
+    )
+    assert list(site.iterdir()) == [] and not marker.exists()
+    assert not (run / "predict").exists()
+
+
+def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp_path: Path):
+    """imgcls.data.ImageFolderData is registered, and its data.download would call fetch_tree:
+    evaluation reads a run's data and never fetches or writes it."""
+
+    def place(config, site, marker):
+        config["data"]["root"] = str(site / "sitecustomize")
+        config["data"]["download"] = {"url": sitecustomize_url(marker), "archive_folder": "sitecustomize"}
+
+    run, site, marker = poisoned_run(trained_run, tmp_path, place)
+    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only training downloads"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert list(site.iterdir()) == [] and not marker.exists()
+
+
+def test_evaluation_never_writes_the_digits_where_a_run_config_points(tmp_path: Path):
+    from imgcls.digits import DigitsData
+    from imgcls.errors import DataError
+    from imgcls.labels import labelled_samples
+
+    root = tmp_path / "site" / "anything"
+    data = DigitsData(str(root), {"train": "train", "val": "val", "test": "test"}, batch_size=8)
+    with pytest.raises(
+        DataError, match=rf"^data.root='{root}' holds no digits, and only training writes them"
+    ):
+        labelled_samples(data, "val", [str(i) for i in range(10)])
+    assert not (tmp_path / "site").exists()

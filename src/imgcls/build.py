@@ -1,30 +1,15 @@
-"""The one place where config nodes become objects: allowlisted `_target_`s, then instantiate."""
+"""The one place where config nodes become objects: `_target_`s checked against the registry
+(imgcls.targets), then instantiate."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from imgcls.errors import ConfigError
-
-# Namespaces a config may name: what the project's own configs use. A run directory may come
-# from someone else, so a target must both be spelled inside them and resolve to a class or
-# function defined inside them: `torch.os.system` and `imgcls.data.os.system` are spelled inside
-# "torch." and "imgcls." but resolve to os.system, and `torch.hub.load` or `torch.load` would run
-# code from a download or a pickle. Anything else is refused before anything is built.
-ALLOWED_TARGET_PREFIXES = (
-    "imgcls.data.",  # ImageFolderData
-    "imgcls.digits.",  # DigitsData
-    "imgcls.models.",  # create_model
-    "imgcls.losses.",  # CrossEntropyLoss and FocalLoss with class weights
-    "imgcls.recipes.",  # WarmupCosineLR
-    "torch.nn.",  # losses
-    "torch.optim.",  # optimizers and lr_scheduler
-    "torchvision.transforms.",  # the per-split pipelines
-)
+from imgcls.errors import ConfigError, UserError
+from imgcls.targets import check_targets
 
 
 def plain(node: Any) -> Any:
@@ -34,50 +19,8 @@ def plain(node: Any) -> Any:
     return node
 
 
-def target_problem(target: Any) -> str | None:
-    """What is wrong with `target` as a `_target_`, or None when it may be instantiated."""
-    import inspect
-
-    from hydra._internal.utils import _locate  # what instantiate resolves with (get_object logs)
-
-    allowed = ", ".join(p.rstrip(".") for p in ALLOWED_TARGET_PREFIXES)
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
-        return f"is not allowed: targets must be in {allowed}"
-    try:
-        obj = _locate(target)  # imports the allowed modules it names; calls nothing
-    except Exception as exc:
-        return f"cannot be found ({str(exc).strip().splitlines()[-1]})"
-    module = getattr(obj, "__module__", None)
-    if inspect.ismodule(obj):
-        where = f"the module {obj.__name__}"
-    else:
-        where = f"{module}.{getattr(obj, '__qualname__', type(obj).__name__)}"
-    if not (inspect.isclass(obj) or inspect.isfunction(obj)) or not f"{module}.".startswith(
-        ALLOWED_TARGET_PREFIXES
-    ):
-        return f"is not allowed: it resolves to {where}, not a class or function defined in {allowed}"
-    return None
-
-
-def check_targets(node: Any, key: str = "") -> None:
-    """Raise ConfigError naming the key of any `_target_` outside the allowlist (nested ones too)."""
-    if isinstance(node, Mapping):
-        if node.get("_target_") is not None:  # null: nothing to build (scheduler: none)
-            problem = target_problem(node["_target_"])
-            if problem is not None:
-                where = f"{key}._target_" if key else "_target_"
-                raise ConfigError(
-                    f"{where}={node['_target_']!r} {problem}. Refusing to build anything from this config."
-                )
-        for k, v in node.items():
-            check_targets(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            check_targets(v, f"{key}[{i}]")
-
-
 def build(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
-    """instantiate(node) after the allowlist check; failures name the config key."""
+    """instantiate(node) once every `_target_` in it is what `key` may build; failures name the key."""
     node = plain(node)
     check_targets(node, key)
     try:
@@ -114,6 +57,8 @@ def complete(partial: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """Call a `_partial_: true` node's partial with its run-time arguments; errors name the key."""
     try:
         return partial(*args, **kwargs)
+    except UserError:
+        raise  # it names its key already (model.weights=...)
     except (TypeError, ValueError) as exc:
         target = getattr(partial, "func", partial)
         raise ConfigError(f"cannot build {key} ({getattr(target, '__qualname__', target)}): {exc}") from exc

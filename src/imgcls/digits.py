@@ -62,9 +62,15 @@ def write_digits(root: Path) -> None:
 class DigitsData(ImageFolderData):
     """ImageFolderData whose tree is written from scikit-learn's bundled copy on first use."""
 
-    def prepare(self) -> None:
+    def prepare(self, fetch: bool = True) -> None:
         if (self.root / MARKER).is_file():
             return
+        if not fetch:  # evaluate, predict, export: a run's config may name any data.root
+            raise DataError(
+                f"data.root={str(self.root)!r} holds no digits, and only training writes them. Write "
+                f"them with python -m imgcls.data check data=digits data.root={self.root}, or point "
+                "data.root at the run's tree."
+            )
         if self.root.exists() and any(self.root.iterdir()):
             raise DataError(
                 f"data.root={str(self.root)!r} exists but was not written by imgcls (no {MARKER} "

@@ -55,8 +55,9 @@ def labelled_samples(data: ImageFolderData, split: str, class_names: Sequence[st
     checkpoint's), never from the order of the folders; only this split needs to exist.
 
     Sets data.class_names and data.samples[split], so data.loader(split, ...) builds the loader
-    exactly as training built its own."""
-    data.prepare()
+    exactly as training built its own. Nothing is downloaded or written (data.download, digits):
+    the run's config may come from someone else."""
+    data.prepare(fetch=False)
     if split not in data.split_dirs:
         raise RunError(
             f"split={split}: the run's data has no such split; it has {', '.join(data.split_dirs)} "

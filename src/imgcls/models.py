@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torchvision
 from torch import nn
 
@@ -54,8 +55,6 @@ def _is_path(weights: str) -> bool:
 
 def _pretrained(name: str, weights: str):
     """The torchvision weights enum, present in the hub cache or downloadable; else a clear error."""
-    import torch
-
     enum = torchvision.models.get_model_weights(name)
     key = weights.split(".")[-1]
     if key not in enum.__members__:
@@ -78,24 +77,49 @@ def _pretrained(name: str, weights: str):
 
 
 def load_local_weights(model: nn.Module, path: Path) -> None:
-    """Load every tensor whose name and shape match; the head may differ (it stays fresh)."""
-    import torch
+    """Load every tensor whose name and shape match; the head may differ (it stays fresh).
 
+    The file is read with torch.load(weights_only=True) and nothing else: a run's config may come
+    from someone else, and model.weights is only ever read."""
+    from imgcls.checkpoint import Unloadable, load_weights_only
+    from imgcls.errors import ConfigError
+
+    saved = "torch.save(model.state_dict(), path)"
     if not path.is_file():
-        raise ValueError(f"model.weights={str(path)!r} is not a file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise ConfigError(
+            f"model.weights={path}: not a file. Give a file written by {saved}, an imgcls checkpoint, "
+            "or a torchvision weights name (DEFAULT, IMAGENET1K_V1)."
+        )
+    try:
+        state = load_weights_only(path)
+    except Unloadable as exc:
+        if exc.objects:
+            raise ConfigError(
+                f"model.weights={path}: the file holds more than tensors and plain values ({exc.detail}), "
+                f"and imgcls loads only weights-only files. Re-save the weights alone: {saved}."
+            ) from None
+        raise ConfigError(
+            f"model.weights={path}: not a PyTorch weights file ({exc.detail}). Give a file written by "
+            f"{saved} or an imgcls checkpoint."
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # an imgcls checkpoint
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"model.weights={path}: holds a {type(state).__name__}, not a state dict (parameter names "
+            f"to tensors). Re-save the weights: {saved}."
+        )
     own = model.state_dict()
     head = head_name(model) + "."
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     problems = [k for k in mismatched + missing if not k.startswith(head)]
     if problems:
-        raise ValueError(
-            f"model.weights={str(path)!r} does not fit {type(model).__name__}: {len(problems)} tensors "
-            f"missing or of another shape (e.g. {', '.join(problems[:3])}). Was it saved from another "
-            "architecture?"
+        raise ConfigError(
+            f"model.weights={path}: does not fit {type(model).__name__}: {len(problems)} of its "
+            f"{len(own)} tensors are missing or of another shape (e.g. {', '.join(problems[:3])}). "
+            "Was it saved from another architecture? Set model.name to the one it was saved from."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
 

@@ -95,7 +95,7 @@ def find_checkpoint(run: Path, spec: str) -> Path:
 
 
 def _checked(config: Any, source: str) -> dict:
-    from imgcls.build import check_targets
+    from imgcls.targets import check_targets
 
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: not a config (a mapping of keys), got {type(config).__name__}")
@@ -109,7 +109,7 @@ def _checked(config: Any, source: str) -> dict:
 def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dict, dict]:
     """(config, checkpoint state): the run's config.yaml with the overrides on top, and the
     checkpoint loaded weights_only. Every `_target_` in config.yaml, in the checkpoint's config and
-    in the result is checked against the allowlist before anything is built."""
+    in the result is checked against the registry (imgcls.targets) before anything is built."""
     from loguru import logger
 
     from imgcls.checkpoint import CheckpointError, load_checkpoint

@@ -91,9 +91,19 @@ class ImageFolderData:
         # set by a resume to the checkpoint's data_split: the same files, whatever the tree holds now
         self.recorded_split: Mapping[str, Any] | None = None
 
-    def prepare(self) -> None:
-        """Make the tree available: fetch it when a download is configured, else check it is there."""
+    def prepare(self, fetch: bool = True) -> None:
+        """Make the tree available: fetch it when a download is configured, else check it is there.
+
+        fetch=False (evaluate, predict, export): a run's config may come from someone else, and
+        data.download would unpack their archive at their data.root; only training fetches."""
         if not self.root.is_dir() and self.download:
+            if not fetch:
+                raise DataError(
+                    f"data.root={str(self.root)!r} is not a folder, and only training downloads "
+                    f"data.download.url={self.download.get('url')!r}: a run's config may come from "
+                    "someone else. Fetch the tree yourself (python -m imgcls.data check with the same "
+                    "data options), or point data.root at it."
+                )
             from imgcls.data.download import fetch_tree
 
             fetch_tree(root=self.root, **self.download)
