@@ -10,7 +10,9 @@ a torch.optim.Optimizer subclass defined in torch.optim, never any function that
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,8 +35,8 @@ class Group:
 
 # The registry. Hydra's own sweepers, launchers and callbacks (conf/hydra/, `hydra:` in
 # conf/train.yaml) are not here: Hydra instantiates them from the primary config, never from a
-# run's config.yaml, and none of them goes through build.py. A later extension (trusting a user's
-# installed module) adds names to a group's `targets` with dataclasses.replace.
+# run's config.yaml, and none of them goes through build.py. The user's own code joins a group
+# through trusted_targets() below: trust comes from the user's environment, never from a run.
 GROUPS: dict[str, Group] = {
     "data": Group(
         "a data set",
@@ -81,6 +83,48 @@ _SPECIAL = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _CONVERT = ("none", "partial", "object", "all")
 
 
+# The user's own targets: installed packages declare them as entry points, the user's shell in
+# this variable. Either way an entry is `<group>:<module>.<name>` (that class or function) or
+# `<group>:<module>` (every class and function defined in that module, not in its submodules).
+TRUST_VARIABLE = "IMGCLS_TRUSTED_TARGETS"  # e.g. "model:my_pkg.nets.TinyNet, loss:my_pkg.losses"
+# [project.entry-points."imgcls.targets"] in the package's pyproject.toml: the entry's name is the
+# group, optionally with a suffix after a dot to keep names unique ("model.tiny"), its value
+# "my_pkg.nets:TinyNet" (one target) or "my_pkg.nets" (the module)
+ENTRY_POINT_GROUP = "imgcls.targets"
+
+
+def trusted_targets() -> dict[str, frozenset[str]]:
+    """{group: targets and modules the user trusts}, from installed entry points and $IMGCLS_TRUSTED_TARGETS."""
+    return _trusted(os.environ.get(TRUST_VARIABLE, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _trusted(variable: str) -> dict[str, frozenset[str]]:
+    from importlib.metadata import entry_points
+
+    entries = [(ep.name.split(".")[0], ep.value.replace(":", "."), f"entry point {ep.name} = {ep.value}")
+               for ep in entry_points(group=ENTRY_POINT_GROUP)]  # fmt: skip
+    for item in filter(None, (part.strip() for part in re.split(r"[,\s]+", variable))):
+        group, _, name = item.partition(":")
+        entries.append((group, name, f"{TRUST_VARIABLE} entry {item!r}"))
+    found: dict[str, set[str]] = {}
+    for group, name, source in entries:
+        if group not in GROUPS or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+            raise ConfigError(
+                f"{source}: expected <group>:<module>[.<name>] with a group of {', '.join(GROUPS)}, "
+                f"e.g. model:my_pkg.nets.TinyNet"
+            )
+        found.setdefault(group, set()).add(name)
+    return {group: frozenset(names) for group, names in found.items()}
+
+
+def _user_trusts(target: str, group_name: str) -> bool:
+    """Whether the user trusts `target` in this group: by its exact name, or by its module (then
+    it must be a class or function defined in exactly that module, checked once it is located)."""
+    names = trusted_targets().get(group_name, frozenset())
+    return target in names or target.rpartition(".")[0] in names
+
+
 def group_of(key: str) -> str | None:
     """The group a top-level node at `key` builds, or None where nothing is built."""
     if key in GROUPS and key != "transforms":
@@ -94,7 +138,8 @@ def _in(module: str | None, namespace: str) -> bool:
 
 def allowed(group: Group) -> str:
     """What the group may build, in words."""
-    parts = list(group.targets)
+    name = next(k for k, v in GROUPS.items() if v is group)
+    parts = [*group.targets, *sorted(trusted_targets().get(name, ()))]
     if group.bases:
         kinds = " or ".join(group.bases)
         parts.append(f"a class from {group.namespace} that subclasses {kinds}")
@@ -108,7 +153,8 @@ def target_problem(target: Any, group_name: str, key: str | None = None) -> str 
 
     group = GROUPS[group_name]
     expected = f"{key or group_name} builds {group.builds}: {allowed(group)}"
-    registered = isinstance(target, str) and target in group.targets
+    user = isinstance(target, str) and _user_trusts(target, group_name)
+    registered = (isinstance(target, str) and target in group.targets) or user
     outside = isinstance(target, str) and group.namespace and _in(target.rpartition(".")[0], group.namespace)
     if not (registered or outside):
         # nothing is imported for a name that is neither registered nor in the group's package
@@ -117,6 +163,10 @@ def target_problem(target: Any, group_name: str, key: str | None = None) -> str 
         obj = _locate(target)  # imports the allowed modules it names; calls nothing
     except Exception as exc:
         return f"cannot be found ({str(exc).strip().splitlines()[-1]}); {expected}"
+    if user and target not in trusted_targets().get(group_name, ()):  # trusted as part of its module
+        defined_there = getattr(obj, "__module__", None) == target.rpartition(".")[0]
+        if not (defined_there and (inspect.isclass(obj) or inspect.isfunction(obj))):
+            return f"is not allowed: {target} is not a class or function defined in the module you trust; {expected}"
     if registered:
         return None if inspect.isclass(obj) or inspect.isfunction(obj) else f"is not allowed: {expected}"
     module = getattr(obj, "__module__", None)
@@ -188,7 +238,11 @@ def check_targets(node: Any, key: str = "", inside: str | None = None) -> None:
                     )  # fmt: skip
             problem = target_problem(node["_target_"], here, key)
             if problem is not None:
-                raise _refuse(where, node["_target_"], problem, f"Use one of those (see conf/{here}/).")
+                raise _refuse(
+                    where, node["_target_"], problem,
+                    f"Use one of those (see conf/{here}/); to build your own code, trust it where you run "
+                    f"imgcls: {TRUST_VARIABLE}={here}:<module>.<name> or an {ENTRY_POINT_GROUP!r} entry point.",
+                )  # fmt: skip
             special = _special_problem(node, here)
             if special is not None:
                 raise _refuse(
