@@ -13,7 +13,7 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from imgcls.augment import Crops, DeviceCrop, draw_box, resolve
+from imgcls.augment import Crops, DeviceCrop, draw_box, pack_shelves, resolve
 from imgcls.data import DataError, ImageFolderData, Normalize
 from imgcls.engine import _to_device
 from imgcls.errors import ConfigError
@@ -152,19 +152,38 @@ def test_padding_never_reaches_the_output_and_flips_hit_the_flagged_samples():
     regions = [image[:, 10:40, 20:50], other, image[:, 0:96, 0:70], image[:, 50:60, 100:128]]
     flips = [True, False, False, True]
     crops, targets = crop.collate([((r, f), i) for i, (r, f) in enumerate(zip(regions, flips, strict=True))])
-    assert crops.pixels.shape == (4, 3, 96, 70) and crops.pixels.dtype == torch.uint8
+    assert crops.pixels.shape[:2] == (1, 3) and crops.pixels.dtype == torch.uint8
     assert targets.tolist() == [0, 1, 2, 3] and crops.flips.tolist() == flips
     batch = crops.apply(CPU)
     for i, (region, flip) in enumerate(zip(regions, flips, strict=True)):
-        alone = crop.collate([((region, False), 0)])[0].apply(CPU)[0]  # no padding at all
-        # in a region's last half pixel, a weight on the replicated edge instead of a clamp: 1 ulp
-        assert (batch[i] - (alone.flip(-1) if flip else alone)).abs().max() < 1e-4, i
-    for fill in (0, 255):  # past the replicated column and row, the padding is never read
-        pixels = crops.pixels.clone()
-        for i, region in enumerate(regions):
-            _, h, w = region.shape
-            pixels[i, :, h + 1 :], pixels[i, :, :, w + 1 :] = fill, fill
+        alone = F.resized_crop(region, 0, 0, *region.shape[1:], [24, 24], antialias=True).float()
+        x1, y1, x2, y2 = crops.rois[i, 1:].int().tolist()
+        assert torch.equal(crops.pixels[0, :, y1:y2, x1:x2], region)
+        # the replicated border instead of roi_align's clamp at a region's edge: 1 ulp at most
+        # against the region resized on its own canvas
+        own = crop.collate([((region, False), 0)])[0].apply(CPU)[0]
+        assert (batch[i] - (own.flip(-1) if flip else own)).abs().max() < 1e-4, i
+        assert ((own - alone).abs().mean()) < 0.5, i
+    for fill in (0, 255):  # outside the regions and their 1-pixel borders, the canvas is never read
+        pixels = torch.full_like(crops.pixels, fill)
+        for x1, y1, x2, y2 in crops.rois[:, 1:].int().tolist():
+            pixels[0, :, y1 - 1 : y2 + 1, x1 - 1 : x2 + 1] = crops.pixels[
+                0, :, y1 - 1 : y2 + 1, x1 - 1 : x2 + 1
+            ]
         assert torch.equal(crops._replace(pixels=pixels).apply(CPU), batch), fill
+
+
+def test_shelves_pack_boxes_without_overlap_and_with_little_waste():
+    torch.manual_seed(0)
+    crop = DeviceCrop((224, 224))
+    image = torch.zeros(3, 256, 341, dtype=torch.uint8)
+    sizes = [(r.shape[1] + 2, r.shape[2] + 2) for r, _ in (crop(image) for _ in range(256))]
+    places, (height, width) = pack_shelves(sizes)
+    taken = torch.zeros(height, width, dtype=torch.int32)
+    for (top, left), (h, w) in zip(places, sizes, strict=True):
+        taken[top : top + h, left : left + w] += 1
+    assert taken.max() == 1 and taken.sum() == sum(h * w for h, w in sizes)
+    assert taken.sum() / taken.numel() > 0.75  # padding to the largest region: about 0.45 here
 
 
 def test_settings_resolve_per_device_cache_and_pipeline():
@@ -250,8 +269,8 @@ def test_cuda_output_equals_the_cpu_output_of_the_same_batch():
     assert gpu.device.type == "cuda" and gpu.shape == cpu.shape == (16, 3, 224, 224)
     assert (gpu.cpu() - cpu).abs().max() < 1e-3
     # the whole hand-over, as train_one_epoch does it: normalized, channels_last, on the GPU
-    normalize = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    stats = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     images, _ = _to_device((pinned, torch.zeros(16, dtype=torch.int64)), torch.device("cuda"),
-                           normalize.cuda(), True)  # fmt: skip
-    assert images.is_contiguous(memory_format=torch.channels_last)
-    assert (images.cpu() - normalize(cpu)).abs().max() < 1e-4
+                           Normalize(*stats).cuda(), True)  # fmt: skip
+    assert images.device.type == "cuda" and images.is_contiguous(memory_format=torch.channels_last)
+    assert (images.cpu() - Normalize(*stats)(cpu)).abs().max() < 1e-4
