@@ -11,7 +11,9 @@ Makes (or takes, --data) an ImageFolder of 20,000 train and 1,000 val JPEGs of p
   epoch's train/images_per_s is reported, so worker start-up and compiling are left out;
 - their ratio (target: >= 0.85 at bf16 + channels_last, with and without compile).
 Rows without `cache` decode every JPEG every epoch; rows with it decode each once, before training
-(not counted in images/s: it is start-up), and crop and flip the cached uint8 images each epoch.
+(not counted in images/s: it is start-up), and crop and flip the cached uint8 images each epoch, in
+the loader workers; `device augment` rows resize the crops and flip them on the GPU instead
+(data.device_augment=true: the workers only draw the boxes and cut the regions out).
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
-from common import REPO, machine, run_imgcls, table
+from common import REPO, machine, run_imgcls, summary_value, table
 
 BATCH, CLASSES = 256, 10
-# decoded once (threads), shorter side 256 for 224 px crops, then read from shared memory
-CACHE = ["data.cache=memory", "data.cache_size=256"]
+# decoded once (threads), shorter side 256 for 224 px crops, then read from shared memory; the
+# workers crop and flip (data.device_augment=false: auto would move that to the GPU)
+CACHE = ["data.cache=memory", "data.cache_size=256", "data.device_augment=false"]
+# the same cache; the workers only draw each box and flip and cut the region out, one roi_align
+# per batch resizes the regions on the GPU
+DEVICE_AUGMENT = ["data.cache=memory", "data.cache_size=256", "data.device_augment=true"]
 SETTINGS = {
     "fp32": (["trainer.precision=fp32", "trainer.channels_last=false", "trainer.compile=false"], None, False, False),
     "fp32 + compile": (["trainer.precision=fp32", "trainer.channels_last=false", "trainer.compile=true"], None, False, True),
@@ -37,6 +43,8 @@ SETTINGS = {
     "bf16 + channels_last + compile": (["trainer.precision=bf16", "trainer.channels_last=true", "trainer.compile=true"], "bf16", True, True),
     "bf16 + channels_last + cache": (["trainer.precision=bf16", "trainer.channels_last=true", "trainer.compile=false", *CACHE], "bf16", True, False),
     "bf16 + channels_last + compile + cache": (["trainer.precision=bf16", "trainer.channels_last=true", "trainer.compile=true", *CACHE], "bf16", True, True),
+    "bf16 + channels_last + cache + device augment": (["trainer.precision=bf16", "trainer.channels_last=true", "trainer.compile=false", *DEVICE_AUGMENT], "bf16", True, False),
+    "bf16 + channels_last + compile + cache + device augment": (["trainer.precision=bf16", "trainer.channels_last=true", "trainer.compile=true", *DEVICE_AUGMENT], "bf16", True, True),
 }  # fmt: skip
 
 
@@ -186,6 +194,7 @@ def main() -> None:
             rows.append([name, f"{top:,.0f}", "failed", "-"])
             continue
         ips = float(run["last"]["train/images_per_s"])
+        print(f"  {name}: {summary_value(run['summary'], 'settings:')}", flush=True)
         rows.append([name, f"{top:,.0f}", f"{ips:,.0f}", f"{ips / top:.2f}"])
         print(
             f"  {name}: ceiling {top:,.0f}, imgcls {ips:,.0f} images/s (run {run['wall_s']:.0f} s)",

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgcls.augment import Crops
 from imgcls.distributed import SINGLE, Dist, all_sum, any_rank, gather
 from imgcls.errors import ConfigError, UserError
 from imgcls.log import is_terminal, progress
@@ -48,7 +49,10 @@ def resolve_device(spec: str) -> torch.device:
 
 def _to_device(batch, device: torch.device, normalize: nn.Module, channels_last: bool):
     images, targets = batch
-    images = normalize(images.to(device, non_blocking=True))
+    if isinstance(images, Crops):  # data.device_augment: the crops are resized and flipped here
+        images = normalize(images.apply(device))
+    else:
+        images = normalize(images.to(device, non_blocking=True))
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)

@@ -113,6 +113,7 @@ def train_run(
 
     from imgcls import build as b
     from imgcls import distributed
+    from imgcls.augment import resolve as resolve_augment
     from imgcls.data.splits import describe
     from imgcls.engine import resolve_device
     from imgcls.loop import fit, report_best_weights
@@ -166,7 +167,13 @@ def train_run(
     optimizer = b.build_optimizer(config["optimizer"], model)
     pin = device.type == "cuda"
     shard = {"seed": seed, "pin_memory": pin, "rank": d.rank, "world": d.world}
-    loaders = {"train": data.loader("train", pipelines["train"], train=True, **shard)}
+    crop = resolve_augment(
+        data.device_augment, pipelines["train"], cached=data.cache != "none", device=device,
+        resumed=bool(ckpt.get("device_augment")) if ckpt else None,
+    )  # fmt: skip
+    train_collate = crop.collate if crop is not None else None  # None: the default stacking
+    train_transform = crop if crop is not None else pipelines["train"]
+    loaders = {"train": data.loader("train", train_transform, train=True, collate_fn=train_collate, **shard)}
     for split in data.splits:
         if split != "train":
             loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
@@ -228,7 +235,8 @@ def train_run(
             "classes": ", ".join(data.class_names),
             "data check": data.report.summary_line(),
             "settings": f"precision {amp.name}, channels_last {channels_last}, "
-            f"compile {bool(trainer.get('compile'))}, {data.num_workers} loader worker(s)",
+            f"compile {bool(trainer.get('compile'))}, {data.num_workers} loader worker(s), "
+            f"device augment {crop is not None}",
             "batch": f"{data.batch_size} per process x {d.world} process(es) x {accum} accumulated = "
             f"{data.batch_size * d.world * accum} per optimizer step; optimizer.lr "
             f"{config['optimizer'].get('lr')} as configured (not scaled)",
@@ -245,6 +253,7 @@ def train_run(
         "run_started": recorder.started.isoformat(),
         "world_size": d.world,
         "class_counts": class_counts,  # of train/: class-weighted losses are rebuilt from them
+        "device_augment": crop is not None,  # what data.device_augment=auto resolved to, for a resume
         **data.checkpoint_entries(),  # data fingerprint, carved val split
     }
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgcls.augment import setting
 from imgcls.cache import MODES, CachedImages, build_store
 from imgcls.data import check, splits
 from imgcls.data.images import DEFAULT_MAX_PIXELS
@@ -20,6 +21,7 @@ from imgcls.data.listing import find_classes, scan_class
 from imgcls.data.loading import DataError, ImageDataset
 from imgcls.data.scan import scan_files
 from imgcls.data.splits import check_options
+from imgcls.errors import ConfigError
 from imgcls.sampling import EpochSampler, EpochSeeded, worker_init
 
 ON_BAD_IMAGE = ("error", "skip")
@@ -52,6 +54,7 @@ class ImageFolderData:
         cache: str = "none",
         cache_size: int | None = None,
         cache_dir: str = "~/.cache/imgcls/images",
+        device_augment: str | bool = "auto",
     ):
         if batch_size < 1:
             raise DataError(f"data.batch_size must be at least 1, got {batch_size}")
@@ -82,6 +85,10 @@ class ImageFolderData:
             raise DataError(f"data.cache={cache!r} is not one of {', '.join(MODES)}")
         self.cache, self.cache_size, self.cache_dir = cache, cache_size, Path(cache_dir).expanduser()
         self.stores: dict = {}  # split -> cache.Store, built on first use
+        try:
+            self.device_augment = setting(device_augment)  # resolved with the device: augment.resolve
+        except ConfigError as exc:
+            raise DataError(str(exc)) from None
         self.class_names: list[str] = []
         self.samples: dict[str, list[tuple[str, int]]] = {}
         self.skipped: dict[str, list[Path]] = {}  # files left out for their suffix, per split
@@ -284,8 +291,10 @@ class ImageFolderData:
         pin_memory: bool = False,
         rank: int = 0,
         world: int = 1,
+        collate_fn: Callable | None = None,
     ) -> DataLoader:
-        """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch."""
+        """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch. `collate_fn`
+        runs in the workers (augment.DeviceCrop.collate); None stacks the samples."""
         dataset = EpochSeeded(self.dataset(split, transform), seed)
         return DataLoader(
             dataset,
@@ -295,6 +304,7 @@ class ImageFolderData:
             drop_last=train and len(dataset) > self.batch_size * world,
             num_workers=self.num_workers,
             pin_memory=pin_memory,
+            collate_fn=collate_fn,
             # workers live across epochs (no start-up per epoch): the sampler hands each of them the
             # epoch with every index, so their copy of the dataset never goes stale
             persistent_workers=self.num_workers > 0,
