@@ -39,21 +39,39 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory) -> Path:
-    """A fresh virtual environment holding the wheel. Its dependencies (torch alone is gigabytes)
-    come from this test environment's site-packages through a .pth file, whose own .pth files
-    (this checkout's editable install among them) Python does not read: `imgcls` there can only
-    be the wheel's."""
-    env = tmp_path_factory.mktemp("venv") / "venv"
-    venv.create(env, with_pip=False)
+def bare_venv(where: Path) -> Path:
+    """A fresh virtual environment without imgcls whose dependencies come from this test
+    environment's site-packages through a .pth file; Python does not read the .pth files of a
+    folder a .pth adds (this checkout's editable install among them)."""
+    venv.create(where, with_pip=False)
     site = Path(
         subprocess.run(
-            [env / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            [where / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             check=True, capture_output=True, text=True,
         ).stdout.strip()
     )  # fmt: skip
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return where
+
+
+def test_a_checkout_on_pythonpath_alone_finds_its_configs(tmp_path):
+    """`PYTHONPATH=src python -m imgcls.train` from a checkout that was never installed (how the
+    benchmarks run): conf/ beside src/."""
+    env = bare_venv(tmp_path / "venv")
+    out = run_in(
+        env, tmp_path, "python", "-c", "import imgcls.cli as c; print(c.CONFIG_DIR)", pythonpath=REPO / "src"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(REPO / "conf")
+    helped = run_in(env, tmp_path, "python", "-m", "imgcls.train", "--help", pythonpath=REPO / "src")
+    assert helped.returncode == 0 and "optimizer: adam, adamw, sgd" in helped.stdout, helped.stderr
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory) -> Path:
+    """A fresh virtual environment holding the wheel (its dependencies, torch alone gigabytes,
+    from this environment: bare_venv): `imgcls` there can only be the wheel's."""
+    env = bare_venv(tmp_path_factory.mktemp("venv") / "venv")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", env / "bin" / "python", "install", "-q", "--no-deps", wheel],
         check=True, capture_output=True, text=True, timeout=300,
@@ -61,8 +79,10 @@ def installed(wheel: Path, tmp_path_factory) -> Path:
     return env
 
 
-def run_in(env: Path, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_in(env: Path, cwd: Path, *args: str, timeout: float = 300, pythonpath: Path | None = None):
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if pythonpath is not None:
+        clean["PYTHONPATH"] = str(pythonpath)
     clean["PATH"] = f"{env / 'bin'}{os.pathsep}{clean.get('PATH', '')}"
     return subprocess.run(args, cwd=cwd, env=clean, capture_output=True, text=True, timeout=timeout)
 

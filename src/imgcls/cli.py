@@ -13,9 +13,18 @@ import yaml
 
 from imgcls.errors import ConfigError, UserError
 
-# conf/ sits at the repository root and installs as the package imgcls.conf (pyproject.toml's
-# package-dir): a checkout, an editable install and a wheel all find it by import, never by path
-CONFIG_DIR = str(importlib.resources.files("imgcls.conf"))
+
+def _config_dir() -> str:
+    """conf/ sits at the repository root and installs as the package imgcls.conf (pyproject.toml's
+    package-dir): an editable install and a wheel find it by import; a checkout that is only on
+    PYTHONPATH (src/, as the benchmarks run it) has it beside src/."""
+    try:
+        return str(importlib.resources.files("imgcls.conf"))
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+CONFIG_DIR = _config_dir()
 # Hydra's flags that take their value as the next argument (`--cfg job`, `-cn evaluate`)
 _FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
 _FLAGS_WITH_VALUE |= {"--cfg", "-c", "--package", "-p", "--info", "-i", "--experimental-rerun"}
