@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import make_tree, run_dirs
+from conftest import make_tree
 
 from imgcls.errors import ConfigError
 from imgcls.targets import TRUST_VARIABLE, check_targets
@@ -92,16 +92,20 @@ def cli(module: str, *args: str, cwd: Path, pythonpath: Path | None, extra_env: 
 
 @pytest.fixture(scope="module")
 def user_run(tmp_path_factory):
-    """A run of the user's model on the user's data option, from the user's config folder."""
+    """A sweep (two jobs) of the user's model on the user's data option, from the user's config
+    folder; its first job."""
     cwd = tmp_path_factory.mktemp("extend")
     pkgs = user_package(cwd / "site")
     conf = user_conf(cwd / "myconf", make_tree(cwd / "tree"))
-    trained = cli(
-        "imgcls.train", "--config-dir", str(conf), "data=shapes", "model=tiny", "trainer.epochs=1",
-        "device=cpu", cwd=cwd, pythonpath=pkgs,
+    swept = cli(
+        "imgcls.train", "-m", "--config-dir", str(conf), "data=shapes", "model=tiny", "trainer.epochs=1",
+        "device=cpu", "optimizer.lr=0.01,0.02", cwd=cwd, pythonpath=pkgs,
     )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    (run,) = run_dirs(cwd)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    (sweep,) = (cwd / "multirun").glob("*/*")
+    with open(sweep / "sweep_summary.csv") as f:
+        assert len(f.read().strip().splitlines()) == 3  # a header and both jobs
+    run = min(p.parent for p in sweep.glob("*/summary.txt"))
     return cwd, pkgs, conf, run
 
 
