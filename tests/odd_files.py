@@ -166,3 +166,47 @@ def mutations() -> dict[str, bytes]:
         zeroed[start : start + len(data) // 10] = bytes(len(zeroed[start : start + len(data) // 10]))
         out[f"{fmt}_zero50.{suffix}"] = bytes(zeroed)
     return out
+
+
+# predict's inputs: good images beside broken ones, name -> the reason in predictions.csv's `error`
+UNREADABLE = {
+    "bomb.png": r"too many pixels, refused as a decompression bomb",
+    "empty.jpg": r"empty file \(0 bytes\)$",
+    "mid_scan.jpg": r"cannot decode \(OSError: image file is truncated",
+    "ztxt_bomb.png": r"cannot decode \(ValueError: Decompressed data too large",
+}
+
+
+def mixed_inputs(tree: Path, folder: Path) -> list[Path]:
+    """<folder> with three good images of the tree's test split and the UNREADABLE files; returns
+    the good ones."""
+    import shutil
+
+    good = sorted((tree / "test").glob("*/*_000.jpg"))
+    folder.mkdir(parents=True)
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    write_hostile(folder, [n for n in UNREADABLE if n in HOSTILE])
+    (folder / "empty.jpg").write_bytes(b"")
+    return [folder / p.name for p in good]
+
+
+def check_predictions(rows: list[dict], folder: Path, stderr: str, alone: list[dict]) -> None:
+    """predictions.csv and the console of predict over mixed_inputs(folder): a row per input in
+    order, the good ones predicted as when they are alone, the others empty with their reason."""
+    import re
+
+    assert [r["path"] for r in rows] == sorted(str(p) for p in folder.iterdir())
+    assert list(rows[0])[-1] == "error" and list(rows[0])[:3] == ["path", "predicted", "confidence"]
+    good = {r["path"]: r for r in rows if not r["error"]}
+    assert good == {r["path"]: {**r, "error": ""} for r in alone} and len(good) == 3
+    for row in rows:
+        name = Path(row["path"]).name
+        if name in UNREADABLE:
+            assert re.match(UNREADABLE[name], row["error"]), (name, row["error"])
+            assert all(v == "" for k, v in row.items() if k not in ("path", "error")), row
+            assert f"  {row['path']}: {row['error']}\n" in stderr
+        else:
+            assert 0 < float(row["confidence"]) <= 1 and row["predicted"] == row["top1"]
+    assert "4 of 7 input(s) cannot be read and were not predicted" in stderr
+    assert "predictions for 3 of 7 image(s)" in stderr and "Traceback" not in stderr
