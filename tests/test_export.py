@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import cli
+from odd_files import UNREADABLE, check_predictions, mixed_inputs
 
 from imgcls import build as b
 from imgcls.formats import read_safetensors, read_torchscript
@@ -124,6 +125,26 @@ def test_predict_runs_the_onnx_model_without_torch(run: Path, onnx_file, tmp_pat
     for o, p in zip(onnx_rows, pt_rows, strict=True):
         assert o["predicted"] == p["predicted"]
         assert abs(float(o["confidence"]) - float(p["confidence"])) < 1e-4
+
+
+def test_onnx_predict_lists_unreadable_inputs_and_predicts_the_rest(run: Path, onnx_file, tmp_path: Path):
+    path, _ = onnx_file
+    good = mixed_inputs(data_root(run), tmp_path / "in")
+
+    def predict(inputs: list, out: str) -> subprocess.CompletedProcess:
+        return cli("imgcls.predict", f"onnx={path}", f"inputs=[{','.join(map(str, inputs))}]",
+                   f"out_dir={tmp_path / out}", cwd=tmp_path, timeout=120)  # fmt: skip
+
+    result = predict([tmp_path / "in"], "mixed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = predict(good, "alone")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    rows = read_csv(tmp_path / "mixed" / "predictions.csv")
+    check_predictions(rows, tmp_path / "in", result.stderr, read_csv(tmp_path / "alone" / "predictions.csv"))
+    none = predict([tmp_path / "in" / name for name in UNREADABLE], "none")
+    assert none.returncode == 2, none.stderr[-3000:]
+    assert "error: inputs: none of the 4 image(s) can be read, nothing to predict\n" in none.stderr
+    assert "ValueError: Decompressed data too large" in none.stderr and "Traceback" not in none.stderr
 
 
 def corrupt(path: Path, at: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import cli
+from odd_files import UNREADABLE, check_predictions, mixed_inputs
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -32,7 +33,8 @@ def test_predict_files_and_a_folder(trained_run: Path, tmp_path: Path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(out / "predictions.csv")
-    assert list(rows[0]) == ["path", "predicted", "confidence", "top1", "top1_prob", "top2", "top2_prob"]
+    header = ["path", "predicted", "confidence", "top1", "top1_prob", "top2", "top2_prob", "error"]
+    assert list(rows[0]) == header and not any(r["error"] for r in rows)
     expected = [str(single)] + sorted(str(p) for p in folder.glob("*/*.jpg"))
     assert [r["path"] for r in rows] == expected  # the order given, each folder sorted
     for r in rows:
@@ -102,3 +104,30 @@ def test_predict_bad_inputs_are_named(trained_run: Path, tmp_path: Path, inputs,
     assert result.returncode == 2, result.stderr[-3000:]
     assert message.format(**fill) in result.stderr and "Traceback" not in result.stderr
     assert not (trained_run / "predict").exists()
+
+
+def test_predict_lists_unreadable_inputs_and_predicts_the_rest(trained_run: Path, tmp_path: Path):
+    good = mixed_inputs(data_root(trained_run), tmp_path / "in")
+    result = cli(
+        "imgcls.predict", f"run_dir={trained_run}", f"inputs=[{tmp_path / 'in'}]", f"out_dir={tmp_path / 'p'}",
+        "top_k=2", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = cli(
+        "imgcls.predict", f"run_dir={trained_run}", f"inputs=[{','.join(map(str, good))}]",
+        f"out_dir={tmp_path / 'alone'}", "top_k=2", cwd=tmp_path,
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    rows = read_csv(tmp_path / "p" / "predictions.csv")
+    check_predictions(rows, tmp_path / "in", result.stderr, read_csv(tmp_path / "alone" / "predictions.csv"))
+    assert all(Path(p).name in result.stdout for p in good)  # the console table: the predicted ones
+
+    broken = [str(tmp_path / "in" / name) for name in UNREADABLE]
+    none = cli(
+        "imgcls.predict", f"run_dir={trained_run}", f"inputs=[{','.join(broken)}]", f"out_dir={tmp_path / 'n'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert none.returncode == 2, none.stderr[-3000:]
+    assert "error: inputs: none of the 4 image(s) can be read, nothing to predict\n" in none.stderr
+    assert f"  {broken[0]}: too many pixels" in none.stderr and "Traceback" not in none.stderr
+    assert not (tmp_path / "n" / "predictions.csv").exists()

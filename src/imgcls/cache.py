@@ -38,6 +38,16 @@ def decode(path: str | Path, size: int | None = None, max_pixels: int | None = N
     return TF.pil_to_tensor(image)
 
 
+def changed_since_check(path: str | Path, exc: Exception) -> Exception:
+    """The error for a file that the data check (or predict's) decoded and that now fails: it
+    changed or vanished since. A DataError naming the file, never a traceback."""
+    from imgcls.data.images import BadImageError, reason
+    from imgcls.errors import DataError
+
+    why = str(exc) if isinstance(exc, BadImageError) else f"cannot decode ({reason(exc)})"
+    return DataError(f"cannot decode image {path}: {why} (it decoded when checked: it changed since)")
+
+
 def decoded_shape(path: str | Path, size: int | None = None) -> tuple[int, int, int]:
     """The CHW shape `decode(path, size)` returns, from the file's header alone (EXIF rotations by
     90 degrees swap the sides)."""
@@ -101,8 +111,6 @@ class CachedImages(Dataset):
 def build_store(samples, mode: str, size: int | None, folder: Path, max_pixels: int | None = None) -> Store:
     """Decode every sample once into shared memory (`memory`) or into <folder>/<fingerprint>.u8
     (`disk`, reused by later runs and sweep jobs while the files and `size` are unchanged)."""
-    from imgcls.data import DataError
-
     paths = [p for p, _ in samples]
     if mode == "disk":
         key = fingerprint(paths, size)
@@ -116,8 +124,18 @@ def build_store(samples, mode: str, size: int | None, folder: Path, max_pixels: 
     def load(path: str) -> torch.Tensor:
         try:
             return decode(path, size, max_pixels)
+        except MemoryError:
+            raise
         except Exception as exc:
-            raise DataError(f"cannot decode image {path}: {exc}") from exc
+            raise changed_since_check(path, exc) from exc
+
+    def shape(path: str) -> tuple[int, int, int]:
+        try:
+            return decoded_shape(path, size)
+        except MemoryError:
+            raise
+        except Exception as exc:  # a header Pillow now refuses: the file changed
+            raise changed_since_check(path, exc) from exc
 
     def allocate(nbytes: int) -> torch.Tensor:
         if mode == "memory":
@@ -130,7 +148,7 @@ def build_store(samples, mode: str, size: int | None, folder: Path, max_pixels: 
     # decoded straight into its place: the build holds the cache plus the images in flight (one
     # per thread), not a second copy of it. Threads, not processes: PIL releases the GIL.
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        shapes = np.array(list(pool.map(lambda p: decoded_shape(p, size), paths)), np.int64).reshape(-1, 3)
+        shapes = np.array(list(pool.map(shape, paths)), np.int64).reshape(-1, 3)
         offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
         pixels = allocate(int(offsets[-1]))
 

@@ -80,8 +80,13 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         (out / "config.yaml").write_text(
             _yaml({"predict": cfg, "overrides": overrides, "checkpoint": str(checkpoint), "run": config})
         )
+        # decoded once first, as training's data check does: the loader then meets no bad file
+        unreadable = unreadable_inputs(files, data.max_pixels)
+        readable = [f for f in files if f not in unreadable]
+        if not readable:
+            raise nothing_readable(unreadable)
         data.class_names = class_names
-        data.samples["predict"] = [(str(f), -1) for f in files]  # no labels: -1
+        data.samples["predict"] = [(str(f), -1) for f in readable]  # no labels: -1
         # the val pipeline: the one whose accuracy training reported
         loader = data.loader(
             "predict", restored.pipelines["val"], train=False, pin_memory=restored.device.type == "cuda"
@@ -90,7 +95,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             restored.model, loader, restored.device, restored.normalize,
             channels_last=restored.channels_last, description="predict", log_every=restored.log_every,
         )  # fmt: skip
-        write_predictions(out, cfg, files, p.logits, p.probs, p.preds, class_names)
+        write_predictions(out, cfg, files, unreadable, p.logits, p.probs, p.preds, class_names)
         return out
 
 
@@ -102,6 +107,7 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
     import numpy as np
     from loguru import logger
 
+    from imgcls.data.images import BadImageError
     from imgcls.errors import ConfigError
     from imgcls.exported import OnnxClassifier, softmax
     from imgcls.log import logged, progress
@@ -123,34 +129,103 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
         logger.info(f"predicting {len(files)} image(s) with {model.path} (ONNX Runtime)")
         (out / "config.yaml").write_text(_yaml({"predict": cfg, "onnx": str(model.path)}))
         batch_size = int(data.get("batch_size") or 32)
-        logits = []
+        logits, unreadable = [], {}
         with progress("predict", -(-len(files) // batch_size)) as advance:
             for start in range(0, len(files), batch_size):
-                batch = [
-                    model.preprocess(f, data.get("max_image_pixels"))
-                    for f in files[start : start + batch_size]
-                ]
-                logits.append(model.logits(np.stack(batch)))
+                batch = []
+                for f in files[start : start + batch_size]:
+                    try:
+                        batch.append(model.preprocess(f, data.get("max_image_pixels")))
+                    except BadImageError as exc:  # one file's fault: the others are still predicted
+                        unreadable[f] = str(exc)
+                if batch:
+                    logits.append(model.logits(np.stack(batch)))
                 advance()
+        if not logits:
+            raise nothing_readable(unreadable)
         logits = np.concatenate(logits)
         probs = softmax(logits)
-        write_predictions(out, cfg, files, logits, probs, logits.argmax(1), model.class_names)
+        write_predictions(out, cfg, files, unreadable, logits, probs, logits.argmax(1), model.class_names)
         return out
 
 
-def write_predictions(out: Path, cfg: dict, files: list[Path], logits, probs, preds, class_names) -> None:
-    """predictions.csv (every image), the console table (the first console_rows) and the log."""
+SHOWN = 10  # unreadable inputs listed on the console; predictions.csv (or predict.log) has them all
+
+
+def unreadable_inputs(files: list[Path], max_pixels: int) -> dict[Path, str]:
+    """{file: why} for each input that does not decode (load_image, as in training)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgcls.data.images import BadImageError, load_image
+    from imgcls.log import progress
+
+    def why(path: Path) -> str | None:
+        try:
+            load_image(path, max_pixels)
+        except BadImageError as exc:
+            return str(exc)
+        return None
+
+    reasons: dict[Path, str] = {}
+    # threads: Pillow's decoders release the GIL (as in the data check)
+    with (
+        ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
+        progress("checking inputs", len(files), max(1000, len(files) // 10)) as advance,
+    ):
+        for path, reason in zip(files, pool.map(why, files), strict=True):
+            if reason:
+                reasons[path] = reason
+            advance()
+    return reasons
+
+
+def listed(unreadable: dict[Path, str]) -> str:
+    items = [f"\n  {path}: {why}" for path, why in list(unreadable.items())[:SHOWN]]
+    more = f"\n  and {len(unreadable) - SHOWN} more" if len(unreadable) > SHOWN else ""
+    return "".join(items) + more
+
+
+def nothing_readable(unreadable: dict[Path, str]) -> Exception:
+    from loguru import logger
+
+    from imgcls.errors import DataError
+
+    if len(unreadable) > SHOWN:  # the message lists SHOWN of them; the log file gets them all
+        logger.debug("unreadable inputs:" + "".join(f"\n  {p}: {why}" for p, why in unreadable.items()))
+    return DataError(
+        f"inputs: none of the {len(unreadable)} image(s) can be read, nothing to predict{listed(unreadable)}"
+    )
+
+
+def write_predictions(
+    out: Path, cfg: dict, files: list[Path], unreadable: dict[Path, str], logits, probs, preds, class_names
+) -> None:
+    """predictions.csv (a row per input, in order; an unreadable one has an empty prediction and
+    its reason in `error`), the console table (the first console_rows predicted) and the log."""
     from loguru import logger
 
     from imgcls import tables
     from imgcls.reports import prediction_rows, topk_indices, write_csv
 
     k = max(1, min(int(cfg["top_k"]), len(class_names)))
-    rows = prediction_rows([str(f) for f in files], probs, preds, topk_indices(logits, k), class_names)
-    write_csv(out / "predictions.csv", rows)
+    readable = [f for f in files if f not in unreadable]
+    rows = prediction_rows([str(f) for f in readable], probs, preds, topk_indices(logits, k), class_names)
+    predicted = dict(zip(readable, rows, strict=True))
+    empty = dict.fromkeys(rows[0], "")
+    write_csv(
+        out / "predictions.csv",
+        [{**predicted.get(f, {**empty, "path": str(f)}), "error": unreadable.get(f, "")} for f in files],
+    )
     text = tables.show([tables.predictions_table(rows, k, int(cfg["console_rows"]))])
     logger.debug("\n" + text)  # the file sink only: the console already shows the table
-    logger.info(f"predictions for {len(rows)} image(s) in {out / 'predictions.csv'}")
+    if unreadable:
+        logger.warning(
+            f"{len(unreadable)} of {len(files)} input(s) cannot be read and were not predicted "
+            f"(in predictions.csv: an empty prediction and the reason in `error`):{listed(unreadable)}"
+        )
+    of = f" of {len(files)}" if unreadable else ""
+    logger.info(f"predictions for {len(rows)}{of} image(s) in {out / 'predictions.csv'}")
 
 
 def _yaml(data: Any) -> str:

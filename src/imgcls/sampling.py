@@ -4,6 +4,9 @@ of DataLoader workers."""
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers its exit handler now: ours, registered later, runs before it
 import random
 import signal
 from collections.abc import Iterator
@@ -92,3 +95,27 @@ def worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def kill_workers_at_exit() -> None:
+    """Once per training process, before its first worker starts: see _kill_leftover_workers."""
+    global _killer_registered
+    if not _killer_registered:
+        atexit.register(_kill_leftover_workers)
+        _killer_registered = True
+
+
+_killer_registered = False
+
+
+def _kill_leftover_workers() -> None:
+    """Workers ignore SIGTERM (worker_init), and multiprocessing's exit handler stops daemonic
+    children with SIGTERM, then joins them: a run that stops on an error while its persistent
+    workers are alive (an image that changed after the data check) printed the error and then
+    waited forever. Workers hold nothing worth keeping: kill what is left."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each as a crash
+    for child in children:  # DataLoader workers: nothing else here starts daemonic processes
+        child.kill()
+        child.join(5)

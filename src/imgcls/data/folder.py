@@ -22,7 +22,7 @@ from imgcls.data.loading import DataError, ImageDataset
 from imgcls.data.scan import scan_files
 from imgcls.data.splits import check_options
 from imgcls.errors import ConfigError
-from imgcls.sampling import EpochSampler, EpochSeeded, worker_init
+from imgcls.sampling import EpochSampler, EpochSeeded, kill_workers_at_exit, worker_init
 
 ON_BAD_IMAGE = ("error", "skip")
 
@@ -296,6 +296,8 @@ class ImageFolderData:
         """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch. `collate_fn`
         runs in the workers (augment.DeviceCrop.collate); None stacks the samples."""
         dataset = EpochSeeded(self.dataset(split, transform), seed)
+        if self.num_workers > 0:
+            kill_workers_at_exit()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -18,49 +19,122 @@ BACKGROUND = (255, 255, 255)
 ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
-# load_image enforces max_pixels itself, before decoding; Pillow's warning would only repeat it
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+def _quiet_pillow() -> None:
+    """Pillow's warnings about a file never decide its fate, nor reach the console.
+
+    It warns about what it finds in a file (corrupt EXIF, a tag past the end, an odd palette, a
+    bomb below our own limit, which load_image enforces before decoding): each file is already
+    decoded or refused with its reason, and a tree of scanned photos would print a warning per
+    camera. Under `-W error` those warnings would refuse files whose pixels are fine. Its warnings
+    about our own calls (DeprecationWarning) still show."""
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"PIL(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+_quiet_pillow()
+# load_image puts them back in front when a later filter (-W error, a test's catch_warnings) hid them
+_QUIET_FILTERS = warnings.filters[:3]
+REASON_CHARS = 200  # a reason is one line of the check's list, however long the decoder's message
 
 
 class BadImageError(Exception):
     """One file that cannot become an RGB image; the message says why (the caller names the file)."""
 
 
+def reason(exc: BaseException) -> str:
+    """`TypeName: message` on one short line: why a decoder gave up on a file."""
+    kind = type(exc)
+    # struct.error and zlib.error are both called `error`: keep the module outside builtins and PIL
+    plain = kind.__module__ == "builtins" or kind.__module__.startswith("PIL")
+    name = kind.__qualname__ if plain else f"{kind.__module__}.{kind.__qualname__}"
+    text = " ".join(str(exc).split())
+    line = f"{name}: {text}" if text else name
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3] + "..."
+
+
 def load_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode as 8-bit RGB: EXIF orientation applied, alpha composited onto white, 16-bit scaled.
 
-    Raises BadImageError for anything else: not an image, truncated, too many pixels, odd modes.
+    Raises BadImageError for anything else: not an image, truncated, too many pixels, odd modes,
+    and whatever a decoder raises on a broken or hostile file (Pillow's plugins raise ValueError,
+    SyntaxError, struct.error, zlib.error, EOFError, IndexError, ...: each is a fact about the
+    file). Only MemoryError, KeyboardInterrupt and SystemExit pass through: they are not the file's.
     """
+    if warnings.filters[:3] != _QUIET_FILTERS:
+        _quiet_pillow()
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         # Pillow refuses outright above twice its own limit; ours is the one that counts
         Image.MAX_IMAGE_PIXELS = max_pixels
+    if not isinstance(source, (str, os.PathLike)):
+        return _decode(source, max_pixels)
     try:
-        opened = Image.open(source)
+        file = open(source, "rb")  # closed below; a failure here is not a decoder's
+    except OSError as exc:  # gone, a folder, no permission, a broken network mount
+        raise BadImageError(f"cannot read: {exc.strerror or reason(exc)}") from exc
+    with file:
+        return _decode(file, max_pixels)
+
+
+def _decode(fp: BinaryIO, max_pixels: int) -> Image.Image:
+    try:
+        return _decode_rgb(fp, max_pixels)
+    except (BadImageError, MemoryError):
+        raise
+    except Exception as exc:  # see load_image: any decoder failure is the file's
+        raise BadImageError(f"cannot decode ({reason(exc)})") from exc
+
+
+def _decode_rgb(fp: BinaryIO, max_pixels: int) -> Image.Image:
+    try:
+        opened = Image.open(fp)
     except Image.DecompressionBombError as exc:
-        raise BadImageError(f"too many pixels, refused as a decompression bomb ({exc})") from exc
+        raise BadImageError(
+            f"too many pixels, refused as a decompression bomb ({' '.join(str(exc).split())})"
+        ) from exc
     except UnidentifiedImageError as exc:
-        if _is_empty(source):
-            raise BadImageError("empty file (0 bytes)") from exc
-        raise BadImageError("not an image: no image format recognizes its content") from exc
-    except OSError as exc:  # e.g. a header cut short
-        raise BadImageError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+        raise BadImageError(_unidentified(fp)) from exc
     with opened as im:
         width, height = im.size
+        if width < 1 or height < 1:
+            raise BadImageError(f"{width}x{height}: an image without pixels")
         if width * height > max_pixels:
             raise BadImageError(
                 f"{width}x{height} = {width * height:,} pixels, above data.max_image_pixels="
                 f"{max_pixels:,} (the decompression-bomb guard); raise it to load this image"
             )
-        try:
-            im.load()  # every byte now: a truncated file fails here, not mid-epoch
-        except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
-            raise BadImageError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+        im.load()  # every byte now: a truncated file fails here, not mid-epoch
         try:
             oriented = ImageOps.exif_transpose(im)  # a new image, rotated as the camera meant
+        except MemoryError:
+            raise
         except Exception:  # a corrupt EXIF block: the pixels are fine, keep them as stored
             oriented = im.copy()
         rgb = to_rgb(oriented)
         return rgb if rgb is not im else im.copy()
+
+
+def _unidentified(fp: BinaryIO) -> str:
+    """Why no format opened the file: empty, not an image at all, or a format that recognizes its
+    first bytes and then finds the header broken (Pillow swallows that reason and moves on)."""
+    fp.seek(0, os.SEEK_END)
+    if fp.tell() == 0:
+        return "empty file (0 bytes)"
+    fp.seek(0)
+    prefix = fp.read(16)
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if not accept or isinstance(accept(prefix), str) or not accept(prefix):
+                continue  # a format without a signature test would claim anything
+            fp.seek(0)
+            factory(fp, "").close()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            return f"cannot decode as {fmt} ({reason(exc)})"
+    return "not an image: no image format recognizes its content"
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -86,7 +160,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     try:
         return im.convert("RGB")
     except ValueError as exc:
-        raise BadImageError(f"pixel mode {mode} cannot be converted to RGB ({exc})") from exc
+        raise BadImageError(f"pixel mode {mode} cannot be converted to RGB ({reason(exc)})") from exc
 
 
 _SRGB = None
@@ -105,9 +179,3 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
         except (ImageCms.PyCMSError, OSError, ValueError):
             pass  # a broken profile: fall back to Pillow's naive conversion below
     return im.convert("RGB")
-
-
-def _is_empty(source: str | Path | BinaryIO) -> bool:
-    if isinstance(source, (str, Path)):
-        return Path(source).stat().st_size == 0
-    return len(source.getvalue()) == 0 if isinstance(source, io.BytesIO) else False

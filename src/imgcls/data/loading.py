@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from imgcls.cache import decode
-from imgcls.data.images import DEFAULT_MAX_PIXELS, BadImageError
+from imgcls.cache import changed_since_check, decode
+from imgcls.data.images import DEFAULT_MAX_PIXELS
 from imgcls.errors import ConfigError, DataError
 
 __all__ = ["DataError", "ImageDataset", "Normalize"]
@@ -37,10 +37,12 @@ class ImageDataset(Dataset):
         path, target = self.samples[index]
         try:
             image = decode(path, self.size, self.max_pixels)
-        except (BadImageError, OSError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # load_image turns any decoder failure into BadImageError
             # the check decoded this file before training: it changed or vanished since. Stop and
             # name it rather than substitute a black image the model would learn from.
-            raise DataError(f"cannot decode image {path}: {exc} (it changed after the data check)") from exc
+            raise changed_since_check(path, exc) from exc
         if self.transform is not None:
             image = self.transform(image)
         return image, target

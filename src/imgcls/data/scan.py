@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgcls.data.images import BadImageError, load_image
+from imgcls.data.images import BadImageError, load_image, reason
 from imgcls.log import progress
 
 CACHE_VERSION = 1  # bump when what a record means changes: old caches are then ignored
@@ -42,12 +42,14 @@ def cache_file(root: Path) -> Path:
 
 
 def inspect_file(path: Path, max_pixels: int) -> FileRecord:
-    """Read once: hash the bytes, then decode them exactly as training will."""
-    stat = path.stat()
+    """Read once: hash the bytes, then decode them exactly as training will. Never raises for a
+    file (only MemoryError passes): whatever goes wrong is the record's `error`, so one odd file
+    cannot stop the scan or the threads that run it."""
     try:
+        stat = path.stat()
         data = path.read_bytes()
-    except OSError as exc:  # permissions, a broken network mount: the file is unusable, say why
-        return FileRecord(stat.st_size, stat.st_mtime_ns, "", error=f"cannot read: {exc.strerror or exc}")
+    except OSError as exc:  # gone since listed, permissions, a broken network mount: unusable, say why
+        return FileRecord(0, 0, "", error=f"cannot read: {exc.strerror or reason(exc)}")
     digest = hashlib.sha256(data).hexdigest()
     try:
         image = load_image(io.BytesIO(data), max_pixels)
@@ -74,7 +76,11 @@ def scan_files(root: Path, paths: Iterable[Path], max_pixels: int, workers: int 
     for path in paths:
         rel = path.relative_to(root).as_posix()
         old = cached.get(rel)
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # gone since it was listed: inspect_file records why
+            todo.append((rel, path))
+            continue
         if old is not None and old.size == stat.st_size and old.mtime_ns == stat.st_mtime_ns:
             records[rel] = old
         else:
