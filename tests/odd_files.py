@@ -123,10 +123,13 @@ HOSTILE = {
     "header.ico": (lambda: b"\0\0\1\0\1\0" + b"\xff" * 10, r"cannot decode as ICO \(SyntaxError"),
     "subimage.icns": (
         lambda: b"icns" + struct.pack(">I", 100) + b"ic08" + struct.pack(">I", 0xFFFF) + bytes(20),
-        r"cannot decode \(ValueError: Unsupported icon subimage format",
+        r"a ICNS file, not an image format imgcls reads",  # recognized, never opened (IMAGE_FORMATS)
     ),
     "chunk_length.webp": (webp_chunk_length, r"cannot decode \(OSError"),
-    "psd_header.psd": (lambda: b"8BPS\0\1" + bytes(8) + b"\xff" * 8, r"cannot decode as PSD \(SyntaxError"),
+    "psd_header.psd": (
+        lambda: b"8BPS\0\1" + bytes(8) + b"\xff" * 8,
+        r"a PSD file, not an image format imgcls reads",
+    ),
     # unusual but sound: the pixels are all there
     "orientation_99.jpg": (lambda: exif_jpeg(orientation(99)), None),
     "exif_garbage.jpg": (lambda: exif_jpeg(b"Exif\0\0II*\0" + b"\xff" * 40), None),

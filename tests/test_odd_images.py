@@ -237,3 +237,16 @@ def test_a_file_gone_after_listing_is_a_bad_file(tmp_path: Path):
     assert record.error == "cannot read: No such file or directory"
     with pytest.raises(BadImageError, match="cannot read: No such file or directory"):
         load_image(tmp_path / "gone.jpg")
+
+
+def test_formats_outside_the_list_are_never_opened(tmp_path):
+    """Pillow picks a plugin by content: an EPS file named .jpg would reach Ghostscript on load.
+    imgcls names its formats, so such a file is refused by what it is, before any plugin loads it."""
+    from imgcls.data.images import BadImageError, load_image
+
+    eps = tmp_path / "drawing.jpg"
+    eps.write_bytes(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+    )
+    with pytest.raises(BadImageError, match=r"a EPS file, not an image format imgcls reads \(JPEG, "):
+        load_image(eps)

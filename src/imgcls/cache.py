@@ -51,7 +51,11 @@ def changed_since_check(path: str | Path, exc: Exception) -> Exception:
 def decoded_shape(path: str | Path, size: int | None = None) -> tuple[int, int, int]:
     """The CHW shape `decode(path, size)` returns, from the file's header alone (EXIF rotations by
     90 degrees swap the sides)."""
-    with Image.open(path) as im:  # the header only: Pillow decodes nothing until load()
+    from imgcls.data.images import IMAGE_FORMATS
+
+    with Image.open(
+        path, formats=IMAGE_FORMATS
+    ) as im:  # the header only: Pillow decodes nothing until load()
         w, h = im.size
         try:
             orientation = im.getexif().get(0x0112, 1)

@@ -13,6 +13,10 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 # Pillow's own limit (about 9459 x 9459): a 100 kB PNG can expand to gigabytes of pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
+# The raster formats imgcls reads. Pillow picks a plugin by a file's content, whatever its suffix
+# says, and some of its plugins must never see an untrusted file: EPS runs Ghostscript (a
+# PostScript interpreter) on load. Every Image.open names these (JPEG covers camera MPO files).
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF", "JPEG2000", "TGA", "ICO")
 # Transparent pixels become white: logos, product shots and icons are drawn for a light page;
 # plain convert("RGB") keeps whatever color the transparent pixels happen to store (often black).
 BACKGROUND = (255, 255, 255)
@@ -88,7 +92,7 @@ def _decode(fp: BinaryIO, max_pixels: int) -> Image.Image:
 
 def _decode_rgb(fp: BinaryIO, max_pixels: int) -> Image.Image:
     try:
-        opened = Image.open(fp)
+        opened = Image.open(fp, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise BadImageError(
             f"too many pixels, refused as a decompression bomb ({' '.join(str(exc).split())})"
@@ -128,6 +132,8 @@ def _unidentified(fp: BinaryIO) -> str:
         try:
             if not accept or isinstance(accept(prefix), str) or not accept(prefix):
                 continue  # a format without a signature test would claim anything
+            if fmt not in IMAGE_FORMATS:  # recognized, and never opened: see IMAGE_FORMATS
+                return f"a {fmt} file, not an image format imgcls reads ({', '.join(IMAGE_FORMATS)})"
             fp.seek(0)
             factory(fp, "").close()
         except MemoryError:
