@@ -166,3 +166,21 @@ def test_unread_key_is_refused_before_anything_is_written(tmp_path: Path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: +optimzer.lr: no such key; did you mean optimizer.lr?" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a refused resume --------------------------------------------------------------------------
+
+
+def test_a_refused_resume_leaves_the_run_byte_identical(trained_run: Path, tmp_path: Path):
+    run = tmp_path / "finished"
+    shutil.copytree(trained_run, run)
+    before = snapshot(run)
+    last = run / "weights" / "last.pt"
+    for args, message in [
+        (["optimizer.lr=0.3"], "optimizer.lr=0.3 would change the saved run"),
+        ([], "the run already finished 2 of 2 epochs"),
+    ]:
+        result = cli("imgcls.train", f"resume={last}", *args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr
+        assert snapshot(run) == before, "no .hydra/resume-<time>/, no log lines, nothing"

@@ -165,15 +165,17 @@ def env_rank() -> int:
 
 
 def hydra_subdir(resume: str | None) -> str | None:
-    """Where Hydra records the composition: `.hydra`, or `.hydra/resume-<time>` for a resumed
-    run, so resuming never overwrites the original run's record."""
-    if env_rank() > 0:
-        return None  # only rank 0 records the composition
-    if not resume:
-        return ".hydra"
-    from datetime import datetime
+    """Where Hydra records the composition: `.hydra`; nothing for a resumed run, whose record
+    (`.hydra/resume-<time>`, see resume_record_dir) is written only once the resume is accepted,
+    so a refused one leaves the run as it was."""
+    if env_rank() > 0 or resume:
+        return None  # only rank 0 records the composition, and a resume only once accepted
+    return ".hydra"
 
-    return f".hydra/resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+
+def resume_record_dir(run_dir: Path) -> Path:
+    """`.hydra/resume-<time>`: a resume's record beside the original run's, never over it."""
+    return Path(run_dir) / ".hydra" / f"resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
 
 
 def register_resolvers() -> None:
