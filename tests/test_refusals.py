@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli, make_tree
+from conftest import TINY, cli, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
 
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, DataError
 from imgcls.train import CONFIG_DIR
 
 
@@ -184,3 +184,38 @@ def test_a_refused_resume_leaves_the_run_byte_identical(trained_run: Path, tmp_p
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr
         assert snapshot(run) == before, "no .hydra/resume-<time>/, no log lines, nothing"
+
+
+# -- the digits are written only where they belong ----------------------------------------------
+
+
+def test_a_missing_digits_root_elsewhere_is_a_typo_not_a_place_to_write(tmp_path: Path):
+    typo = tmp_path / "my_imagez"
+    result = cli("imgcls.train", f"data.root={typo}", "trainer.epochs=1", "device=cpu", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: data.root='{typo}' does not exist." in result.stderr
+    assert "add data=imagefolder" in result.stderr and "Traceback" not in result.stderr
+    assert not typo.exists() and not list(tmp_path.glob(".my_imagez*"))
+    (run,) = run_dirs(tmp_path)
+    assert not (run / "weights").exists()
+
+
+def test_digits_are_written_into_their_default_or_an_empty_folder(tmp_path: Path, monkeypatch):
+    from imgcls.digits import DEFAULT_ROOT, MARKER, DigitsData, write_digits
+
+    assert str(DEFAULT_ROOT) == compose_train().data.root  # the YAML's default is the one allowed
+    monkeypatch.chdir(tmp_path)
+    splits = {"train": "train", "val": "val"}
+    with pytest.raises(DataError, match="does not exist"):
+        DigitsData(str(tmp_path / "typo"), splits, batch_size=8).prepare()
+    assert not (tmp_path / "typo").exists()
+    written: list[Path] = []
+    monkeypatch.setattr("imgcls.digits.write_digits", lambda root: written.append(root))
+    DigitsData(str(DEFAULT_ROOT), splits, batch_size=8).prepare()
+    (tmp_path / "made").mkdir()
+    DigitsData(str(tmp_path / "made"), splits, batch_size=8).prepare()
+    assert written == [DEFAULT_ROOT, tmp_path / "made"]
+    # a tree imgcls wrote (its marker) is read wherever it lives
+    write_digits(tmp_path / "copy")
+    assert (tmp_path / "copy" / MARKER).is_file()
+    DigitsData(str(tmp_path / "copy"), splits, batch_size=8).prepare()
