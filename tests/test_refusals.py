@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY, cli, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
 
+from imgcls import build as b
 from imgcls.errors import ConfigError, DataError
 from imgcls.train import CONFIG_DIR
 
@@ -219,3 +220,36 @@ def test_digits_are_written_into_their_default_or_an_empty_folder(tmp_path: Path
     write_digits(tmp_path / "copy")
     assert (tmp_path / "copy" / MARKER).is_file()
     DigitsData(str(tmp_path / "copy"), splits, batch_size=8).prepare()
+
+
+# -- numbers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=abc", "optimizer.lr='abc': expected a number"),
+        ("trainer.epochs=abc", "trainer.epochs='abc': expected a number"),
+        ("scheduler.warmup_epochs=x", "scheduler.warmup_epochs='x': expected a number"),
+        ("data.batch_size=x", "data.batch_size='x': expected a number"),
+        ("trainer.grad_clip_norm=true", "trainer.grad_clip_norm=True: expected a number"),
+    ],
+)
+def test_a_string_where_a_number_belongs_names_the_key(override, message, tmp_path):
+    cfg = compose_train("data=imagefolder", f"data.root={tmp_path}", override)
+    config = b.plain(cfg)
+    with pytest.raises(ConfigError) as info:
+        b.check_number_keys(config)
+        b.check_numbers(config)
+    assert str(info.value) == message
+
+
+def test_a_string_learning_rate_fails_before_training_with_the_key(tmp_path: Path, tiny_tree: Path):
+    result = cli(
+        "imgcls.train", *TINY, f"data.root={tiny_tree}", "optimizer.lr=abc", cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: optimizer.lr='abc': expected a number" in result.stderr
+    assert "not supported between" not in result.stderr
+    (run,) = run_dirs(tmp_path)
+    assert "status:         failed" in (run / "summary.txt").read_text()

@@ -35,6 +35,10 @@ def resolve(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, d
         ) from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config does not resolve: {exc}") from exc
+    # a string where a number belongs names its key here, before the data is read or anything built
+    b.check_number_keys(config)
+    b.check_targets(config)  # before check_numbers imports them to read their signatures
+    b.check_numbers(config)
     if not config.get("resume"):
         return (
             config,
