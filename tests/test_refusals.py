@@ -14,8 +14,8 @@ from conftest import TINY, cli, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
 
 from imgcls import build as b
+from imgcls.cli import CONFIG_DIR
 from imgcls.errors import ConfigError, DataError
-from imgcls.train import CONFIG_DIR
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:

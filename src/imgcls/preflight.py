@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,7 +109,7 @@ def _hint(config: DictConfig, key: str, known: list[str]) -> str:
 
 def _is_group(config: DictConfig, name: str) -> bool:
     """`+experiment=digits_fast` picks a config file: a group Hydra composed, or a conf/ folder."""
-    from imgcls.train import CONFIG_DIR
+    from imgcls.cli import CONFIG_DIR
 
     choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
     return name in choices or (Path(CONFIG_DIR) / name).is_dir()
@@ -122,18 +123,21 @@ def _read(config: DictConfig, key: str) -> bool:
         return False
     if name in _INSTANTIATE_KEYS:
         return True
-    params = _parameters(target)
+    params = _parameters(target, parent)
     return params is None or name in params or "**" in params
 
 
-def _parameters(target: str) -> set[str] | None:
-    """The keyword arguments `target` takes ("**" for **kwargs); None when it cannot be told
-    (a target the build refuses with its own message, or one without a signature)."""
+def _parameters(target: str, key: str) -> set[str] | None:
+    """The keyword arguments `target` (the node at `key`) takes ("**" for **kwargs); None when it
+    cannot be told: a target the build refuses with its own message, or one without a signature.
+    Only targets the node's group allows are imported (imgcls.targets)."""
     from hydra._internal.utils import _locate
 
-    from imgcls.build import target_problem
+    from imgcls.targets import group_of, target_problem
 
-    if target_problem(target) is not None:
+    key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)  # transforms.train.0 -> transforms.train[0]
+    group = group_of(key)
+    if group is None or target_problem(target, group, key) is not None:
         return None
     try:
         signature = inspect.signature(_locate(target))
@@ -148,12 +152,12 @@ def _parameters(target: str) -> set[str] | None:
     return names
 
 
-def _optional(target: str) -> set[str]:
+def _optional(target: str, key: str) -> set[str]:
     """The arguments of `target` a config may add: those with defaults (the others, such as an
     optimizer's params, are given at run time)."""
     from hydra._internal.utils import _locate
 
-    if _parameters(target) is None:
+    if _parameters(target, key) is None:
         return set()
     params = inspect.signature(_locate(target)).parameters.values()
     return {p.name for p in params if p.default is not p.empty and p.kind != p.VAR_KEYWORD}
@@ -184,7 +188,7 @@ def _known_keys(config: DictConfig) -> list[str]:
     for key, node in _walk(config):
         keys.append(key)
         if isinstance(node, DictConfig) and isinstance(node.get("_target_"), str):
-            keys += [f"{key}.{p}" for p in _optional(node["_target_"]) - set(node.keys())]
+            keys += [f"{key}.{p}" for p in _optional(node["_target_"], key) - set(node.keys())]
     return keys
 
 
