@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import instantiate
@@ -19,10 +21,71 @@ def plain(node: Any) -> Any:
     return node
 
 
+# plain values the training loop counts and compares with (not constructor arguments)
+NUMBER_KEYS = (
+    "seed", "trainer.epochs", "trainer.grad_accum_steps", "trainer.grad_clip_norm", "trainer.mixup_alpha",
+    "trainer.cutmix_alpha", "trainer.ema_decay", "trainer.early_stopping.patience",
+    "trainer.early_stopping.min_delta", "trainer.keep_top_k", "trainer.log_every_n_steps", "trainer.num_threads",
+)  # fmt: skip
+
+
+def check_number_keys(config: Mapping, keys: tuple[str, ...] = NUMBER_KEYS) -> None:
+    """Raise ConfigError for a key of `keys` set to a string or a boolean (trainer.epochs=abc)."""
+    for key in keys:
+        value: Any = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, (str, bool)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+
+
+def _number_kind(param: Any) -> str | None:
+    """ "a number" for an argument declared or defaulted as int or float ("a number or a list" when
+    a sequence is allowed too), None for any other (bool, str, or anything)."""
+    annotation = param.annotation if isinstance(param.annotation, str) else repr(param.annotation)
+    words = set(re.findall(r"[A-Za-z_]+", annotation.replace("typing.", "")))
+    listed = bool(words & {"Sequence", "list", "tuple", "List", "Tuple"})
+    if isinstance(param.default, (int, float)) and not isinstance(param.default, bool):
+        return "a number or a list of numbers" if listed else "a number"
+    if words & {"int", "float"} and not words & {"str", "Any", "bool", "object"}:
+        return "a number or a list of numbers" if listed else "a number"
+    return None
+
+
+def check_numbers(node: Any, key: str = "") -> None:
+    """Raise ConfigError naming the key when a string is given where a `_target_`'s argument is a
+    number: `optimizer.lr=abc` otherwise fails inside torch with "'<' not supported between
+    instances of 'str' and 'float'", which names neither the key nor what it should be.
+    Call it after check_targets: it imports the targets to read their signatures."""
+    import inspect
+
+    from hydra._internal.utils import _locate
+
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            try:
+                params = inspect.signature(_locate(target)).parameters
+            except Exception:  # not found, no signature: instantiate says what is wrong
+                params = {}
+            for name, value in node.items():
+                listed = isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value)
+                kind = _number_kind(params[name]) if name in params else None
+                if kind and (isinstance(value, str) or listed):
+                    where = f"{key}.{name}" if key else str(name)
+                    raise ConfigError(f"{where}={value!r}: expected {'numbers' if listed else kind}")
+        for k, v in node.items():
+            check_numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_numbers(v, f"{key}[{i}]")
+
+
 def build(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """instantiate(node) once every `_target_` in it is what `key` may build; failures name the key."""
     node = plain(node)
     check_targets(node, key)
+    check_numbers(node, key)
     try:
         return instantiate(node, *args, **kwargs)
     except Exception as exc:

@@ -12,6 +12,10 @@ from PIL import Image
 from imgcls.data import DataError, ImageFolderData
 
 MARKER = ".imgcls-digits"
+# conf/data/digits.yaml's root (a test keeps the two equal): the one folder the digits are
+# written into when it is missing. Anywhere else a missing data.root is far more likely a typo
+# for the user's own tree (data.root without data=imagefolder) than a wish for digits there.
+DEFAULT_ROOT = Path("data/digits")
 SPLIT_SEED = 0  # fixed: every machine gets the same train/val/test files
 FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 
@@ -66,15 +70,25 @@ class DigitsData(ImageFolderData):
         if (self.root / MARKER).is_file():
             return
         if not fetch:  # evaluate, predict, export: a run's config may name any data.root
+            # the check writes them only into DEFAULT_ROOT or an empty folder (see below)
+            made = "" if self.root.resolve() == DEFAULT_ROOT.resolve() else f"mkdir -p {self.root} && "
             raise DataError(
                 f"data.root={str(self.root)!r} holds no digits, and only training writes them. Write "
-                f"them with python -m imgcls.data check data=digits data.root={self.root}, or point "
+                f"them with {made}python -m imgcls.data check data=digits data.root={self.root}, or point "
                 "data.root at the run's tree."
             )
         if self.root.exists() and any(self.root.iterdir()):
             raise DataError(
                 f"data.root={str(self.root)!r} exists but was not written by imgcls (no {MARKER} "
-                "file): remove it, or point data.root at an empty or new folder."
+                "file): remove it, or point data.root at an empty folder. To train on the images in "
+                "it, add data=imagefolder."
+            )
+        if not self.root.exists() and self.root.resolve() != DEFAULT_ROOT.resolve():
+            raise DataError(
+                f"data.root={str(self.root)!r} does not exist. The digits data set (data=digits, the "
+                f"default) is written only into {DEFAULT_ROOT}/ or into an empty folder you made for it. "
+                "To train on your own images, add data=imagefolder (data=imagefolder data.root=<your "
+                "tree>), and check the path."
             )
         if self.root.exists():
             self.root.rmdir()

@@ -111,7 +111,7 @@ def report(
 
     from imgcls import metrics as m
     from imgcls import tables
-    from imgcls.plots import error_grid_figure, reliability_figure
+    from imgcls.plots import error_grid_figure, reliability_figure, write_class_index
     from imgcls.reports import (
         confusion,
         confusion_figure,
@@ -183,6 +183,7 @@ def report(
     try:
         for key, value in metrics.items():
             writer.add_scalar(key, value, epoch)
+        write_class_index(out, class_names)  # only when no font draws the names
         for name, fig in figures.items():
             fig.savefig(out / f"{name}.png", dpi=100)
             writer.add_figure(f"{name}/{split}", fig, global_step=epoch, close=False)

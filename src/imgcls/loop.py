@@ -268,6 +268,10 @@ def report_best_weights(
         final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
         if not d.main:
             continue
+        note = one_class_note(targets, preds, data.class_names) if split == "val" else None
+        if note:
+            logger.warning(note)
+            recorder.add_note(note)
         text = write_split_report(
             split, targets, preds, data.class_names, run_dir, recorder.writer, best_epoch
         )
@@ -275,3 +279,22 @@ def report_best_weights(
             f"{split} (best weights, epoch {best_epoch}): accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
         )
     return final
+
+
+def one_class_note(targets, preds, class_names) -> str | None:
+    """A note when the model predicts one class for every image of a split that has several: its
+    accuracy is that class's share, what a constant guess gets (a diverged lr, too few epochs,
+    features that cannot tell the classes apart). None otherwise."""
+    import numpy as np
+
+    targets, preds = np.asarray(targets), np.asarray(preds)
+    predicted = np.unique(preds)
+    if len(predicted) != 1 or len(np.unique(targets)) < 2:
+        return None
+    only = int(predicted[0])
+    return (
+        f"the best weights predict one class, {class_names[only]!r}, for every one of the {len(preds)} "
+        f"val images (val accuracy {np.mean(targets == only):.4f} is that class's share: what a constant "
+        "guess gets). The model learned nothing that tells the classes apart: try a lower optimizer.lr, "
+        "more trainer.epochs, or check the data."
+    )

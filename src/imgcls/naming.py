@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from imgcls.errors import UserError
+
+# created with O_CREAT | O_EXCL before Hydra writes anything: of two runs given one directory,
+# exactly one creates it, whatever names the directory (a generated name or hydra.run.dir=)
+CLAIM_FILE = ".imgcls-run"
 
 # a run directory is passed back on the command line (resume=<run>/weights/last.pt), so its name
 # keeps to characters Hydra's override grammar reads unquoted: no '=', ',', brackets or spaces
@@ -84,11 +92,72 @@ def run_dir(resume: str | None, new_dir: str) -> str:
     if env_rank() > 0:
         # torchrun: rank 0 owns the run directory and hands its path to the others
         return str(Path(tempfile.gettempdir()) / f"imgcls-rank{env_rank()}-{os.getpid()}")
+    return str(resumed_dir(resume) or unique_dir(new_dir))
+
+
+def resumed_dir(resume: str | None) -> Path | None:
+    """The run directory a `resume=<run>/weights/<ckpt>.pt` continues in, or None."""
     if resume:
         ckpt = Path(resume)
         if ckpt.is_file() and ckpt.parent.name == "weights":
-            return str(ckpt.parent.parent)
-    return unique_dir(new_dir)
+            return ckpt.parent.parent
+    return None
+
+
+class RunDirTaken(UserError):
+    """A run directory that already holds a run (or anything else), or that another run claimed."""
+
+
+def claim_run_dir(path: Path) -> None:
+    """Make `path` this run's, or raise RunDirTaken and leave it exactly as it was.
+
+    A new or empty directory is claimed by creating CLAIM_FILE exclusively; a directory holding
+    anything else (a finished run, a failed one, the user's files) is refused, so no run ever
+    replaces another run's best.pt, metrics or summary, nor mixes its files into them."""
+    path.mkdir(parents=True, exist_ok=True)
+    claim = path / CLAIM_FILE
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise RunDirTaken(_taken_message(path)) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            f"claimed by pid {os.getpid()} on {socket.gethostname()} at {datetime.now():%Y-%m-%d %H:%M:%S}\n"
+        )
+    if any(p.name != CLAIM_FILE for p in path.iterdir()):
+        claim.unlink()
+        raise RunDirTaken(_taken_message(path))
+
+
+def _taken_message(path: Path) -> str:
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir() if p.name != CLAIM_FILE)
+    last = path / "weights" / "last.pt"
+    if not entries:
+        try:
+            holder = (path / CLAIM_FILE).read_text().strip()
+        except OSError:
+            holder = "claimed"
+        what = f"is taken by another run that started there ({holder})"
+    elif (path / "summary.txt").is_file() or (path / ".hydra").is_dir() or last.is_file():
+        status = _summary_status(path / "summary.txt")
+        what = f"already holds a run{f' ({status})' if status else ''}"
+    else:
+        shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+        what = f"is not empty (it holds {shown})"
+    ways = [f"resume={last} to continue that run (trainer.epochs=<more> extends a finished one)"]
+    ways = ways if last.is_file() else []
+    ways.append("another directory: a new or empty hydra.run.dir, or none for a new dated one")
+    return f"hydra.run.dir={path} {what}; nothing was written there. Use {', or '.join(ways)}."
+
+
+def _summary_status(summary: Path) -> str | None:
+    try:
+        for line in summary.read_text(encoding="utf-8").splitlines():
+            if line.startswith("status:"):
+                return f"status {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return None
 
 
 def env_rank() -> int:
@@ -96,15 +165,17 @@ def env_rank() -> int:
 
 
 def hydra_subdir(resume: str | None) -> str | None:
-    """Where Hydra records the composition: `.hydra`, or `.hydra/resume-<time>` for a resumed
-    run, so resuming never overwrites the original run's record."""
-    if env_rank() > 0:
-        return None  # only rank 0 records the composition
-    if not resume:
-        return ".hydra"
-    from datetime import datetime
+    """Where Hydra records the composition: `.hydra`; nothing for a resumed run, whose record
+    (`.hydra/resume-<time>`, see resume_record_dir) is written only once the resume is accepted,
+    so a refused one leaves the run as it was."""
+    if env_rank() > 0 or resume:
+        return None  # only rank 0 records the composition, and a resume only once accepted
+    return ".hydra"
 
-    return f".hydra/resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+
+def resume_record_dir(run_dir: Path) -> Path:
+    """`.hydra/resume-<time>`: a resume's record beside the original run's, never over it."""
+    return Path(run_dir) / ".hydra" / f"resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
 
 
 def register_resolvers() -> None:

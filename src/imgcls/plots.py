@@ -1,9 +1,12 @@
-"""Evaluation figures: the reliability diagram and the grid of the most confidently wrong images."""
+"""Evaluation figures: the reliability diagram, the grid of the most confidently wrong images, and
+the font that draws the class names (Chinese, Arabic, ... as well as Latin)."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -13,6 +16,92 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from imgcls.data import load_image  # noqa: E402
+
+CLASS_INDEX_FILE = "class_index.txt"  # beside figures whose class names no font could draw
+# tried first among the fonts that have every character: wide coverage, made for screen text
+_PREFERRED = ("notosanscjk", "noto sans cjk", "sourcehansans", "wqy", "wenquanyi", "droidsansfallback")
+_warned: set[frozenset[str]] = set()
+
+
+def label_font(labels: Iterable[str]) -> str | None:
+    """The font file that draws every character of `labels`: "" when matplotlib's default font
+    does, else the path of an installed font that does (Noto CJK, WenQuanYi, ...), else None, and
+    a warning, once per set of labels, that the figures label those classes by index instead."""
+    from loguru import logger
+
+    chars = _chars(labels)
+    font = _font_for(chars)
+    if font is None and chars not in _warned:
+        _warned.add(chars)
+        missing = sorted(chars - _charset(_default_font()))
+        logger.warning(
+            f"no font on this machine draws the characters {''.join(missing[:20])!r} of the class names: "
+            f"the confusion matrices label the classes by index, with the names in {CLASS_INDEX_FILE} "
+            "beside them (install a font that has them, e.g. apt-get install fonts-noto-cjk, to see the names)"
+        )
+    return font
+
+
+def font_for(texts: Iterable[str]) -> str | None:
+    """label_font's answer for any texts, without the warning."""
+    return _font_for(_chars(texts))
+
+
+def _chars(texts: Iterable[str]) -> frozenset[str]:
+    return frozenset(c for c in "".join(texts) if not c.isspace())
+
+
+@functools.lru_cache(maxsize=64)
+def _font_for(chars: frozenset[str]) -> str | None:
+    codes = {ord(c) for c in chars}
+    if codes <= _charset(_default_font()):
+        return ""
+    fonts = sorted(_installed_fonts(), key=lambda p: not any(k in p.lower() for k in _PREFERRED))
+    return next((path for path in fonts if codes <= _charset(path)), None)
+
+
+def _default_font() -> str:
+    from matplotlib import font_manager
+
+    return font_manager.findfont(font_manager.FontProperties())
+
+
+def _installed_fonts() -> list[str]:
+    """Font files matplotlib knows, then any its font cache predates (installed after it first ran)."""
+    from matplotlib import font_manager
+
+    known = [f.fname for f in font_manager.fontManager.ttflist]
+    return known + sorted(set(font_manager.findSystemFonts()) - set(known))
+
+
+@functools.lru_cache(maxsize=256)
+def _charset(path: str) -> frozenset[int]:
+    """The code points a font file maps to glyphs (the first face of a .ttc collection)."""
+    from fontTools.ttLib import TTFont
+
+    try:
+        with TTFont(path, fontNumber=0, lazy=True) as font:
+            return frozenset(font.getBestCmap() or {})
+    except Exception:  # not a TrueType/OpenType file (Type 1, a broken file): draws nothing here
+        return frozenset()
+
+
+def use_font(texts: Iterable, font: str | None) -> None:
+    """Draw matplotlib Text objects with the font file `font` (label_font's answer), same size."""
+    if font:
+        from matplotlib.font_manager import FontProperties
+
+        for text in texts:
+            text.set_fontproperties(FontProperties(fname=font, size=text.get_fontsize()))
+
+
+def write_class_index(folder: Path, class_names: Sequence[str]) -> Path | None:
+    """<folder>/class_index.txt, the index -> name table, when no font draws the names."""
+    if label_font(class_names) is not None:
+        return None
+    path = Path(folder) / CLASS_INDEX_FILE
+    path.write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(class_names)), encoding="utf-8")
+    return path
 
 
 def reliability_figure(bins: dict[str, np.ndarray], ece: float, title: str):
@@ -71,12 +160,16 @@ def error_grid_figure(
     fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, path, t, p, c in zip(axes.flat, paths, true, predicted, confidence, strict=False):
+    titles = [
+        f"true: {t}\npred: {p} ({c:.2f})\n{path.replace(chr(92), '/').rsplit('/', 1)[-1][:28]}"
+        for path, t, p, c in zip(paths, true, predicted, confidence, strict=True)
+    ]
+    font = font_for(titles)  # names in other scripts; none found: the confusion matrix said so
+    for ax, path, label in zip(axes.flat, paths, titles, strict=False):
         image = load_image(path)
         image.thumbnail((256, 256))
         ax.imshow(np.asarray(image), interpolation="nearest" if min(image.size) < 64 else "antialiased")
-        name = path.replace("\\", "/").rsplit("/", 1)[-1]
-        ax.set_title(f"true: {t}\npred: {p} ({c:.2f})\n{name[:28]}", fontsize=8, color="#c44e52")
+        use_font([ax.set_title(label, fontsize=8, color="#c44e52")], font)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # leave the title its own line
     return fig

@@ -50,6 +50,9 @@ class NullRecorder:
     def finish(self, status: str, final=None, error: str | None = None, note: str | None = None) -> None:
         pass
 
+    def add_note(self, note: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -87,7 +90,7 @@ class RunRecorder:
         self.history: list[dict[str, float]] = list(history or [])
         self.final: dict[str, float] = {}
         self.error: str | None = None
-        self.note: str | None = None
+        self.notes: list[str] = []  # `note:` lines: early stopping, a model that predicts one class
         self._beat = 0.0
         purge = len(self.history) + 1 if history is not None else None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
@@ -134,13 +137,17 @@ class RunRecorder:
         error: str | None = None,
         note: str | None = None,
     ) -> None:
-        self.note = note
+        if note:
+            self.notes.append(note)
         self.status = status
         self.final.update(final or {})
         self.error = error
         self.ended = _now()
         self.write_summary()
         self.writer.flush()
+
+    def add_note(self, note: str) -> None:
+        self.notes.append(note)
 
     def close(self) -> None:
         self.writer.close()
@@ -163,7 +170,7 @@ class RunRecorder:
             f"duration:       {str(now - self.started).split('.')[0]}",
             f"heartbeat:      {_fmt_time(_now())} (pid {os.getpid()} on {socket.gethostname()})",
             f"epoch:          {int(last.get('epoch', 0))} of {self.epochs}",
-            *([f"note:           {self.note}"] if self.note else []),
+            *(f"note:           {note}" for note in self.notes),
             "",
             f"best val acc:   {_pct(best.get('val/acc'))} at epoch {int(best['epoch']) if best else '-'}",
             f"final val acc:  {_pct(last.get('val/acc'))}",

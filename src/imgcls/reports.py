@@ -33,8 +33,18 @@ def confusion(targets: Sequence[int], preds: Sequence[int], num_classes: int) ->
 
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, normalized: bool = False):
     """A seaborn heatmap with class names on both axes and the counts in the cells; normalized:
-    each row divided by its true class's count, so the diagonal is the per-class recall."""
+    each row divided by its true class's count, so the diagonal is the per-class recall.
+
+    Names are drawn in a font that has their characters (plots.label_font); when no installed
+    font has them, the axes show class indices and write_class_index puts the names beside."""
+    from imgcls.plots import CLASS_INDEX_FILE, label_font, use_font
+
     n = len(class_names)
+    font = label_font(class_names)
+    # seaborn measures the labels while it lays them out: in another font than the one that has
+    # their characters ("Glyph missing"), so a special font's names go in once it is done
+    index = [str(i) for i in range(n)]
+    ticks = list(class_names) if font == "" else index
     if normalized:
         cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side = min(4 + 0.45 * n, 24)
@@ -46,14 +56,19 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
         cmap="Blues",
         vmin=0 if normalized else None,
         vmax=1 if normalized else None,
-        xticklabels=class_names,
-        yticklabels=class_names,
+        xticklabels=ticks,
+        yticklabels=ticks,
         cbar=True,
         square=True,
         ax=ax,
     )
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    if font:
+        ax.set_xticklabels(class_names, rotation=90 if max(map(len, class_names)) > 2 else 0)
+        ax.set_yticklabels(class_names, rotation=0)
+        use_font([*ax.get_xticklabels(), *ax.get_yticklabels()], font)
+    indexed = "" if font is not None else f" (class index: names in {CLASS_INDEX_FILE})"
+    ax.set_xlabel(f"predicted{indexed}")
+    ax.set_ylabel(f"true{indexed}")
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -68,8 +83,11 @@ def write_split_report(
     writer=None,
     step: int = 0,
 ) -> str:
-    """plots/confusion_matrix_<split>.png, logs/classification_report_<split>.txt, TensorBoard
-    image and text. Returns the report text."""
+    """plots/confusion_matrix_<split>.png (and plots/class_index.txt when no font draws the
+    names), logs/classification_report_<split>.txt, TensorBoard image and text. Returns the
+    report text."""
+    from imgcls.plots import write_class_index
+
     text = report_text(targets, preds, class_names)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs" / f"classification_report_{split}.txt").write_text(text)
@@ -78,6 +96,7 @@ def write_split_report(
     fig = confusion_figure(cm, class_names, f"{split}: accuracy {acc:.4f} ({cm.sum()} images)")
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     fig.savefig(run_dir / "plots" / f"confusion_matrix_{split}.png", dpi=100)
+    write_class_index(run_dir / "plots", class_names)
     if writer is not None:
         writer.add_figure(f"confusion_matrix/{split}", fig, global_step=step, close=False)
         # two leading spaces per line make TensorBoard's markdown keep the table's columns

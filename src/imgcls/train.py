@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,22 @@ register_resolvers()
 def resolve(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, dict | None]:
     """The plain config to run, its unresolved form, and the checkpoint when `resume` names one
     (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
-    from imgcls.build import plain
+    from imgcls import build as b
     from imgcls.checkpoint import load_checkpoint
     from imgcls.resume import resume_config
 
     try:
-        config = plain(cfg)
+        config = b.plain(cfg)
     except MissingMandatoryValue as exc:
         raise ConfigError(
             f"{exc.full_key} is required: set it on the command line, {exc.full_key}=..."
         ) from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config does not resolve: {exc}") from exc
+    # a string where a number belongs names its key here, before the data is read or anything built
+    b.check_number_keys(config)
+    b.check_targets(config)  # before check_numbers imports them to read their signatures
+    b.check_numbers(config)
     if not config.get("resume"):
         return (
             config,
@@ -44,8 +49,14 @@ def resolve(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, d
     return *resume_config(ckpt, cfg, overrides, config["resume"]), ckpt
 
 
-def run(cfg: DictConfig | dict, run_dir: Path, overrides: list[str] = ()) -> float:
-    """Train the composed config in run_dir. Heavy imports live here so --help stays instant."""
+def run(
+    cfg: DictConfig | dict,
+    run_dir: Path,
+    overrides: list[str] = (),
+    record: Callable[[Path], None] | None = None,
+) -> float:
+    """Train the composed config in run_dir. Heavy imports live here so --help stays instant.
+    `record(run_dir)` writes a resume's record once the resume is accepted."""
     from loguru import logger
 
     from imgcls import distributed
@@ -60,7 +71,8 @@ def run(cfg: DictConfig | dict, run_dir: Path, overrides: list[str] = ()) -> flo
     run_dir = Path(distributed.broadcast(str(run_dir), d))
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        log_ids = setup_logging(run_dir / "logs" / "train.log")
+        # a resume logs into the run once accepted: a refused one leaves the run as it was
+        log_ids = setup_logging(None if cfg.get("resume") else run_dir / "logs" / "train.log")
     else:
         log_all = bool((cfg.get("trainer") or {}).get("log_all_ranks"))
         log_ids = setup_logging(None, level="INFO" if log_all else "ERROR", prefix=f"[rank {d.rank}] ")
@@ -78,6 +90,10 @@ def run(cfg: DictConfig | dict, run_dir: Path, overrides: list[str] = ()) -> flo
         teardown_logging(log_ids)
         raise
     if d.main:
+        if ckpt:
+            log_ids = setup_logging(run_dir / "logs" / "train.log")
+            if record is not None:
+                record(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
         recorder = RunRecorder(
             run_dir, config, config["trainer"]["epochs"], info={},
@@ -299,11 +315,22 @@ def main(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from imgcls.naming import resume_record_dir
     from imgcls.signals import RunInterrupted
 
     hc = HydraConfig.get()
+
+    def record(run_dir: Path) -> None:
+        """What Hydra writes to .hydra/ for a new run, for an accepted resume."""
+        folder = resume_record_dir(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, node in [
+            ("config.yaml", cfg), ("hydra.yaml", HydraConfig.instance().cfg), ("overrides.yaml", hc.overrides.task),
+        ]:  # fmt: skip
+            (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
     try:
-        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record)
     except RunInterrupted as exc:
         # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
         print(f"interrupted: {exc}", file=sys.stderr)
