@@ -250,7 +250,7 @@ def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp
     result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
-        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only training downloads"
+        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only a new training run downloads"
         in result.stderr
     )
     assert "Traceback" not in result.stderr
@@ -265,7 +265,32 @@ def test_evaluation_never_writes_the_digits_where_a_run_config_points(tmp_path: 
     root = tmp_path / "site" / "anything"
     data = DigitsData(str(root), {"train": "train", "val": "val", "test": "test"}, batch_size=8)
     with pytest.raises(
-        DataError, match=rf"^data.root='{root}' holds no digits, and only training writes them"
+        DataError, match=rf"^data.root='{root}' holds no digits, and only a new training run writes them"
     ):
         labelled_samples(data, "val", [str(i) for i in range(10)])
     assert not (tmp_path / "site").exists()
+
+
+def test_resume_never_downloads_what_a_checkpoint_config_names(trained_run: Path, tmp_path: Path):
+    """resume= takes its config from the checkpoint, which may be someone else's: its
+    data.download is not fetched (only a new run, whose config the user composed, downloads)."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "weights" / "last.pt").unlink()
+    site, marker = tmp_path / "site", tmp_path / "pwned"
+    site.mkdir()
+    state = torch.load(trained_run / "weights" / "last.pt", weights_only=True)
+    download = {"url": sitecustomize_url(marker), "archive_folder": "sitecustomize"}
+    for key in ("config", "config_unresolved"):  # a resume composes from the latter
+        if state.get(key):
+            state[key]["data"].update(root=str(site / "sitecustomize"), download=download)
+    torch.save(state, run / "weights" / "last.pt")
+    result = cli(
+        "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=3", cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only a new training run downloads"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert list(site.iterdir()) == [] and not marker.exists()

@@ -69,11 +69,11 @@ class DigitsData(ImageFolderData):
     def prepare(self, fetch: bool = True) -> None:
         if (self.root / MARKER).is_file():
             return
-        if not fetch:  # evaluate, predict, export: a run's config may name any data.root
+        if not fetch:  # evaluate, predict, export, resume: a run's config may name any data.root
             # the check writes them only into DEFAULT_ROOT or an empty folder (see below)
             made = "" if self.root.resolve() == DEFAULT_ROOT.resolve() else f"mkdir -p {self.root} && "
             raise DataError(
-                f"data.root={str(self.root)!r} holds no digits, and only training writes them. Write "
+                f"data.root={str(self.root)!r} holds no digits, and only a new training run writes them. Write "
                 f"them with {made}python -m imgcls.data check data=digits data.root={self.root}, or point "
                 "data.root at the run's tree."
             )

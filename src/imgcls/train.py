@@ -161,7 +161,9 @@ def train_run(
     data = b.build_data(config["data"])
     if ckpt:
         data.recorded_split = ckpt.get("data_split")  # a carved val split or fold: exactly the same files
-    distributed.rank0_first(data.setup, d)  # rank 0 writes, downloads and caches for the others
+    # rank 0 writes, downloads and caches for the others; a resume's config comes from a checkpoint,
+    # maybe someone else's: it neither downloads nor writes the data set (see ImageFolderData.prepare)
+    distributed.rank0_first(lambda: data.setup(fetch=not ckpt), d)
     if ckpt:
         check_classes(ckpt["class_names"], data.class_names, data.root)
         for change in data.changes_since(ckpt):  # same classes, other files: resume, but say so

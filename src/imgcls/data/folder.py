@@ -101,12 +101,13 @@ class ImageFolderData:
     def prepare(self, fetch: bool = True) -> None:
         """Make the tree available: fetch it when a download is configured, else check it is there.
 
-        fetch=False (evaluate, predict, export): a run's config may come from someone else, and
-        data.download would unpack their archive at their data.root; only training fetches."""
+        fetch=False (evaluate, predict, export, resume): a run's config may come from someone else,
+        and data.download would unpack their archive at their data.root; only a new training run,
+        whose config the user composed, fetches."""
         if not self.root.is_dir() and self.download:
             if not fetch:
                 raise DataError(
-                    f"data.root={str(self.root)!r} is not a folder, and only training downloads "
+                    f"data.root={str(self.root)!r} is not a folder, and only a new training run downloads "
                     f"data.download.url={self.download.get('url')!r}: a run's config may come from "
                     "someone else. Fetch the tree yourself (python -m imgcls.data check with the same "
                     "data options), or point data.root at it."
@@ -120,9 +121,10 @@ class ImageFolderData:
                 "Point data.root at a folder holding train/ and val/ class folders."
             )
 
-    def setup(self) -> None:
-        """List, decode and check every split; raise DataError listing everything that is wrong."""
-        self.prepare()
+    def setup(self, fetch: bool = True) -> None:
+        """List, decode and check every split; raise DataError listing everything that is wrong.
+        fetch: see prepare."""
+        self.prepare(fetch)
         report = self.report = check.DataReport(str(self.root))
         present = {s: self.root / d for s, d in self.split_dirs.items() if (self.root / d).is_dir()}
         carve = self.val_fraction is not None or self.folds is not None
