@@ -57,6 +57,8 @@ def imgcls_row(dataset: str, extra: list[str], seed: int, epochs: int, workdir: 
     accs = [float(r["val/acc"]) for r in out["rows"]]
     recal = [float(r["bn_recal/time_s"]) for r in out["rows"] if r.get("bn_recal/time_s")]
     train = [float(r["train/time_s"]) for r in out["rows"]]
+    losses = " ".join(f"{float(r['val/loss']):.3g}" for r in out["rows"])
+    print(f"    val acc per epoch {' '.join(f'{a:.3f}' for a in accs)}; val loss {losses}", flush=True)
     return {"best": max(accs), "final": accs[-1], "recal_s": statistics.mean(recal) if recal else 0.0,
             "train_s": statistics.mean(train), "wall_s": out["wall_s"], "run": out["run"]}  # fmt: skip
 
@@ -136,7 +138,7 @@ def main() -> None:
                     )
             for name, runs in results.items():
                 rows.append([dataset, name, cell(runs),
-                             f"{statistics.mean(r['recal_s'] for r in runs):.1f}" if "on" in name else "-",
+                             f"{statistics.mean(r['recal_s'] for r in runs):.1f}" if runs[0]["recal_s"] else "-",
                              f"{statistics.mean(r['train_s'] for r in runs):.1f}" if runs[0]["train_s"] else "-",
                              " ".join(f"{100 * r['best']:.1f}" for r in runs)])  # fmt: skip
     print(f"\n{args.epochs} epochs, seeds {args.seeds}, Hymenoptera at {args.size} px\n{table(rows)}")
