@@ -95,6 +95,52 @@ def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, 
     assert single["val/loss"] == pytest.approx(best["history"][best["epoch"] - 1]["val/loss"], rel=1e-5)
 
 
+def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_run: Path):
+    """Each rank recalibrates on its own share; the checkpoint holds their sums added, which is
+    what one process gets from all the ranks' batches together."""
+    from imgcls import build as b
+    from imgcls.batchnorm import batchnorm_layers, build_recalibration, recalibrate
+    from imgcls.sampling import set_epoch
+
+    last = torch.load(ddp_run / "weights" / "last.pt", weights_only=True)
+    config = last["config"]
+    assert config["trainer"]["bn_recalibration"]["enabled"], "on by default"
+    data = b.build_data(config["data"])
+    data.setup()
+    pipelines, normalize = b.build_transforms(config["transforms"])
+    model = b.build_model(config["model"], num_classes=len(data.class_names))
+    model.load_state_dict(last["model"])
+    model = model.to(memory_format=torch.channels_last)
+    batches = []
+    for rank in (0, 1):
+        shard = {"seed": config["seed"], "pin_memory": False, "rank": rank, "world": 2}
+        recal = build_recalibration(config["trainer"]["bn_recalibration"], data, pipelines, shard,
+                                    torch.device("cpu"), normalize, channels_last=True, amp=None, d=None)  # fmt: skip
+        set_epoch(recal.loader, last["epoch"])
+        batches += list(recal.loader)
+    assert len(batches) == 2 * 3, "3 batches of 4 per rank: the 24 train images, shuffled"
+    from imgcls.sampling import mix
+
+    recalibrate(
+        model,
+        batches,
+        torch.device("cpu"),
+        normalize,
+        channels_last=True,
+        seed=mix(config["seed"], last["epoch"], 3),
+    )
+    names = dict(model.named_modules())
+    for name, layer in names.items():
+        if layer in batchnorm_layers(model):
+            torch.testing.assert_close(
+                layer.running_mean, last["model"][f"{name}.running_mean"], rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(
+                layer.running_var, last["model"][f"{name}.running_var"], rtol=1e-4, atol=1e-5
+            )
+    assert "BatchNorm recalibrated" in (ddp_run / "logs" / "train.log").read_text()
+
+
 def test_ddp_checkpoint_resumes_in_one_process(ddp_run: Path, tmp_path: Path):
     import shutil
 

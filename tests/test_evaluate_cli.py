@@ -212,6 +212,8 @@ def test_val_accuracy_of_the_best_checkpoint_equals_training(run_copy: Path):
     assert re.search(
         rf"val acc in training\s+{best['best_acc']:.4f} \(epoch {best['epoch']}\)", result.stdout
     )
+    # with BatchNorm recalibration on (the default): best.pt holds the statistics validation used
+    assert "bn recal cost:" in (run_copy / "summary.txt").read_text()
 
 
 def test_last_checkpoint_and_a_second_evaluation_get_their_own_folders(run_copy: Path):

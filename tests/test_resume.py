@@ -18,6 +18,7 @@ from conftest import cli, make_tree, run_dirs
 EXACT = [
     "data=imagefolder", "transforms=digits", "data.batch_size=4", "trainer.epochs=3", "device=cpu",
     "deterministic=true", "seed=11", "trainer.log_every_n_steps=1",
+    "trainer.bn_recalibration.batches=5",  # on by default; 5 of the 12 batches, drawn from (seed, epoch)
 ]  # fmt: skip
 
 
@@ -110,6 +111,7 @@ def test_signal_stops_mid_epoch_and_resume_is_bit_exact(tree, reference, tmp_pat
     assert_same_state(run, reference[workers])
     log = (run / "logs" / "train.log").read_text()
     assert log.count("epoch 1/3  train loss") == 1 and "epoch 3/3  train loss" in log  # the log carries on
+    assert log.count("BatchNorm recalibrated") == 3, "before each validation, the resumed epochs too"
     assert (run / ".hydra" / "overrides.yaml").read_text().count("num_workers") == 1  # original record kept
     assert len(list((run / ".hydra").glob("resume-*"))) == 1
 

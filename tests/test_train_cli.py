@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 EPOCH_KEYS = [
     "epoch", "train/loss", "train/acc", "train/time_s", "train/images_per_s",
+    "bn_recal/time_s", "bn_recal/images",  # BatchNorm recalibration, on by default: what it cost
     "val/loss", "val/acc", "val/time_s", "val/images_per_s", "val/acc_best", "lr",
 ]  # fmt: skip
 
@@ -64,6 +65,7 @@ def test_metrics_file_has_one_row_per_epoch(trained_run: Path):
     for r in rows:
         assert 0 <= r["train/acc"] <= 1 and 0 <= r["val/acc"] <= 1
         assert r["train/loss"] > 0 and r["train/images_per_s"] > 0
+        assert r["bn_recal/images"] == 24 and r["bn_recal/time_s"] > 0  # the tiny tree's whole train split
     # the rate each epoch started with: the default schedule warms up from 0.01 x lr over epoch 1
     assert [r["lr"] for r in rows] == pytest.approx([0.01 * 0.01, 0.01])
     assert rows[1]["val/acc_best"] == max(r["val/acc"] for r in rows)

@@ -171,6 +171,11 @@ def fit(
             raise NonFiniteLossError(f"{exc} ({where})", exc.step, exc.partial) from None
         start_step, partial = 0, None
         sync_buffers(model, d)  # evaluate and save rank 0's model, the same on every rank
+        # BatchNorm statistics recomputed for these weights: validation, best.pt and every report
+        # then measure the model itself; the next epoch trains on from them (as on resume)
+        recal = (
+            recipe.recalibrate([model] + ([ema.module] if ema else []), epoch) if recipe.recalibrate else {}
+        )
         evaluation = {
             "split": "val",
             "channels_last": channels_last,
@@ -198,15 +203,24 @@ def fit(
         improved = score > best_acc
         if improved:
             best_acc, best_epoch = score, epoch
-        metrics = {"epoch": epoch, **train_metrics, **val_metrics, "val/acc_best": best_acc, "lr": lr}
+        metrics = {
+            "epoch": epoch,
+            **train_metrics,
+            **recal,
+            **val_metrics,
+            "val/acc_best": best_acc,
+            "lr": lr,
+        }
         history.append(metrics)
         ema_note = f", ema {val_metrics['val/acc_ema']:.4f}" if ema is not None else ""
+        recal_s = recal.get("bn_recal/time_s", 0.0)
+        recal_note = f", BatchNorm recalibrated {recal_s:.1f} s" if recal else ""
         logger.info(
             f"epoch {epoch}/{epochs}  train loss {metrics['train/loss']:.4f} acc {metrics['train/acc']:.4f}"
             f"  | val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:.4f}{ema_note}"
             f" (best {best_acc:.4f} @{best_epoch})  | lr {lr:.3g}"
-            f"  | {metrics['train/time_s'] + metrics['val/time_s']:.1f} s"
-            f" ({metrics['train/images_per_s']:.0f} img/s train)" + ("  *" if improved else "")
+            f"  | {metrics['train/time_s'] + recal_s + metrics['val/time_s']:.1f} s"
+            f" ({metrics['train/images_per_s']:.0f} img/s train{recal_note})" + ("  *" if improved else "")
         )
         # record first, then save: a kill in between redoes this epoch on resume, and the
         # TensorBoard writer of the resumed run purges the orphaned points

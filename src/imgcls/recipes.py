@@ -15,13 +15,16 @@ from torch.optim import lr_scheduler
 
 @dataclass
 class Recipe:
-    """What train_one_epoch does around each optimizer step (defaults: plain SGD steps)."""
+    """What train_one_epoch does around each optimizer step (defaults: plain SGD steps), and what
+    fit does to the model before validating it."""
 
     grad_accum_steps: int = 1
     grad_clip_norm: float | None = None
     mix: Callable | None = None  # (images, targets) -> (images, soft targets)
     step_scheduler: Any = None  # stepped after every optimizer step (per-step schedules)
     ema: torch.optim.swa_utils.AveragedModel | None = None
+    # before each validation: (models, epoch) -> cost metrics (batchnorm.Recalibration)
+    recalibrate: Callable[[list[nn.Module], int], dict[str, float]] | None = None
 
 
 def build_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:

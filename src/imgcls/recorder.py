@@ -182,6 +182,12 @@ class RunRecorder:
                 f"speed:          train {last['train/images_per_s']:.1f} images/s "
                 f"({last['train/time_s']:.1f} s/epoch), val {last['val/images_per_s']:.1f} images/s"
             )
+        if last.get("bn_recal/time_s") is not None and last.get("train/time_s"):
+            lines.append(
+                f"bn recal cost:  {last['bn_recal/time_s']:.1f} s before each validation "
+                f"({last['bn_recal/time_s'] / last['train/time_s']:.0%} of a training epoch), "
+                f"{int(last['bn_recal/images'])} images"
+            )
         for split in ("train", "val", "test"):
             key = f"{split}/acc_best_weights"
             if key in self.final:

@@ -32,11 +32,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     Under torchrun each rank takes every world-th index of the same order. Shuffled (training),
     the order is cut to a multiple of the world size so every rank takes as many steps; in order
-    (evaluation), nothing is cut or repeated: the ranks' results are gathered whole."""
+    (evaluation), nothing is cut or repeated: the ranks' results are gathered whole. `limit` keeps
+    only the first `limit` indices of each rank's share (BatchNorm recalibration's few batches)."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
+    def __init__(
+        self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1, limit: int | None = None
+    ):
         self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.limit = rank, world, limit
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -54,7 +57,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = order[: self.n - self.n % self.world]
         else:
             order = torch.arange(self.n)
-        return order[self.rank :: self.world]
+        return order[self.rank :: self.world][: self.limit]
 
     def __len__(self) -> int:
         return len(self._indices()) - self.start

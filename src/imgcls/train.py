@@ -130,6 +130,7 @@ def train_run(
     from imgcls import build as b
     from imgcls import distributed
     from imgcls.augment import resolve as resolve_augment
+    from imgcls.batchnorm import batchnorm_layers, build_recalibration
     from imgcls.data.splits import describe
     from imgcls.engine import resolve_device
     from imgcls.loop import fit, report_best_weights
@@ -229,7 +230,12 @@ def train_run(
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    recalibration = build_recalibration(
+        trainer.get("bn_recalibration"), data, pipelines, shard, device, normalize,
+        channels_last=channels_last, amp=amp, d=d,
+    )  # fmt: skip
     recipe = Recipe(
+        recalibrate=recalibration,
         grad_accum_steps=accum,
         grad_clip_norm=trainer.get("grad_clip_norm"),
         mix=build_mix(
@@ -260,6 +266,13 @@ def train_run(
             f"{config['optimizer'].get('lr')} as configured (not scaled)",
         }
     )
+    if recalibration is not None and batchnorm_layers(model):
+        recorder.info["bn recalibration"] = (
+            f"BatchNorm statistics recomputed before each validation over {len(recalibration.loader)} "
+            f"batches of {data.batch_size} training images per process "
+            f"({trainer['bn_recalibration'].get('transforms', 'eval')} transforms)"
+        )
+        logger.info(recorder.info["bn recalibration"])
     logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
     logger.info(f"data {recorder.info['data']}")
     if data.carved:

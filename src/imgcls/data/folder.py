@@ -294,16 +294,19 @@ class ImageFolderData:
         rank: int = 0,
         world: int = 1,
         collate_fn: Callable | None = None,
+        max_batches: int | None = None,
     ) -> DataLoader:
         """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch. `collate_fn`
-        runs in the workers (augment.DeviceCrop.collate); None stacks the samples."""
+        runs in the workers (augment.DeviceCrop.collate); None stacks the samples. `max_batches`:
+        each epoch stops after that many batches per process."""
         dataset = EpochSeeded(self.dataset(split, transform), seed)
         if self.num_workers > 0:
             kill_workers_at_exit()
+        limit = max_batches * self.batch_size if max_batches else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world),
+            sampler=EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world, limit=limit),
             # a last batch of one sample breaks BatchNorm in training; evaluation sees every sample
             drop_last=train and len(dataset) > self.batch_size * world,
             num_workers=self.num_workers,
