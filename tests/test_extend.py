@@ -118,6 +118,23 @@ def test_user_config_folder_shows_in_help(tmp_path):
     assert "shapes" in groups["data"] and "tiny" in groups["model"]
 
 
+def test_user_config_folder_on_hydras_search_path_composes(tmp_path):
+    """hydra.searchpath instead of --config-dir (Hydra lists such a folder's options in --help
+    only for --config-dir; composing works the same)."""
+    conf = user_conf(tmp_path / "myconf", tmp_path / "tree")
+    job = cli(
+        "imgcls.train",
+        f"hydra.searchpath=[file://{conf}]",
+        "data=shapes",
+        "--cfg",
+        "job",
+        cwd=tmp_path,
+        pythonpath=None,
+    )
+    assert job.returncode == 0, job.stderr
+    assert f"root: {tmp_path / 'tree'}" in job.stdout and "size:\n    - 32" in job.stdout
+
+
 def test_user_model_trains_evaluates_predicts_exports_and_resumes(user_run):
     cwd, pkgs, _, run = user_run
     config = (run / "config.yaml").read_text()

@@ -185,8 +185,8 @@ checked = ImageFolderData.setup
 hostile = Path(sys.argv.pop()).read_bytes()  # the last argument; the rest are Hydra's
 
 
-def setup(self):
-    checked(self)
+def setup(self, **kwargs):
+    checked(self, **kwargs)
     Path(self.samples["train"][0][0]).write_bytes(hostile)
 
 

@@ -198,7 +198,9 @@ def test_a_slot_refuses_what_another_group_builds(group, target):
     assert message.startswith(f"{key}._target_='{target}' is not allowed: ")
     assert f"{key} builds {GROUPS[group].builds}: " in message
     assert message.endswith(
-        f"Use one of those (see conf/{group}/). Refusing to build anything from this config."
+        f"Use one of those (see conf/{group}/); to build your own code, trust it where you run imgcls: "
+        f"IMGCLS_TRUSTED_TARGETS={group}:<module>.<name> or an 'imgcls.targets' entry point. "
+        "Refusing to build anything from this config."
     )
 
 
@@ -208,8 +210,9 @@ def test_the_message_says_what_is_allowed():
     assert str(info.value) == (
         "transforms.test[0]._target_='imgcls.data.download.fetch_tree' is not allowed: transforms.test[0] "
         "builds an image transform: a class from torchvision.transforms.v2 that subclasses "
-        "torchvision.transforms.v2.Transform. Use one of those (see conf/transforms/). "
-        "Refusing to build anything from this config."
+        "torchvision.transforms.v2.Transform. Use one of those (see conf/transforms/); to build your "
+        "own code, trust it where you run imgcls: IMGCLS_TRUSTED_TARGETS=transforms:<module>.<name> "
+        "or an 'imgcls.targets' entry point. Refusing to build anything from this config."
     )
 
 
@@ -308,6 +311,7 @@ def test_every_project_config_option_passes_and_uses_every_target_in_conf():
     written -= {
         "imgcls.sweep.SweepSummary",
         "imgcls.gpu_slots.OneGpuPerJob",
+        "imgcls.preflight.BeforeRun",
     }  # conf/train.yaml's hydra.callbacks
     assert written <= used, written - used
 

@@ -13,6 +13,9 @@ from omegaconf import DictConfig
 
 from imgcls.cli import CONFIG_DIR
 from imgcls.errors import UserError
+from imgcls.naming import register_resolvers
+
+register_resolvers()  # lr_find.yaml names its run directory with ${run_label:...}
 
 
 def lr_schedule(start_lr: float, end_lr: float, num_iter: int) -> list[float]:
