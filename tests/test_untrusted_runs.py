@@ -238,6 +238,17 @@ def test_predict_refuses_fetch_tree_in_a_transform_slot(trained_run: Path, tmp_p
     assert not (run / "predict").exists()
 
 
+def assert_download_refused(result, site: Path, marker: Path) -> None:
+    """Exit 2 naming data.root, and nothing unpacked (no sitecustomize, no marker)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only a new training run downloads"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert list(site.iterdir()) == [] and not marker.exists()
+
+
 def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp_path: Path):
     """imgcls.data.ImageFolderData is registered, and its data.download would call fetch_tree:
     evaluation reads a run's data and never fetches or writes it."""
@@ -248,13 +259,7 @@ def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp
 
     run, site, marker = poisoned_run(trained_run, tmp_path, place)
     result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert (
-        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only a new training run downloads"
-        in result.stderr
-    )
-    assert "Traceback" not in result.stderr
-    assert list(site.iterdir()) == [] and not marker.exists()
+    assert_download_refused(result, site, marker)
 
 
 def test_evaluation_never_writes_the_digits_where_a_run_config_points(tmp_path: Path):
@@ -287,10 +292,4 @@ def test_resume_never_downloads_what_a_checkpoint_config_names(trained_run: Path
     result = cli(
         "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=3", cwd=tmp_path, timeout=120
     )
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert (
-        f"error: data.root='{site / 'sitecustomize'}' is not a folder, and only a new training run downloads"
-        in result.stderr
-    )
-    assert "Traceback" not in result.stderr
-    assert list(site.iterdir()) == [] and not marker.exists()
+    assert_download_refused(result, site, marker)
