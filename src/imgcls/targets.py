@@ -136,10 +136,10 @@ def _in(module: str | None, namespace: str) -> bool:
     return module is not None and (module == namespace or module.startswith(namespace + "."))
 
 
-def allowed(group: Group) -> str:
+def allowed(group_name: str) -> str:
     """What the group may build, in words."""
-    name = next(k for k, v in GROUPS.items() if v is group)
-    parts = [*group.targets, *sorted(trusted_targets().get(name, ()))]
+    group = GROUPS[group_name]
+    parts = [*group.targets, *sorted(trusted_targets().get(group_name, ()))]
     if group.bases:
         kinds = " or ".join(group.bases)
         parts.append(f"a class from {group.namespace} that subclasses {kinds}")
@@ -152,7 +152,7 @@ def target_problem(target: Any, group_name: str, key: str | None = None) -> str 
     from hydra._internal.utils import _locate  # what instantiate resolves with (get_object logs)
 
     group = GROUPS[group_name]
-    expected = f"{key or group_name} builds {group.builds}: {allowed(group)}"
+    expected = f"{key or group_name} builds {group.builds}: {allowed(group_name)}"
     user = isinstance(target, str) and _user_trusts(target, group_name)
     registered = (isinstance(target, str) and target in group.targets) or user
     outside = isinstance(target, str) and group.namespace and _in(target.rpartition(".")[0], group.namespace)
