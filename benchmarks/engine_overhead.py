@@ -1,4 +1,4 @@
-"""The training engine's own per-step cost, without data loading: imgcls.engine.train_one_epoch
+"""The training engine's own per-step cost, without data loading: imgcls.training.engine.train_one_epoch
 against a bare `loss.backward(); opt.step()` loop on the same in-memory uint8 batches.
 
     python benchmarks/engine_overhead.py [--rounds 3] [--steps 6]
@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgcls.data import Normalize
-from imgcls.engine import train_one_epoch
+from imgcls.training.engine import train_one_epoch
 
 BATCH = 16
 
@@ -64,10 +64,10 @@ def main() -> None:
     n = args.steps * BATCH
     x, y = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8), torch.randint(0, 2, (n,))
     norm = Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    results = {"bare loop": [], "imgcls.engine.train_one_epoch": []}
+    results = {"bare loop": [], "imgcls.training.engine.train_one_epoch": []}
     for r in range(args.rounds):
         results["bare loop"].append(bare(x, y, norm))
-        results["imgcls.engine.train_one_epoch"].append(engine(x, y, norm))
+        results["imgcls.training.engine.train_one_epoch"].append(engine(x, y, norm))
         print(
             f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} images/s" for k, v in results.items()),
             flush=True,

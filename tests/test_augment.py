@@ -13,11 +13,11 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from imgcls.augment import Crops, DeviceCrop, draw_box, pack_shelves, resolve
 from imgcls.data import DataError, ImageFolderData, Normalize
-from imgcls.engine import _to_device
+from imgcls.data.augment import Crops, DeviceCrop, draw_box, pack_shelves, resolve
+from imgcls.data.sampling import EpochSeeded, set_epoch
 from imgcls.errors import ConfigError
-from imgcls.sampling import EpochSeeded, set_epoch
+from imgcls.training.engine import to_device
 
 CPU = torch.device("cpu")
 IMAGENET = v2.Compose([v2.RandomResizedCrop(32, antialias=True), v2.RandomHorizontalFlip(0.5)])
@@ -113,7 +113,7 @@ def test_an_epoch_resumed_mid_way_gets_the_same_batches(tmp_path, workers):
 
     def images(epoch: int, start: int = 0) -> list[torch.Tensor]:
         set_epoch(loader, epoch, start)
-        return [_to_device(batch, CPU, torch.nn.Identity(), False)[0] for batch in loader]
+        return [to_device(batch, CPU, torch.nn.Identity(), False)[0] for batch in loader]
 
     whole = images(2)
     assert len(whole) == 3 and whole[0].shape == (4, 3, 32, 32) and whole[0].dtype == torch.float32
@@ -236,13 +236,13 @@ def test_a_run_with_device_augment_trains_and_resumes_bit_exactly(tmp_path):
 
 
 def test_augmented_batch_becomes_the_models_input():
-    """engine._to_device: Crops are resized, flipped, normalized and made channels_last."""
+    """engine.to_device: Crops are resized, flipped, normalized and made channels_last."""
     crop = DeviceCrop((8, 8))
     image = smooth_image(20, 24)
     crops, targets = crop.collate([((image, False), 2), ((image[:, :10, :10], True), 1)])
     assert isinstance(crops, Crops)
     mean = torch.nn.Identity()
-    images, out_targets = _to_device((crops, targets), CPU, mean, True)
+    images, out_targets = to_device((crops, targets), CPU, mean, True)
     assert images.shape == (2, 3, 8, 8) and images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out_targets, targets)
 
@@ -270,7 +270,7 @@ def test_cuda_output_equals_the_cpu_output_of_the_same_batch():
     assert (gpu.cpu() - cpu).abs().max() < 1e-3
     # the whole hand-over, as train_one_epoch does it: normalized, channels_last, on the GPU
     stats = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
-    images, _ = _to_device((pinned, torch.zeros(16, dtype=torch.int64)), torch.device("cuda"),
+    images, _ = to_device((pinned, torch.zeros(16, dtype=torch.int64)), torch.device("cuda"),
                            Normalize(*stats).cuda(), True)  # fmt: skip
     assert images.device.type == "cuda" and images.is_contiguous(memory_format=torch.channels_last)
     assert (images.cpu() - Normalize(*stats)(cpu)).abs().max() < 1e-4

@@ -1,4 +1,4 @@
-"""BatchNorm recalibration (imgcls.batchnorm), in process: stale statistics, what it restores, config."""
+"""BatchNorm recalibration (imgcls.training.batchnorm), in process: stale statistics, what it restores, config."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from imgcls.batchnorm import Recalibration, batchnorm_layers, build_recalibration, recalibrate
 from imgcls.data.loading import Normalize
-from imgcls.engine import evaluate
+from imgcls.training.batchnorm import Recalibration, batchnorm_layers, build_recalibration, recalibrate
+from imgcls.training.engine import evaluate
 
 CPU = torch.device("cpu")
 NORMALIZE = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
@@ -110,7 +110,7 @@ def test_a_model_without_batchnorm_is_unchanged():
 
 @pytest.fixture
 def data(tiny_tree):
-    from imgcls import build as b
+    from imgcls.config import build as b
 
     config = {"_target_": "imgcls.data.ImageFolderData", "root": str(tiny_tree), "splits": {"train": "train", "val": "val"},
               "batch_size": 4, "num_workers": 0}  # fmt: skip
@@ -126,7 +126,7 @@ def pipelines():
 
 
 def test_the_recalibration_loader_takes_n_batches_drawn_from_seed_and_epoch(data):
-    from imgcls.sampling import set_epoch
+    from imgcls.data.sampling import set_epoch
 
     shard = {"seed": 3, "pin_memory": False, "rank": 0, "world": 1}
     recal = build_recalibration(

@@ -85,7 +85,7 @@ def test_header_shapes_equal_decoded_shapes(tmp_path, size):
     resize must give exactly the shape a decode does."""
     from PIL import Image
 
-    from imgcls.cache import decode, decoded_shape
+    from imgcls.data.cache import decode, decoded_shape
 
     im = Image.new("RGB", (40, 24), (10, 200, 30))
     paths = []

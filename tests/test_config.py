@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from imgcls import build as b
+from imgcls.config import build as b
 from imgcls.errors import ConfigError
 from imgcls.train import CONFIG_DIR
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from test_data_check import BAD, add_messy_files
 
-from imgcls.build import build_data
+from imgcls.config.build import build_data
 
 ONE_EPOCH = [a for a in TINY if not a.startswith("trainer.epochs=")] + ["trainer.epochs=1"]
 

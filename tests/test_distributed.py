@@ -74,8 +74,8 @@ def test_two_processes_write_one_run_directory(ddp_run: Path):
 
 
 def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, tree: Path):
-    from imgcls import build as b
-    from imgcls.engine import evaluate
+    from imgcls.config import build as b
+    from imgcls.training.engine import evaluate
 
     best = torch.load(ddp_run / "weights" / "best.pt", weights_only=True)
     config = best["config"]
@@ -98,9 +98,9 @@ def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, 
 def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_run: Path):
     """Each rank recalibrates on its own share; the checkpoint holds their sums added, which is
     what one process gets from all the ranks' batches together."""
-    from imgcls import build as b
-    from imgcls.batchnorm import batchnorm_layers, build_recalibration, recalibrate
-    from imgcls.sampling import set_epoch
+    from imgcls.config import build as b
+    from imgcls.data.sampling import set_epoch
+    from imgcls.training.batchnorm import batchnorm_layers, build_recalibration, recalibrate
 
     last = torch.load(ddp_run / "weights" / "last.pt", weights_only=True)
     config = last["config"]
@@ -119,7 +119,7 @@ def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_r
         set_epoch(recal.loader, last["epoch"])
         batches += list(recal.loader)
     assert len(batches) == 2 * 3, "3 batches of 4 per rank: the 24 train images, shuffled"
-    from imgcls.sampling import mix
+    from imgcls.data.sampling import mix
 
     recalibrate(
         model,

@@ -7,8 +7,13 @@ import pytest
 
 from imgcls.cli import split_argv
 from imgcls.errors import ConfigError
-from imgcls.inference import topk_indices
-from imgcls.metrics import calibration_bins, confused_pairs, expected_calibration_error, topk_accuracy
+from imgcls.evaluation.inference import topk_indices
+from imgcls.evaluation.metrics import (
+    calibration_bins,
+    confused_pairs,
+    expected_calibration_error,
+    topk_accuracy,
+)
 from imgcls.runs import apply_overrides, output_dir
 
 OWN = {"run_dir", "checkpoint", "split", "top_k", "calibration_bins", "errors_shown", "out_dir"}
@@ -131,7 +136,7 @@ def test_force_add_sets_a_key_whether_or_not_it_exists():
 
 
 def test_predictions_table_lists_the_first_rows_or_all():
-    from imgcls.tables import predictions_table
+    from imgcls.evaluation.tables import predictions_table
 
     rows = [{"path": f"{i}.jpg", "top1": "cat", "top1_prob": "0.9"} for i in range(5)]
     assert predictions_table(rows, 1, 2).row_count == 2

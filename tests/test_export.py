@@ -21,8 +21,8 @@ import yaml
 from conftest import cli
 from odd_files import UNREADABLE, check_predictions, mixed_inputs
 
-from imgcls import build as b
-from imgcls.formats import read_safetensors, read_torchscript
+from imgcls.config import build as b
+from imgcls.deploy.formats import read_safetensors, read_torchscript
 from imgcls.models import create_model
 from imgcls.runs import find_checkpoint, load_run, restore
 
@@ -59,7 +59,7 @@ def onnx_file(run: Path) -> tuple[Path, str]:
 
 def reference(run: Path, images: list[Path]) -> tuple[torch.Tensor, np.ndarray]:
     """The run's own eval pipeline and best weights in PyTorch: (uint8 batch, logits)."""
-    from imgcls.cache import decode
+    from imgcls.data.cache import decode
 
     config, state = load_run(run, find_checkpoint(run, "best"), [])
     restored = restore({**config, "device": "cpu"}, state, find_checkpoint(run, "best"))
@@ -206,7 +206,7 @@ def test_torchscript_and_safetensors_round_trip(run: Path):
     images = sorted((data_root(run) / "val").glob("*/*.jpg"))[:6]
     config, state = load_run(run, find_checkpoint(run, "last"), [])
     restored = restore({**config, "device": "cpu"}, state, find_checkpoint(run, "last"))
-    from imgcls.cache import decode
+    from imgcls.data.cache import decode
 
     batch = torch.stack([restored.pipelines["val"](decode(p)) for p in images])
     with torch.inference_mode():
@@ -235,7 +235,7 @@ def test_torchscript_and_safetensors_round_trip(run: Path):
     path = run / "export" / "last.safetensors"
     header = struct.unpack("<Q", path.read_bytes()[:8])[0]
     corrupt(path, 8 + header + (path.stat().st_size - 8 - header) // 2)
-    from imgcls.exported import ExportError
+    from imgcls.deploy.exported import ExportError
 
     with pytest.raises(ExportError, match="digest mismatch"):
         read_safetensors(path)

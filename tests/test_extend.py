@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import make_tree
 
+from imgcls.config.targets import TRUST_VARIABLE, check_targets
 from imgcls.errors import ConfigError
-from imgcls.targets import TRUST_VARIABLE, check_targets
 
 NETS = '''
 """A user's own classifier: nothing of imgcls's."""
@@ -41,7 +41,7 @@ def helper_that_writes(path):
 
 
 def user_package(root: Path, entry_points: bool = True) -> Path:
-    """<root>/imgcls_user_demo (importable from root), and its dist-info with an `imgcls.targets`
+    """<root>/imgcls_user_demo (importable from root), and its dist-info with an `imgcls.config.targets`
     entry point: what `pip install` of a package declaring one leaves in site-packages."""
     pkg = root / "imgcls_user_demo"
     pkg.mkdir(parents=True)

@@ -15,9 +15,9 @@ import torch
 import yaml
 from conftest import TINY, cli, make_tree
 
-from imgcls import sweep
 from imgcls.data import DataError, ImageFolderData
 from imgcls.data.splits import fold_of
+from imgcls.sweeps import summary as sweep
 
 SPLITS = {"train": "train", "val": "val", "test": "test"}
 SWEEP_TINY = [o for o in TINY if not o.startswith("trainer.epochs=")] + ["trainer.epochs=1"]

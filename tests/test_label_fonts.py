@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from loguru import logger
 
-import imgcls.plots as plots
-from imgcls.reports import confusion_figure, write_split_report
+import imgcls.evaluation.plots as plots
+from imgcls.evaluation.reports import confusion_figure, write_split_report
 
 NAMES = ["猫", "狗", "狐狸"]  # cat, dog, fox
 TARGETS = [0, 1, 2, 0, 1, 2]

@@ -16,12 +16,12 @@ from test_resume import assert_same_state, metrics, signal_when, start
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgcls import build as b
-from imgcls.engine import train_one_epoch
-from imgcls.losses import CrossEntropyLoss, FocalLoss
+from imgcls.config import build as b
 from imgcls.models import create_model
-from imgcls.recipes import Recipe, WarmupCosineLR, build_mix, make_ema, scheduler_interval
 from imgcls.train import CONFIG_DIR
+from imgcls.training.engine import train_one_epoch
+from imgcls.training.losses import CrossEntropyLoss, FocalLoss
+from imgcls.training.recipes import Recipe, WarmupCosineLR, build_mix, make_ema, scheduler_interval
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from conftest import TINY, cli, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
 
-from imgcls import build as b
 from imgcls.cli import CONFIG_DIR
+from imgcls.config import build as b
 from imgcls.errors import ConfigError, DataError
 
 
@@ -40,7 +40,7 @@ def compose_train(*overrides: str):
 def check(*overrides: str) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-        from imgcls.preflight import check_added_keys
+        from imgcls.config.preflight import check_added_keys
 
         check_added_keys(cfg, list(overrides))
 
@@ -90,7 +90,7 @@ def test_two_runs_started_on_one_directory_one_wins(tmp_path: Path):
 
 
 def test_a_claimed_directory_is_refused(tmp_path: Path):
-    from imgcls.naming import CLAIM_FILE, RunDirTaken, claim_run_dir
+    from imgcls.config.naming import CLAIM_FILE, RunDirTaken, claim_run_dir
 
     run = tmp_path / "claimed"
     claim_run_dir(run)  # as a run that has just started there
@@ -106,7 +106,7 @@ def test_a_claimed_directory_is_refused(tmp_path: Path):
 
 
 def test_a_folder_of_other_files_is_refused_and_an_empty_one_claimed(tmp_path: Path):
-    from imgcls.naming import CLAIM_FILE, RunDirTaken, claim_run_dir
+    from imgcls.config.naming import CLAIM_FILE, RunDirTaken, claim_run_dir
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -202,7 +202,7 @@ def test_a_missing_digits_root_elsewhere_is_a_typo_not_a_place_to_write(tmp_path
 
 
 def test_digits_are_written_into_their_default_or_an_empty_folder(tmp_path: Path, monkeypatch):
-    from imgcls.digits import DEFAULT_ROOT, MARKER, DigitsData, write_digits
+    from imgcls.data.digits import DEFAULT_ROOT, MARKER, DigitsData, write_digits
 
     assert str(DEFAULT_ROOT) == compose_train().data.root  # the YAML's default is the one allowed
     monkeypatch.chdir(tmp_path)
@@ -211,7 +211,7 @@ def test_digits_are_written_into_their_default_or_an_empty_folder(tmp_path: Path
         DigitsData(str(tmp_path / "typo"), splits, batch_size=8).prepare()
     assert not (tmp_path / "typo").exists()
     written: list[Path] = []
-    monkeypatch.setattr("imgcls.digits.write_digits", lambda root: written.append(root))
+    monkeypatch.setattr("imgcls.data.digits.write_digits", lambda root: written.append(root))
     DigitsData(str(DEFAULT_ROOT), splits, batch_size=8).prepare()
     (tmp_path / "made").mkdir()
     DigitsData(str(tmp_path / "made"), splits, batch_size=8).prepare()

@@ -12,13 +12,19 @@ import torch
 from conftest import TINY, cli, make_tree, run_dirs
 from torch import nn
 
-from imgcls import build as b
+from imgcls.config import build as b
 from imgcls.data import ImageFolderData, Normalize
-from imgcls.engine import NonFiniteLossError, train_one_epoch
+from imgcls.data.sampling import set_epoch
 from imgcls.errors import ConfigError
-from imgcls.sampling import set_epoch
-from imgcls.speed import Precision, compile_model, resolve_channels_last, resolve_precision, uncompiled
 from imgcls.train import CONFIG_DIR
+from imgcls.training.engine import NonFiniteLossError, train_one_epoch
+from imgcls.training.speed import (
+    Precision,
+    compile_model,
+    resolve_channels_last,
+    resolve_precision,
+    uncompiled,
+)
 
 CPU = torch.device("cpu")
 
@@ -125,7 +131,7 @@ def test_persistent_workers_see_each_epoch(tmp_path):
     must reach it with each index, or epoch 2 would repeat epoch 1's augmentation."""
     from omegaconf import OmegaConf
 
-    from imgcls.build import build_transforms, plain
+    from imgcls.config.build import build_transforms, plain
 
     tree = make_tree(tmp_path / "tree", counts={"train": 4, "val": 2})
     transforms = plain(OmegaConf.load(Path(CONFIG_DIR) / "transforms" / "digits.yaml"))

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from imgcls import gpu_slots
+from imgcls.sweeps import gpu_slots
 from imgcls.train import CONFIG_DIR
 
 # -- configs: every option composes and builds -----------------------------------------------
@@ -76,7 +76,7 @@ def test_parallel_jobs_claim_different_gpus_and_release_them(tmp_path: Path):
     third = gpu_slots.claim_gpu(2, tmp_path)
     assert third[0] == 0  # freed by the job that ended
     # a process that dies holds nothing: the kernel drops its lock
-    code = f"from imgcls.gpu_slots import claim_gpu; from pathlib import Path; print(claim_gpu(3, Path({str(tmp_path)!r}))[0])"
+    code = f"from imgcls.sweeps.gpu_slots import claim_gpu; from pathlib import Path; print(claim_gpu(3, Path({str(tmp_path)!r}))[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "2"
     assert gpu_slots.claim_gpu(3, tmp_path, wait_s=0.01)[0] == 2
@@ -128,7 +128,7 @@ def test_workers_racing_to_create_the_tables_retry(monkeypatch, tmp_path: Path):
 
 
 def test_job_directory_names_shorten_sampled_floats():
-    from imgcls.naming import run_label
+    from imgcls.config.naming import run_label
 
     # an Optuna suggestion is cut to 6 significant digits in the name; config.yaml keeps it whole
     assert run_label("optimizer.lr=0.0013292918943162175,data.batch_size=4") == "batch_size-4_lr-0.00132929"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from imgcls.config.targets import GROUPS, check_targets, target_problem
 from imgcls.errors import ConfigError
-from imgcls.targets import GROUPS, check_targets, target_problem
 from imgcls.train import CONFIG_DIR
 
 # where the registry allows outside classes, and where the project's own targets live
@@ -90,7 +90,7 @@ def test_every_class_and_function_in_the_allowed_namespaces_is_registered_or_ref
     # the project's own targets: exactly the registered ones
     assert {f"{o.__module__}.{o.__qualname__}" for o in allowed["data"]} == {
         "imgcls.data.folder.ImageFolderData",
-        "imgcls.digits.DigitsData",
+        "imgcls.data.digits.DigitsData",
     }
     assert [o.__qualname__ for o in allowed["model"]] == ["create_model"]
     # outside: classes only, of the group's kind
@@ -114,7 +114,7 @@ PATH_ARGUMENTS = {
     # root: read; written (download, digits) only by training. split_file: read. cache_dir:
     # data.cache=disk writes <fingerprint>.u8/.json image caches there
     "imgcls.data.ImageFolderData": {"root", "split_file", "download", "cache_dir"},
-    "imgcls.digits.DigitsData": {"root", "split_file", "download", "cache_dir"},
+    "imgcls.data.digits.DigitsData": {"root", "split_file", "download", "cache_dir"},
     # weights: a file read with torch.load(weights_only=True), or a torchvision weights name
     "imgcls.models.create_model": {"weights"},
 }
@@ -136,9 +136,9 @@ WRITERS = [
     "imgcls.data.download.fetch_tree",  # unpacks a zip (a data: URL too) at any root
     "imgcls.data.download.download",
     "imgcls.data.download.unpack",
-    "imgcls.digits.write_digits",
+    "imgcls.data.digits.write_digits",
     "imgcls.checkpoint.save_checkpoint",
-    "imgcls.recorder.atomic_write_text",
+    "imgcls.training.recorder.atomic_write_text",
     "imgcls.data.scan._write_cache",
     "torchvision.datasets.MNIST",  # download=True writes files
     "torchvision.datasets.CIFAR10",
@@ -246,7 +246,7 @@ FETCH = {"_target_": "imgcls.data.download.fetch_tree", "root": "/tmp/x", "url":
         ({"loss": {"_target_": "torch.nn.CrossEntropyLoss", "_recursive_": False, "weight": FETCH}},
          "loss.weight._target_"),
         # nothing is built outside the groups' slots
-        ({"hydra": {"callbacks": {"x": {"_target_": "imgcls.sweep.SweepSummary"}}}},
+        ({"hydra": {"callbacks": {"x": {"_target_": "imgcls.sweeps.summary.SweepSummary"}}}},
          "hydra.callbacks.x._target_"),
         ({"transforms": {"normalize": {"_target_": "torchvision.transforms.v2.Normalize"}}},
          "transforms.normalize._target_"),
@@ -290,7 +290,7 @@ def test_hydra_keys_that_fit_the_group_pass():
 
 
 def test_every_project_config_option_passes_and_uses_every_target_in_conf():
-    from imgcls.build import plain
+    from imgcls.config.build import plain
 
     options = [
         f"{group}={p.stem}"
@@ -309,9 +309,9 @@ def test_every_project_config_option_passes_and_uses_every_target_in_conf():
         if "hydra" not in path.relative_to(CONFIG_DIR).parts[:-1]:
             written |= set(re.findall(r"^\s*-?\s*_target_:\s*(\S+)", path.read_text(), re.M))
     written -= {
-        "imgcls.sweep.SweepSummary",
-        "imgcls.gpu_slots.OneGpuPerJob",
-        "imgcls.preflight.BeforeRun",
+        "imgcls.sweeps.summary.SweepSummary",
+        "imgcls.sweeps.gpu_slots.OneGpuPerJob",
+        "imgcls.config.preflight.BeforeRun",
     }  # conf/train.yaml's hydra.callbacks
     assert written <= used, written - used
 
@@ -325,3 +325,44 @@ def _targets(node):
     elif isinstance(node, list):
         for v in node:
             yield from _targets(v)
+
+
+def test_a_run_saved_before_the_packages_reads_back_under_todays_names():
+    """Runs written by the first layout name imgcls.digits.DigitsData, imgcls.losses.FocalLoss, ...:
+    each old name maps to a registered target, and a saved config with them passes the check."""
+    from imgcls.config.targets import RENAMED, current_names, locate
+
+    for old, new in RENAMED.items():
+        assert locate(new).__name__ == old.rpartition(".")[2]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose("train", overrides=["loss=focal"])
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    saved["data"]["_target_"] = "imgcls.digits.DigitsData"
+    saved["loss"]["_target_"] = "imgcls.losses.FocalLoss"
+    saved["scheduler"]["_target_"] = "imgcls.recipes.WarmupCosineLR"
+    with pytest.raises(ConfigError, match="imgcls.digits.DigitsData"):
+        check_targets(saved)
+    renamed = current_names(saved)
+    check_targets(renamed)
+    assert renamed["data"]["_target_"] == "imgcls.data.digits.DigitsData"
+    assert renamed["loss"]["_target_"] == "imgcls.training.losses.FocalLoss"
+    assert saved["data"]["_target_"] == "imgcls.digits.DigitsData"  # the input is not changed
+
+
+def test_locate_resolves_like_hydra_and_says_what_is_missing():
+    import torch
+
+    from imgcls.config.targets import locate
+
+    assert locate("torch.optim.SGD") is torch.optim.SGD
+    assert locate("torch.nn.modules.loss.CrossEntropyLoss") is torch.nn.CrossEntropyLoss
+    for path, message in [
+        ("torch.optim.Nope", "'Nope' is importable from module 'torch.optim'"),
+        ("no_such_package.x", "module 'no_such_package' is installed"),
+        ("torch.optim.SGD.zzz", "'zzz' is an attribute of 'torch.optim.SGD'"),
+        ("torch..x", "not a dotted path"),
+    ]:
+        with pytest.raises(ImportError, match=re.escape(message)):
+            locate(path)

@@ -17,7 +17,7 @@ from conftest import TINY, cli, run_dirs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgcls.inference import augmented_views, predict
+from imgcls.evaluation.inference import augmented_views, predict
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -12,11 +12,11 @@ import torch
 from conftest import make_tree
 
 from imgcls.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from imgcls.config.naming import run_label, unique_dir
 from imgcls.data import DataError, ImageFolderData
-from imgcls.digits import MARKER, DigitsData, split_indices
+from imgcls.data.digits import MARKER, DigitsData, split_indices
 from imgcls.models import create_model, replace_head
-from imgcls.naming import run_label, unique_dir
-from imgcls.seeding import rng_state, seed_everything, set_rng_state
+from imgcls.training.seeding import rng_state, seed_everything, set_rng_state
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import cli
 
-from imgcls.build import check_targets
+from imgcls.config.build import check_targets
 from imgcls.errors import ConfigError
 
 
@@ -148,7 +148,7 @@ def test_a_target_given_on_the_command_line_is_checked_too(trained_run: Path, tm
         "os.system", "subprocess.Popen", "builtins.exec", "builtins.eval", "pickle.loads", "shutil.rmtree",
         "torch.load", "torch.hub.load", "torch.jit.load", "torch.os.system", "imgcls.data.folder.os.system",
         "torch.nn.modules.module.torch.hub.load", "imgcls.models.torchvision.io.write_file",
-        "imgcls.recorder.atomic_write_text", "imgcls.checkpoint.save_checkpoint", "torch.nn", 42,
+        "imgcls.training.recorder.atomic_write_text", "imgcls.checkpoint.save_checkpoint", "torch.nn", 42,
     ],
 )  # fmt: skip
 def test_check_targets_refuses_and_names_the_key(target):
@@ -263,9 +263,9 @@ def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp
 
 
 def test_evaluation_never_writes_the_digits_where_a_run_config_points(tmp_path: Path):
-    from imgcls.digits import DigitsData
+    from imgcls.data.digits import DigitsData
     from imgcls.errors import DataError
-    from imgcls.labels import labelled_samples
+    from imgcls.evaluation.labels import labelled_samples
 
     root = tmp_path / "site" / "anything"
     data = DigitsData(str(root), {"train": "train", "val": "val", "test": "test"}, batch_size=8)

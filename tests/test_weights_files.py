@@ -11,8 +11,8 @@ import torch
 import torchvision
 from conftest import TINY, cli, run_dirs
 
-from imgcls.build import build_model
 from imgcls.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from imgcls.config.build import build_model
 from imgcls.errors import ConfigError
 
 RESNET18 = {"_target_": "imgcls.models.create_model", "_partial_": True, "name": "resnet18"}

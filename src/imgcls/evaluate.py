@@ -16,9 +16,9 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     live here so --help stays instant."""
     from loguru import logger
 
-    from imgcls.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
     from imgcls.errors import ConfigError
-    from imgcls.inference import check_views
+    from imgcls.evaluation.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
+    from imgcls.evaluation.inference import check_views
     from imgcls.log import logged
     from imgcls.runs import find_run, output_dir
 
@@ -109,10 +109,10 @@ def report(
     from loguru import logger
     from torch.utils.tensorboard import SummaryWriter
 
-    from imgcls import metrics as m
-    from imgcls import tables
-    from imgcls.plots import error_grid_figure, reliability_figure, write_class_index
-    from imgcls.reports import (
+    from imgcls.evaluation import metrics as m
+    from imgcls.evaluation import tables
+    from imgcls.evaluation.plots import error_grid_figure, reliability_figure, write_class_index
+    from imgcls.evaluation.reports import (
         confusion,
         confusion_figure,
         prediction_rows,

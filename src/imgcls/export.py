@@ -18,9 +18,9 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     """Export as conf/export.yaml's keys say; returns the exported file."""
     from loguru import logger
 
-    from imgcls.ensemble import load_member
+    from imgcls.deploy.exported import ExportError, preprocessing_steps
     from imgcls.errors import ConfigError
-    from imgcls.exported import ExportError, preprocessing_steps
+    from imgcls.evaluation.ensemble import load_member
     from imgcls.log import logged
     from imgcls.runs import find_run, restore
 
@@ -97,7 +97,7 @@ def _verification_batch(data, split: str, pipeline, n: int):
     eval pipeline as evaluation feeds them: a uint8 NCHW batch."""
     import torch
 
-    from imgcls.exported import ExportError
+    from imgcls.deploy.exported import ExportError
 
     dataset = data.dataset(split, pipeline)
     count = len(dataset)
@@ -134,7 +134,7 @@ def _write_and_check(
     with torch.inference_mode():
         reference = model(images).float()
         single = model(images[:1]).float()
-    from imgcls.formats import write_onnx, write_safetensors, write_torchscript
+    from imgcls.deploy.formats import write_onnx, write_safetensors, write_torchscript
 
     if fmt == "onnx":
         outputs, extra = write_onnx(path, model, images, metadata, cfg)

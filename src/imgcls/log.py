@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-_console = Console(stderr=True)
+console = Console(stderr=True)
+_sinks: set[int] = set()  # the sinks setup_logging added and teardown_logging has not removed
 CONSOLE_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
 FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
 
 
 def is_terminal() -> bool:
-    return _console.is_terminal
+    return console.is_terminal
 
 
 def setup_logging(log_file: Path | None, level: str = "INFO", prefix: str = "") -> list[int]:
@@ -27,7 +28,7 @@ def setup_logging(log_file: Path | None, level: str = "INFO", prefix: str = "") 
     logger.remove()
     ids = [
         logger.add(
-            lambda m: _console.print(Text.from_ansi(str(m).rstrip("\n")), soft_wrap=True),
+            lambda m: console.print(Text.from_ansi(str(m).rstrip("\n")), soft_wrap=True),
             level=level,
             format=prefix.replace("<", "\\<") + CONSOLE_FORMAT,
             colorize=is_terminal(),
@@ -45,6 +46,8 @@ def setup_logging(log_file: Path | None, level: str = "INFO", prefix: str = "") 
                 enqueue=False,
             )
         )
+    _sinks.clear()  # logger.remove() above removed every earlier sink
+    _sinks.update(ids)
     return ids
 
 
@@ -54,7 +57,8 @@ def teardown_logging(ids: list[int]) -> None:
             logger.remove(i)
         except ValueError:
             pass
-    if not logger._core.handlers:  # keep a console sink for whatever runs next in this process
+        _sinks.discard(i)
+    if not _sinks:  # keep a console sink for whatever runs next in this process
         logger.add(sys.stderr, level="INFO", format=CONSOLE_FORMAT)
 
 
@@ -83,7 +87,7 @@ def progress(description: str, total: int, every: int = 50) -> Iterator:
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
-            console=_console,
+            console=console,
             transient=True,
         )
         with bar:

@@ -12,8 +12,8 @@ import hydra
 from omegaconf import DictConfig
 
 from imgcls.cli import CONFIG_DIR
+from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
-from imgcls.naming import register_resolvers
 
 register_resolvers()  # lr_find.yaml names its run directory with ${run_label:...}
 
@@ -52,10 +52,10 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 def find(config: dict, run_dir: Path) -> float:
     from loguru import logger
 
-    from imgcls import build as b
-    from imgcls.engine import _to_device, resolve_device
-    from imgcls.losses import class_counts
-    from imgcls.seeding import seed_everything
+    from imgcls.config import build as b
+    from imgcls.training.engine import resolve_device, to_device
+    from imgcls.training.losses import class_counts
+    from imgcls.training.seeding import seed_everything
 
     opts = config["lr_find"]
     lrs = lr_schedule(float(opts["start_lr"]), float(opts["end_lr"]), int(opts["num_iter"]))
@@ -82,7 +82,7 @@ def find(config: dict, run_dir: Path) -> float:
             batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, targets = _to_device(batch, device, normalize, False)
+        images, targets = to_device(batch, device, normalize, False)
         loss = loss_fn(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,7 +134,7 @@ def plot(lrs: list[float], smoothed: list[float], best: float, path: Path) -> No
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    from imgcls.build import plain
+    from imgcls.config.build import plain
     from imgcls.log import setup_logging, teardown_logging
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

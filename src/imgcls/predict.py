@@ -57,8 +57,8 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
 
     from loguru import logger
 
-    from imgcls import build as b
-    from imgcls.inference import predict
+    from imgcls.config import build as b
+    from imgcls.evaluation.inference import predict
     from imgcls.log import logged
     from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
 
@@ -108,8 +108,8 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from loguru import logger
 
     from imgcls.data.images import BadImageError
+    from imgcls.deploy.exported import OnnxClassifier, softmax
     from imgcls.errors import ConfigError
-    from imgcls.exported import OnnxClassifier, softmax
     from imgcls.log import logged, progress
     from imgcls.runs import output_dir
 
@@ -205,8 +205,8 @@ def write_predictions(
     its reason in `error`), the console table (the first console_rows predicted) and the log."""
     from loguru import logger
 
-    from imgcls import tables
-    from imgcls.reports import prediction_rows, topk_indices, write_csv
+    from imgcls.evaluation import tables
+    from imgcls.evaluation.reports import prediction_rows, topk_indices, write_csv
 
     k = max(1, min(int(cfg["top_k"]), len(class_names)))
     readable = [f for f in files if f not in unreadable]

@@ -95,10 +95,12 @@ def find_checkpoint(run: Path, spec: str) -> Path:
 
 
 def _checked(config: Any, source: str) -> dict:
-    from imgcls.targets import check_targets
+    """The config with today's names of renamed project targets, every `_target_` checked."""
+    from imgcls.config.targets import check_targets, current_names
 
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: not a config (a mapping of keys), got {type(config).__name__}")
+    config = current_names(config)
     try:
         check_targets(config)
     except ConfigError as exc:
@@ -109,7 +111,7 @@ def _checked(config: Any, source: str) -> dict:
 def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dict, dict]:
     """(config, checkpoint state): the run's config.yaml with the overrides on top, and the
     checkpoint loaded weights_only. Every `_target_` in config.yaml, in the checkpoint's config and
-    in the result is checked against the registry (imgcls.targets) before anything is built."""
+    in the result is checked against the registry (imgcls.config.targets) before anything is built."""
     from loguru import logger
 
     from imgcls.checkpoint import CheckpointError, load_checkpoint
@@ -123,7 +125,7 @@ def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dic
             raise ConfigError(f"{saved} is not valid YAML: {exc}") from None
     state = load_checkpoint(checkpoint)
     if "config" in state:
-        _checked(state["config"], f"{checkpoint} (its config)")
+        state["config"] = _checked(state["config"], f"{checkpoint} (its config)")
     for key in ("class_names", "config"):
         if key not in state and not (key == "config" and base is not None):
             raise CheckpointError(
@@ -197,7 +199,7 @@ def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict
 
 def output_dir(parent: Path, name: str, overrides: Sequence[str]) -> Path:
     """A new folder <parent>/<name>[_<overrides>][_N]: a second evaluation never overwrites the first."""
-    from imgcls.naming import run_label
+    from imgcls.config.naming import run_label
 
     named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in UNNAMED_KEYS]
     if named:
@@ -231,10 +233,10 @@ def restore(config: dict, state: dict, checkpoint: Path) -> Restored:
     format that training used, with the same determinism settings (cuDNN picks its kernels by them)."""
     import torch
 
-    from imgcls import build as b
     from imgcls.checkpoint import CheckpointError
-    from imgcls.engine import resolve_device
-    from imgcls.seeding import configure_determinism
+    from imgcls.config import build as b
+    from imgcls.training.engine import resolve_device
+    from imgcls.training.seeding import configure_determinism
 
     trainer = config.get("trainer") or {}
     device = resolve_device(str(config.get("device", "auto")))

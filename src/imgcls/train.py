@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from imgcls.cli import CONFIG_DIR
+from imgcls.config.naming import register_resolvers
 from imgcls.errors import ConfigError, UserError
-from imgcls.naming import register_resolvers
 
 register_resolvers()
 
@@ -23,9 +23,9 @@ register_resolvers()
 def resolve(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, dict | None]:
     """The plain config to run, its unresolved form, and the checkpoint when `resume` names one
     (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
-    from imgcls import build as b
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.resume import resume_config
+    from imgcls.config import build as b
+    from imgcls.training.resume import resume_config
 
     try:
         config = b.plain(cfg)
@@ -59,10 +59,10 @@ def run(
     `record(run_dir)` writes a resume's record once the resume is accepted."""
     from loguru import logger
 
-    from imgcls import distributed
     from imgcls.log import setup_logging, teardown_logging
-    from imgcls.recorder import NullRecorder, RunRecorder
-    from imgcls.signals import RunInterrupted
+    from imgcls.training import distributed
+    from imgcls.training.recorder import NullRecorder, RunRecorder
+    from imgcls.training.signals import RunInterrupted
 
     # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
     d, device_spec = distributed.init(str(cfg.get("device") or "auto"))
@@ -127,20 +127,26 @@ def train_run(
     import torch
     from loguru import logger
 
-    from imgcls import build as b
-    from imgcls import distributed
-    from imgcls.augment import resolve as resolve_augment
-    from imgcls.batchnorm import batchnorm_layers, build_recalibration
+    from imgcls.config import build as b
+    from imgcls.data.augment import resolve as resolve_augment
     from imgcls.data.splits import describe
-    from imgcls.engine import resolve_device
-    from imgcls.loop import fit, report_best_weights
-    from imgcls.losses import class_counts as count_classes
     from imgcls.models import count_parameters
-    from imgcls.recipes import Recipe, build_mix, make_ema
-    from imgcls.resume import check_classes, remove_stale_temp_files, restore
-    from imgcls.seeding import configure_determinism, seed_everything, set_rng_state
-    from imgcls.signals import stop_on_signals
-    from imgcls.speed import FirstStep, Precision, compile_model, resolve_channels_last, resolve_precision
+    from imgcls.training import distributed
+    from imgcls.training.batchnorm import batchnorm_layers, build_recalibration
+    from imgcls.training.engine import resolve_device
+    from imgcls.training.loop import fit, report_best_weights
+    from imgcls.training.losses import class_counts as count_classes
+    from imgcls.training.recipes import Recipe, build_mix, make_ema
+    from imgcls.training.resume import check_classes, remove_stale_temp_files, restore
+    from imgcls.training.seeding import configure_determinism, seed_everything, set_rng_state
+    from imgcls.training.signals import stop_on_signals
+    from imgcls.training.speed import (
+        FirstStep,
+        Precision,
+        compile_model,
+        resolve_channels_last,
+        resolve_precision,
+    )
 
     trainer = config["trainer"]
     logger.info(f"run directory: {run_dir}")
@@ -330,8 +336,8 @@ def main(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from imgcls.naming import resume_record_dir
-    from imgcls.signals import RunInterrupted
+    from imgcls.config.naming import resume_record_dir
+    from imgcls.training.signals import RunInterrupted
 
     hc = HydraConfig.get()
 

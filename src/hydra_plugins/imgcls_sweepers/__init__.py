@@ -17,7 +17,7 @@ from hydra.core.utils import JobStatus
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
-from imgcls.sweep import next_job_num
+from imgcls.sweeps.summary import next_job_num
 
 log = logging.getLogger(__name__)
 

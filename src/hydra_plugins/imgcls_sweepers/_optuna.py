@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.imgcls_sweepers import report_failures
-from imgcls.sweep import next_job_num, pid_alive
+from imgcls.sweeps.summary import next_job_num, pid_alive
 
 log = logging.getLogger(__name__)
 # trials that never ran to an end: they do not count towards n_trials

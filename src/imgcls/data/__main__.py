@@ -18,7 +18,7 @@ USAGE = "usage: python -m imgcls.data check [data=<option>] [data.<key>=<value> 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="check")
 def check(cfg: DictConfig) -> None:
     """Print the report; exit 2 when training would refuse this tree, 0 otherwise."""
-    from imgcls.build import build_data
+    from imgcls.config.build import build_data
 
     try:
         data = build_data(cfg.data)

@@ -124,10 +124,10 @@ class _bar:
         if is_terminal():
             from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-            from imgcls.log import _console
+            from imgcls.log import console
 
             self.progress = Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
-                                     console=_console, transient=True)  # fmt: skip
+                                     console=console, transient=True)  # fmt: skip
             self.progress.start()
             self.task = self.progress.add_task(
                 f"download {Path(self.url).name}", total=self.total, completed=self.done

@@ -13,16 +13,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgcls.augment import setting
-from imgcls.cache import MODES, CachedImages, build_store
 from imgcls.data import check, splits
+from imgcls.data.augment import setting
+from imgcls.data.cache import MODES, CachedImages, build_store
 from imgcls.data.images import DEFAULT_MAX_PIXELS
 from imgcls.data.listing import find_classes, scan_class
 from imgcls.data.loading import DataError, ImageDataset
+from imgcls.data.sampling import EpochSampler, EpochSeeded, kill_workers_at_exit, worker_init
 from imgcls.data.scan import scan_files
 from imgcls.data.splits import check_options
 from imgcls.errors import ConfigError
-from imgcls.sampling import EpochSampler, EpochSeeded, kill_workers_at_exit, worker_init
 
 ON_BAD_IMAGE = ("error", "skip")
 

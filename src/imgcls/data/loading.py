@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from imgcls.cache import changed_since_check, decode
+from imgcls.data.cache import changed_since_check, decode
 from imgcls.data.images import DEFAULT_MAX_PIXELS
 from imgcls.errors import ConfigError, DataError
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from imgcls.inference import Predictions
-from imgcls.reports import topk_indices
+from imgcls.evaluation.inference import Predictions
+from imgcls.evaluation.reports import topk_indices
 
 
 def topk_accuracy(logits: np.ndarray, targets: np.ndarray, k: int) -> float:

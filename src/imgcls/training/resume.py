@@ -28,7 +28,9 @@ def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], pat
     Interpolations stay live (the checkpoint keeps the unresolved config too), so a scheduler
     horizon written as ${trainer.epochs} follows an extended trainer.epochs."""
     refused = []
-    base = OmegaConf.create(ckpt.get("config_unresolved") or ckpt["config"])
+    from imgcls.config.targets import current_names
+
+    base = OmegaConf.create(current_names(ckpt.get("config_unresolved") or ckpt["config"]))
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key in RESUMABLE_KEYS:

@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from imgcls.recorder import atomic_write_text
-from imgcls.sweep import OBJECTIVE
+from imgcls.training.recorder import atomic_write_text
+
+OBJECTIVE = "val/acc_best"  # what train.run returns and the Optuna sweeper maximizes; a job's score
 
 FOLD, FOLDS = "data.fold", "data.folds"
 

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.augment import Crops
-from imgcls.distributed import SINGLE, Dist, all_sum, any_rank, gather
+from imgcls.data.augment import Crops
 from imgcls.errors import ConfigError, UserError
 from imgcls.log import is_terminal, progress
-from imgcls.recipes import Recipe
-from imgcls.speed import FP32, Precision
+from imgcls.training.distributed import SINGLE, Dist, all_sum, any_rank, gather
+from imgcls.training.recipes import Recipe
+from imgcls.training.speed import FP32, Precision
 
 
 class NonFiniteLossError(UserError):
@@ -47,7 +47,7 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def _to_device(batch, device: torch.device, normalize: nn.Module, channels_last: bool):
+def to_device(batch, device: torch.device, normalize: nn.Module, channels_last: bool):
     images, targets = batch
     if isinstance(images, Crops):  # data.device_augment: the crops are resized and flipped here
         images = normalize(images.apply(device))
@@ -119,7 +119,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     with progress(description, total, every=log_every) as advance:
         for batch in loader:
-            images, targets = _to_device(batch, device, normalize, channels_last)
+            images, targets = to_device(batch, device, normalize, channels_last)
             first, last = step % k == 0, (step + 1) % k == 0 or step + 1 == total
             if first:
                 if buffers:
@@ -211,7 +211,7 @@ def evaluate(
     start = time.perf_counter()
     with progress(split, len(loader), every=log_every) as advance:
         for batch in loader:
-            images, targets = _to_device(batch, device, normalize, channels_last)
+            images, targets = to_device(batch, device, normalize, channels_last)
             with amp.autocast():
                 logits = model(images)
                 loss_sum += loss_fn(logits, targets).double() * targets.shape[0]

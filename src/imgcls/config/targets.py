@@ -11,6 +11,7 @@ a torch.optim.Optimizer subclass defined in torch.optim, never any function that
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import os
 import re
@@ -40,7 +41,7 @@ class Group:
 GROUPS: dict[str, Group] = {
     "data": Group(
         "a data set",
-        targets=("imgcls.data.ImageFolderData", "imgcls.digits.DigitsData"),
+        targets=("imgcls.data.ImageFolderData", "imgcls.data.digits.DigitsData"),
         partial=False,
     ),
     "model": Group(
@@ -50,7 +51,7 @@ GROUPS: dict[str, Group] = {
     ),
     "loss": Group(
         "a loss",
-        targets=("imgcls.losses.CrossEntropyLoss", "imgcls.losses.FocalLoss"),
+        targets=("imgcls.training.losses.CrossEntropyLoss", "imgcls.training.losses.FocalLoss"),
         bases=("torch.nn.modules.loss._Loss",),
         namespace="torch.nn",
     ),  # either: build_loss probes a partial for class_counts
@@ -62,7 +63,7 @@ GROUPS: dict[str, Group] = {
     ),
     "scheduler": Group(
         "a learning-rate schedule",
-        targets=("imgcls.recipes.WarmupCosineLR",),
+        targets=("imgcls.training.recipes.WarmupCosineLR",),
         # ReduceLROnPlateau subclasses LRScheduler only from torch 2.2 on
         bases=("torch.optim.lr_scheduler.LRScheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"),
         namespace="torch.optim",
@@ -81,6 +82,32 @@ _TRANSFORM_SLOT = re.compile(r"transforms\.(train|val|test)\[\d+\]")
 # Hydra's keys in a node with a `_target_`; any other `_name_` is a typo or a trick
 _SPECIAL = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _CONVERT = ("none", "partial", "object", "all")
+
+
+# Where a project target lived before the modules were grouped into packages (0.1.0's first
+# layout): a run saved then names these, and reads back under the current name.
+RENAMED = {
+    "imgcls.digits.DigitsData": "imgcls.data.digits.DigitsData",
+    "imgcls.losses.CrossEntropyLoss": "imgcls.training.losses.CrossEntropyLoss",
+    "imgcls.losses.FocalLoss": "imgcls.training.losses.FocalLoss",
+    "imgcls.recipes.WarmupCosineLR": "imgcls.training.recipes.WarmupCosineLR",
+    "imgcls.sweep.SweepSummary": "imgcls.sweeps.summary.SweepSummary",
+    "imgcls.gpu_slots.OneGpuPerJob": "imgcls.sweeps.gpu_slots.OneGpuPerJob",
+    "imgcls.preflight.BeforeRun": "imgcls.config.preflight.BeforeRun",
+}
+
+
+def current_names(node: Any) -> Any:
+    """A saved config (plain containers) with the old names of project targets (RENAMED) replaced
+    by today's; everything else, including what the registry refuses, is left for the check."""
+    if isinstance(node, Mapping):
+        return {
+            k: RENAMED.get(v, v) if k == "_target_" and isinstance(v, str) else current_names(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [current_names(v) for v in node]
+    return node
 
 
 # The user's own targets: installed packages declare them as entry points, the user's shell in
@@ -146,11 +173,36 @@ def allowed(group_name: str) -> str:
     return ", ".join(parts)
 
 
+def locate(path: str) -> Any:
+    """The object a dotted `_target_` names, resolved the way Hydra's instantiate resolves it: the
+    first part imported as a module, each next part an attribute or else a submodule. Imports
+    what it names and calls nothing."""
+    parts = path.split(".") if isinstance(path, str) else []
+    if not parts or not all(parts):
+        raise ImportError(f"{path!r} is not a dotted path such as torch.optim.SGD")
+    try:
+        obj = importlib.import_module(parts[0])
+    except ModuleNotFoundError:
+        raise ImportError(f"Are you sure that module {parts[0]!r} is installed?") from None
+    for i, part in enumerate(parts[1:], start=1):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            parent = ".".join(parts[:i])
+            if not inspect.ismodule(obj):
+                raise ImportError(f"Are you sure that {part!r} is an attribute of {parent!r}?") from None
+            try:
+                obj = importlib.import_module(f"{parent}.{part}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{parent}.{part}":
+                    raise  # the module exists and fails to import: its own error says why
+                raise ImportError(f"Are you sure that {part!r} is importable from module {parent!r}?") from None
+    return obj
+
+
 def target_problem(target: Any, group_name: str, key: str | None = None) -> str | None:
     """What is wrong with `target` as the `_target_` of a node of `group_name` (at `key`, for the
     message), or None when it may be built there."""
-    from hydra._internal.utils import _locate  # what instantiate resolves with (get_object logs)
-
     group = GROUPS[group_name]
     expected = f"{key or group_name} builds {group.builds}: {allowed(group_name)}"
     user = isinstance(target, str) and _user_trusts(target, group_name)
@@ -160,7 +212,7 @@ def target_problem(target: Any, group_name: str, key: str | None = None) -> str 
         # nothing is imported for a name that is neither registered nor in the group's package
         return f"is not allowed: {expected}"
     try:
-        obj = _locate(target)  # imports the allowed modules it names; calls nothing
+        obj = locate(target)  # imports the allowed modules it names; calls nothing
     except Exception as exc:
         return f"cannot be found ({str(exc).strip().splitlines()[-1]}); {expected}"
     if user and target not in trusted_targets().get(group_name, ()):  # trusted as part of its module
@@ -179,7 +231,7 @@ def target_problem(target: Any, group_name: str, key: str | None = None) -> str 
         return f"is not allowed: it resolves to {where}, not a class; {expected}"
     if not _in(module, group.namespace):
         return f"is not allowed: it resolves to {where}, outside {group.namespace}; {expected}"
-    if not issubclass(obj, tuple(_locate(b) for b in group.bases)):
+    if not issubclass(obj, tuple(locate(b) for b in group.bases)):
         return f"is not allowed: {where} is not {group.builds}; {expected}"
     return None
 

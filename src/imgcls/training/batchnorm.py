@@ -20,8 +20,8 @@ from loguru import logger
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from imgcls.distributed import SINGLE, Dist
-from imgcls.speed import FP32, Precision
+from imgcls.training.distributed import SINGLE, Dist
+from imgcls.training.speed import FP32, Precision
 
 TRANSFORMS = ("eval", "train")
 
@@ -50,7 +50,7 @@ def recalibrate(
     gives over all the ranks' batches. Momentum, num_batches_tracked, the train/eval flag of every
     module and the global random generators are left as they were (dropout and stochastic depth
     draw from `seed` inside a fork). Returns the number of batches (over all ranks); 0 changes nothing."""
-    from imgcls.engine import _to_device
+    from imgcls.training.engine import to_device
 
     layers = batchnorm_layers(model)
     if not layers:
@@ -68,7 +68,7 @@ def recalibrate(
                 m.momentum = 1.0  # after each forward, the running buffers hold that batch's statistics
             model.train()
             for batch in batches:
-                images, _ = _to_device(batch, device, normalize, channels_last)
+                images, _ = to_device(batch, device, normalize, channels_last)
                 with amp.autocast():
                     model(images)
                 for m, s in zip(layers, sums, strict=True):
@@ -116,7 +116,7 @@ class Recalibration:
 
     def __call__(self, models: Iterable[nn.Module], epoch: int) -> dict[str, float]:
         """{"bn_recal/time_s", "bn_recal/images"}: what it cost; {} when no model has BatchNorm."""
-        from imgcls.sampling import mix, set_epoch
+        from imgcls.data.sampling import mix, set_epoch
 
         models = [m for m in models if batchnorm_layers(m)]
         if not models:
@@ -139,8 +139,8 @@ def build_recalibration(
     settings: dict | None, data, pipelines: dict, shard: dict, device, normalize, *, channels_last, amp, d
 ) -> Recalibration | None:
     """trainer.bn_recalibration -> a Recalibration, or None when it is off."""
+    from imgcls.data.sampling import mix
     from imgcls.errors import ConfigError
-    from imgcls.sampling import mix
 
     settings = settings or {}
     if not settings.get("enabled"):

@@ -13,9 +13,9 @@ from torch import nn
 
 from imgcls import __version__
 from imgcls.checkpoint import load_checkpoint, save_checkpoint
-from imgcls.distributed import SINGLE, Dist, any_rank, gather, sync_buffers
-from imgcls.engine import NonFiniteLossError, StopTraining, evaluate, is_finite, train_one_epoch
-from imgcls.recipes import (
+from imgcls.training.distributed import SINGLE, Dist, any_rank, gather, sync_buffers
+from imgcls.training.engine import NonFiniteLossError, StopTraining, evaluate, is_finite, train_one_epoch
+from imgcls.training.recipes import (
     Recipe,
     early_stop_reason,
     plateau_metric,
@@ -23,8 +23,8 @@ from imgcls.recipes import (
     selection_score,
     top_k_epochs,
 )  # fmt: skip
-from imgcls.seeding import epoch_seed, rng_state, seed_everything
-from imgcls.speed import FP32, Precision
+from imgcls.training.seeding import epoch_seed, rng_state, seed_everything
+from imgcls.training.speed import FP32, Precision
 
 
 def training_state(
@@ -101,8 +101,8 @@ def fit(
 
     Returns {"history", "best_acc", "best_epoch", "stopped_early"}.
     """
-    from imgcls.sampling import set_epoch
-    from imgcls.signals import RunInterrupted
+    from imgcls.data.sampling import set_epoch
+    from imgcls.training.signals import RunInterrupted
 
     resume = resume or {}
     recipe = recipe or Recipe()
@@ -269,7 +269,7 @@ def report_best_weights(
     """Every split evaluated with best.pt's weights (train through the eval pipeline): the
     classification report, confusion matrices and TensorBoard entries (rank 0), and
     {<split>/acc_best_weights} for the summary."""
-    from imgcls.reports import write_split_report  # matplotlib: imported when the reports are due
+    from imgcls.evaluation.reports import write_split_report  # matplotlib: imported when the reports are due
 
     model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
     final: dict[str, float] = {}

@@ -27,7 +27,7 @@ def write_onnx(path: Path, model, images, metadata: dict, cfg: dict):
     from loguru import logger
 
     from imgcls.data.images import DEFAULT_MAX_PIXELS, load_image
-    from imgcls.exported import METADATA_KEY, OnnxClassifier, apply_steps, onnx_digest
+    from imgcls.deploy.exported import METADATA_KEY, OnnxClassifier, apply_steps, onnx_digest
 
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their optimizer passes log at INFO, per pass
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -92,7 +92,7 @@ def write_torchscript(path: Path, model, images, metadata: dict):
 
     import torch
 
-    from imgcls.exported import weights_digest
+    from imgcls.deploy.exported import weights_digest
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, and still works
@@ -110,7 +110,7 @@ def read_torchscript(path: Path):
 
     import torch
 
-    from imgcls.exported import ExportError, parse_metadata, weights_digest
+    from imgcls.deploy.exported import ExportError, parse_metadata, weights_digest
 
     files = {"imgcls.json": ""}
     try:
@@ -133,7 +133,7 @@ def write_safetensors(path: Path, restored, images, metadata: dict):
     import torch
     from safetensors.torch import save_file
 
-    from imgcls.exported import METADATA_KEY, weights_digest
+    from imgcls.deploy.exported import METADATA_KEY, weights_digest
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in restored.model.state_dict().items()}
     metadata = {**metadata, "weights_sha256": weights_digest(tensor_bytes(state))}
@@ -153,7 +153,7 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    from imgcls.exported import METADATA_KEY, ExportError, parse_metadata, weights_digest
+    from imgcls.deploy.exported import METADATA_KEY, ExportError, parse_metadata, weights_digest
 
     try:
         with safe_open(str(path), framework="pt") as f:

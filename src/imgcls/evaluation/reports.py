@@ -37,7 +37,7 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
 
     Names are drawn in a font that has their characters (plots.label_font); when no installed
     font has them, the axes show class indices and write_class_index puts the names beside."""
-    from imgcls.plots import CLASS_INDEX_FILE, label_font, use_font
+    from imgcls.evaluation.plots import CLASS_INDEX_FILE, label_font, use_font
 
     n = len(class_names)
     font = label_font(class_names)
@@ -86,7 +86,7 @@ def write_split_report(
     """plots/confusion_matrix_<split>.png (and plots/class_index.txt when no font draws the
     names), logs/classification_report_<split>.txt, TensorBoard image and text. Returns the
     report text."""
-    from imgcls.plots import write_class_index
+    from imgcls.evaluation.plots import write_class_index
 
     text = report_text(targets, preds, class_names)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from imgcls.config.naming import claim_run_dir, env_rank, resumed_dir
+from imgcls.config.targets import locate
 from imgcls.errors import ConfigError, UserError
-from imgcls.naming import claim_run_dir, env_rank, resumed_dir
 
 # keys instantiate() itself reads in any `_target_` node
 _INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -130,17 +131,15 @@ def _read(config: DictConfig, key: str) -> bool:
 def _parameters(target: str, key: str) -> set[str] | None:
     """The keyword arguments `target` (the node at `key`) takes ("**" for **kwargs); None when it
     cannot be told: a target the build refuses with its own message, or one without a signature.
-    Only targets the node's group allows are imported (imgcls.targets)."""
-    from hydra._internal.utils import _locate
-
-    from imgcls.targets import group_of, target_problem
+    Only targets the node's group allows are imported (imgcls.config.targets)."""
+    from imgcls.config.targets import group_of, target_problem
 
     key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)  # transforms.train.0 -> transforms.train[0]
     group = group_of(key)
     if group is None or target_problem(target, group, key) is not None:
         return None
     try:
-        signature = inspect.signature(_locate(target))
+        signature = inspect.signature(locate(target))
     except (TypeError, ValueError):
         return None
     names = set()
@@ -155,11 +154,9 @@ def _parameters(target: str, key: str) -> set[str] | None:
 def _optional(target: str, key: str) -> set[str]:
     """The arguments of `target` a config may add: those with defaults (the others, such as an
     optimizer's params, are given at run time)."""
-    from hydra._internal.utils import _locate
-
     if _parameters(target, key) is None:
         return set()
-    params = inspect.signature(_locate(target)).parameters.values()
+    params = inspect.signature(locate(target)).parameters.values()
     return {p.name for p in params if p.default is not p.empty and p.kind != p.VAR_KEYWORD}
 
 

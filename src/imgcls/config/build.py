@@ -1,5 +1,5 @@
 """The one place where config nodes become objects: `_target_`s checked against the registry
-(imgcls.targets), then instantiate."""
+(imgcls.config.targets), then instantiate."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from imgcls.config.targets import check_targets, locate
 from imgcls.errors import ConfigError, UserError
-from imgcls.targets import check_targets
 
 
 def plain(node: Any) -> Any:
@@ -59,13 +59,11 @@ def check_numbers(node: Any, key: str = "") -> None:
     Call it after check_targets: it imports the targets to read their signatures."""
     import inspect
 
-    from hydra._internal.utils import _locate
-
     if isinstance(node, Mapping):
         target = node.get("_target_")
         if isinstance(target, str):
             try:
-                params = inspect.signature(_locate(target)).parameters
+                params = inspect.signature(locate(target)).parameters
             except Exception:  # not found, no signature: instantiate says what is wrong
                 params = {}
             for name, value in node.items():

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgcls.evaluation.reports import topk_indices  # noqa: F401  (torch-free, for the ONNX predictor; re-exported)
+from imgcls.log import progress
+
 # the same transfer, normalization and memory format as engine.evaluate: the accuracy of the
 # val split and the best checkpoint then equals the one recorded in training, bit for bit
-from imgcls.engine import _to_device
-from imgcls.log import progress
-from imgcls.reports import topk_indices  # noqa: F401  (torch-free, for the ONNX predictor; re-exported)
+from imgcls.training.engine import to_device
 
 
 @dataclass
@@ -112,7 +113,7 @@ def predict(
     plain_logits, plain_preds, plain_losses = [], [], []
     with progress(description, len(loader), every=log_every) as advance:
         for batch in loader:
-            images, targets = _to_device(batch, device, normalize, channels_last)
+            images, targets = to_device(batch, device, normalize, channels_last)
             logits = model(images)
             if views:
                 plain_logits.append(logits.float())

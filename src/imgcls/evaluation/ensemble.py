@@ -28,8 +28,8 @@ class Member:
 
     def predict(self, views: list[str], crop_scale: float) -> None:
         """Build the model on its device, predict every sample of the split, free the model."""
-        from imgcls import build as b
-        from imgcls.inference import predict
+        from imgcls.config import build as b
+        from imgcls.evaluation.inference import predict
         from imgcls.runs import restore
 
         restored = restore(self.config, self.state, self.checkpoint)
@@ -50,8 +50,8 @@ class Member:
 def load_member(run_dir: Path, cfg: dict, overrides: list[str], split: str) -> Member:
     """The run's checkpoint and config (overrides on top, every _target_ checked) and its split's
     samples labelled by the checkpoint's classes: every error here comes before any prediction."""
-    from imgcls import build as b
-    from imgcls.labels import checked_samples, labelled_samples
+    from imgcls.config import build as b
+    from imgcls.evaluation.labels import checked_samples, labelled_samples
     from imgcls.runs import find_checkpoint, load_run
 
     checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
@@ -68,7 +68,7 @@ def load_member(run_dir: Path, cfg: dict, overrides: list[str], split: str) -> M
 def ensemble_predictions(members: list[Any]):
     """The mean of the members' softmax probabilities, sample by sample (they share one loader
     order); logits are its log, losses the negative log-likelihood of the true class."""
-    from imgcls.inference import Predictions
+    from imgcls.evaluation.inference import Predictions
 
     probs = np.mean([p.probs for p in members], axis=0)
     targets = members[0].targets
@@ -78,7 +78,7 @@ def ensemble_predictions(members: list[Any]):
 
 
 def member_row(member: Member, split: str, k: int, n_bins: int) -> dict:
-    from imgcls import metrics as m
+    from imgcls.evaluation import metrics as m
 
     s = m.summary(split, member.predictions, k, n_bins)
     return {

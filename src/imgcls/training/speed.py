@@ -113,7 +113,7 @@ _IMPORTED = time.time()
 
 def process_age() -> float:
     """Seconds since this process started (Linux: from /proc, so the interpreter's own start-up
-    and imports count); elsewhere, since imgcls.speed was imported."""
+    and imports count); elsewhere, since imgcls.training.speed was imported."""
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])

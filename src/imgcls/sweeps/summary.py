@@ -1,0 +1,279 @@
+"""The sweep leaderboard: sweep_summary.csv, a ranked table, an objective plot and TensorBoard HParams;
+with data.fold swept, the cross-validation table (crossval.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+
+from imgcls.sweeps import crossval
+from imgcls.sweeps.crossval import OBJECTIVE
+
+JOB_DIR = re.compile(r"^(\d+)_")  # <job.num>_<label>, set by hydra.sweep.subdir in train.yaml
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep: `<num>_<label>` folders that Hydra wrote overrides into."""
+    if not sweep_dir.is_dir():
+        return []
+    found = [p for p in sweep_dir.iterdir() if JOB_DIR.match(p.name) and (p / ".hydra").is_dir()]
+    return sorted(found, key=lambda p: (int(JOB_DIR.match(p.name).group(1)), p.name))
+
+
+def next_job_num(sweep_dir: Path) -> int:
+    """The first job number above every job directory already in sweep_dir (0 for a new sweep).
+
+    A resumed sweep starts numbering here, so it never writes into a finished job's directory.
+    """
+    nums = [int(m.group(1)) for p in Path(sweep_dir).glob("*") if (m := JOB_DIR.match(p.name))]
+    return max(nums, default=-1) + 1
+
+
+def _summary_fields(text: str) -> dict[str, str]:
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^([a-z ]+):\s*(.*)$", text, re.M)}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def job_status(fields: dict[str, str]) -> str:
+    """summary.txt's status, except that `running` from a process that no longer exists is `killed`.
+
+    Only a heartbeat from this host can be checked; a job on another machine keeps `running`.
+    """
+    status = fields.get("status", "unknown")
+    beat = re.search(r"\(pid (\d+) on (\S+)\)", fields.get("heartbeat", ""))
+    if status == "running" and beat and beat.group(2) == socket.gethostname():
+        if not pid_alive(int(beat.group(1))):
+            return "killed"
+    return status
+
+
+def read_job(job: Path) -> dict[str, Any]:
+    """One job's row, from its files alone: overrides, status, epochs and the objective."""
+    saved = job / ".hydra" / "overrides.yaml"  # missing only if the job died as Hydra set it up
+    overrides = (yaml.safe_load(saved.read_text()) or []) if saved.is_file() else []
+    summary = job / "summary.txt"
+    # a job that died before training started has no summary: Hydra ran it, and it did not finish
+    fields = _summary_fields(summary.read_text()) if summary.is_file() else {"status": "failed"}
+    rows: list[dict[str, str]] = []
+    if (job / "metrics.csv").is_file():
+        with open(job / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    accs = [(float(r["val/acc"]), int(float(r["epoch"]))) for r in rows if r.get("val/acc")]
+    best = max(accs, key=lambda a: (a[0], -a[1]), default=None)  # first epoch that reached the best
+    planned = re.search(r"of (\d+)", fields.get("epoch", ""))
+    return {
+        "job": int(JOB_DIR.match(job.name).group(1)),
+        "status": job_status(fields),
+        OBJECTIVE: best[0] if best else None,
+        "best_epoch": best[1] if best else None,
+        "epochs": f"{len(rows)}/{planned.group(1) if planned else '?'}",
+        "params": dict(o.split("=", 1) for o in overrides if "=" in o),
+        "overrides": " ".join(overrides),
+        "override_list": overrides,
+        "run_dir": str(job.resolve()),
+    }
+
+
+def rank(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best objective first; jobs without a value last, in job order. Ties keep job order."""
+    ranked = sorted(jobs, key=lambda j: (j[OBJECTIVE] is None, -(j[OBJECTIVE] or 0.0), j["job"]))
+    for i, job in enumerate(ranked, 1):
+        job["rank"] = i
+    return ranked
+
+
+def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order they were first given."""
+    keys: list[str] = []
+    for job in jobs:
+        keys += [k for k in job["params"] if k not in keys]
+    return [k for k in keys if len({j["params"].get(k) for j in jobs}) > 1]
+
+
+def write_csv(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> None:
+    head = ["rank", "job", "status", OBJECTIVE, "best_epoch", "epochs", *keys, "overrides", "run_dir"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    for j in jobs:
+        value = "" if j[OBJECTIVE] is None else repr(j[OBJECTIVE])  # full precision for scripts
+        w.writerow(
+            [j["rank"], j["job"], j["status"], value, j["best_epoch"] or "", j["epochs"]]
+            + [j["params"].get(k, "") for k in keys]
+            + [j["overrides"], j["run_dir"]]
+        )
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)  # a reader never sees half a leaderboard
+
+
+def format_table(jobs: list[dict[str, Any]], keys: list[str]) -> str:
+    """The leaderboard as fixed-width text: it reads the same in a terminal, a log and a CI page.
+
+    Only the swept overrides are shown per job; the ones every job shares are printed once above.
+    """
+    head = ["rank", "job", "status", "best val acc", "epochs", "overrides", "run dir"]
+    rows = []
+    for j in jobs:
+        acc = "-" if j[OBJECTIVE] is None else f"{j[OBJECTIVE]:.4f} (ep {j['best_epoch']})"
+        swept = " ".join(f"{k}={j['params'][k]}" for k in keys if k in j["params"])
+        rows.append(
+            [str(j["rank"]), str(j["job"]), j["status"], acc, j["epochs"], swept, Path(j["run_dir"]).name]
+        )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
+    common = [o for o in (jobs[0]["override_list"] if jobs else []) if o.split("=", 1)[0] not in keys]
+    if common:
+        lines.insert(0, f"every job: {' '.join(common)}")
+    return "\n".join(lines)
+
+
+def _numeric(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def plot_objective(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> bool:
+    """One panel per swept key: the objective of every job that has one against the key's value."""
+    scored = [j for j in jobs if j[OBJECTIVE] is not None]
+    if not keys or not scored:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # sweeps run headless; never open a window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        have = [j for j in scored if key in j["params"]]
+        raw = [j["params"][key] for j in have]
+        y = [j[OBJECTIVE] for j in have]
+        xs = _numeric(raw)
+        if xs is not None:
+            ax.scatter(xs, y)
+            # learning rates and the like span decades: a log axis spreads them evenly
+            if min(xs) > 0 and max(xs) / min(xs) >= 10:
+                ax.set_xscale("log")
+            if len(set(xs)) <= 8:  # a grid's few values: tick exactly those
+                ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+                ax.minorticks_off()
+        else:
+            cats = sorted(set(raw))
+            ax.scatter([cats.index(v) for v in raw], y)
+            ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{OBJECTIVE} (best validation accuracy)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{len(scored)} of {len(jobs)} jobs with a validation accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _hparam_value(text: str) -> float | str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text
+
+
+def write_hparams(jobs: list[dict[str, Any]], keys: list[str], out: Path) -> None:
+    """<sweep>/hparams/<job>: one HParams session per job with a value, so TensorBoard pointed at
+    the sweep directory lists every job's swept values beside its objective (HPARAMS tab).
+
+    Every session declares the same keys (a missing one is ""): the dashboard builds its columns
+    from the sessions it finds. Rewritten whole, so a resumed sweep never doubles an entry, and
+    kept out of the job directories, which the sweep never touches once a job is done.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    shutil.rmtree(out, ignore_errors=True)
+    for j in jobs:
+        if j[OBJECTIVE] is None:
+            continue
+        hp = {k: _hparam_value(j["params"].get(k, "")) for k in keys} | {"status": j["status"]}
+        with SummaryWriter(log_dir=str(out / Path(j["run_dir"]).name)) as w:
+            for summary in hparams(hp, {OBJECTIVE: j[OBJECTIVE]}):
+                w.file_writer.add_summary(summary)
+            w.add_scalar(OBJECTIVE, j[OBJECTIVE], j["best_epoch"] or 0)
+
+
+def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
+    """Build the leaderboard from the job directories in sweep_dir; print it to stream.
+
+    It reads only what each job wrote, so it covers failed and killed jobs and every attempt of a
+    resumed sweep, and can be rerun at any time: `python -m imgcls.sweep <sweep_dir>`.
+    """
+
+    sweep_dir = Path(sweep_dir)
+    jobs = rank([read_job(j) for j in job_dirs(sweep_dir)])
+    keys = swept_keys(jobs)
+    write_csv(jobs, keys, sweep_dir / "sweep_summary.csv")
+    folds = crossval.cv_groups(jobs, keys)  # [] unless jobs have a data.fold override
+    if folds:
+        crossval.write_csv(folds, sweep_dir / "cv_summary.csv")
+    plotted = plot_objective(jobs, keys, sweep_dir / "sweep_objective.png")
+    write_hparams(jobs, keys, sweep_dir / "hparams")
+    stream = stream or sys.stdout
+    counts = {s: sum(j["status"] == s for j in jobs) for s in dict.fromkeys(j["status"] for j in jobs)}
+    print(
+        f"\nsweep {sweep_dir}: {len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())})",
+        file=stream,
+    )
+    print(format_table(jobs, keys), file=stream)
+    if folds:
+        print(f"\n{crossval.format_table(folds)}", file=stream)
+    written = ["sweep_summary.csv"] + (["cv_summary.csv"] if folds else [])
+    written += ["sweep_objective.png"] if plotted else []
+    print(f"wrote {', '.join(str(sweep_dir / w) for w in written)}; compare the jobs with "
+          f"`tensorboard --logdir {sweep_dir}` (HPARAMS tab)", file=stream)  # fmt: skip
+    stream.flush()
+    return jobs
+
+
+class SweepSummary(Callback):
+    """Hydra callback (hydra.callbacks in train.yaml): the leaderboard when a sweep ends."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        summarize(Path(str(config.hydra.sweep.dir)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m imgcls.sweep <sweep_dir>`: rebuild the leaderboard, e.g. of a sweep still running."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(
+            "usage: python -m imgcls.sweep <sweep_dir>   (e.g. multirun/2026-11-27/10-31-07)", file=sys.stderr
+        )
+        return 2
+    sweep_dir = Path(argv[0])
+    if not job_dirs(sweep_dir):
+        print(f"error: {sweep_dir} holds no job directories (<num>_<overrides>/.hydra)", file=sys.stderr)
+        return 2
+    summarize(sweep_dir)
+    return 0
