@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from imgcls.config import build as b
 from imgcls.models import create_model
 from imgcls.train import CONFIG_DIR
-from imgcls.training.engine import train_one_epoch
+from imgcls.training.engine import Placement, train_one_epoch
 from imgcls.training.losses import CrossEntropyLoss, FocalLoss
 from imgcls.training.recipes import Recipe, WarmupCosineLR, build_mix, make_ema, scheduler_interval
 
@@ -55,7 +55,7 @@ def train_a_step(tree: Path, *overrides: str) -> dict[str, float]:
     loader.sampler.n = 8  # two batches are enough to show the option trains
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     metrics = train_one_epoch(
-        model, loader, loss_fn, optimizer, torch.device("cpu"), normalize, recipe=recipe
+        model, loader, loss_fn, optimizer, Placement(torch.device("cpu"), normalize), recipe=recipe
     )
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(x, y) for x, y in zip(before, after, strict=True)), "the weights moved"
@@ -104,7 +104,7 @@ def test_accumulating_k_batches_equals_one_batch_k_times_larger():
         model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))  # no batch norm
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         loader = DataLoader(TensorDataset(x, y), batch_size=batch)
-        train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, torch.device("cpu"), nn.Identity(),
+        train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, Placement(torch.device("cpu"), nn.Identity()),
                         recipe=Recipe(grad_accum_steps=k))  # fmt: skip
         return [p.detach() for p in model.parameters()]
 

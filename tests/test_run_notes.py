@@ -10,7 +10,7 @@ from PIL import Image
 
 
 def test_one_class_for_every_image_is_noted():
-    from imgcls.training.loop import one_class_note
+    from imgcls.evaluation.final import one_class_note
 
     names = ["ants", "bees"]
     note = one_class_note(np.array([0, 1, 1, 0, 1]), np.array([1, 1, 1, 1, 1]), names)

@@ -17,7 +17,7 @@ from imgcls.data import ImageFolderData, Normalize
 from imgcls.data.sampling import set_epoch
 from imgcls.errors import ConfigError
 from imgcls.train import CONFIG_DIR
-from imgcls.training.engine import NonFiniteLossError, train_one_epoch
+from imgcls.training.engine import NonFiniteLossError, Placement, train_one_epoch
 from imgcls.training.speed import (
     Precision,
     compile_model,
@@ -75,13 +75,17 @@ def test_fp16_overflow_steps_are_skipped_not_errors():
     # a scale of 2**100 overflows every fp16 gradient: the scaler must skip the step and halve it
     amp.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
     weights = [p.detach().clone() for p in model.parameters()]
-    metrics = train_one_epoch(model, batches, nn.functional.cross_entropy, optimizer, CPU, normalize, amp=amp)
+    metrics = train_one_epoch(
+        model, batches, nn.functional.cross_entropy, optimizer, Placement(CPU, normalize, amp=amp)
+    )
     assert metrics["train/loss"] > 0
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True)), "step skipped"
     assert amp.scaler.get_scale() == 2.0**99
     # a sane scale trains
     amp.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    train_one_epoch(model, batches, nn.functional.cross_entropy, optimizer, CPU, normalize, amp=amp)
+    train_one_epoch(
+        model, batches, nn.functional.cross_entropy, optimizer, Placement(CPU, normalize, amp=amp)
+    )
     assert not all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
 
 
@@ -91,7 +95,9 @@ def test_fp16_gradients_that_overflow_even_unscaled_are_divergence():
     amp.scaler = torch.amp.GradScaler("cpu", init_scale=0.5)  # below MIN_FP16_SCALE: no more skipping
     model[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
     with pytest.raises(NonFiniteLossError, match="the gradient norm is inf at step 1"):
-        train_one_epoch(model, batches, nn.functional.cross_entropy, optimizer, CPU, normalize, amp=amp)
+        train_one_epoch(
+            model, batches, nn.functional.cross_entropy, optimizer, Placement(CPU, normalize, amp=amp)
+        )
 
 
 def test_fp16_loss_scale_resumes_exactly(tmp_path):

@@ -16,42 +16,16 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     live here so --help stays instant."""
     from loguru import logger
 
-    from imgcls.errors import ConfigError
     from imgcls.evaluation.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
-    from imgcls.evaluation.inference import check_views
     from imgcls.log import logged
     from imgcls.runs import find_run, output_dir
 
-    single, many = cfg.get("run_dir"), cfg.get("run_dirs")
-    if single and many:
-        raise ConfigError("set run_dir=<a run> or run_dirs=[<run>,<run>,...] (an ensemble), not both")
-    if not single and not many:
-        raise ConfigError(
-            "run_dir is required: set it on the command line, run_dir=... (or run_dirs=[a,b] for an ensemble)"
-        )
-    if many is not None and (isinstance(many, str) or len(many) < 2):
-        raise ConfigError(f"run_dirs={many}: an ensemble needs a list of at least two runs, run_dirs=[a,b]")
-    try:
-        views = check_views(cfg.get("tta_views") or []) if cfg.get("tta") else []
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if cfg.get("tta") and not views:
-        raise ConfigError("tta=true needs at least one view: tta_views=[hflip] (hflip, vflip, crops)")
+    single, many, views = _checked_request(cfg)
     split = str(cfg["split"])
     # every member found, loaded and its data checked before any of them predicts
     members: list[Member] = [load_member(find_run(d), cfg, overrides, split) for d in (many or [single])]
+    _check_ensemble(members, split)
     first = members[0]
-    for m in members[1:]:
-        if m.class_names != first.class_names:
-            raise ConfigError(
-                f"run_dirs: {m.run_dir} has the classes {m.class_names}, {first.run_dir} has "
-                f"{first.class_names}: an ensemble needs runs trained on the same classes"
-            )
-        if m.paths != first.paths:
-            raise ConfigError(
-                f"run_dirs: {m.run_dir}'s {split} split holds other files than {first.run_dir}'s "
-                f"({len(m.paths)} vs {len(first.paths)}): an ensemble is evaluated on one set of images"
-            )
     suffix = "_tta" if views else ""
     label = str(cfg["checkpoint"]) if cfg["checkpoint"] in ("best", "last") else first.checkpoint.stem
     if cfg.get("out_dir"):
@@ -98,28 +72,54 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         return out
 
 
+def _checked_request(cfg: dict[str, Any]) -> tuple[Any, Any, list[str]]:
+    """(run_dir, run_dirs, TTA views) once evaluate's own keys are checked."""
+    from imgcls.errors import ConfigError
+    from imgcls.evaluation.inference import check_views
+
+    single, many = cfg.get("run_dir"), cfg.get("run_dirs")
+    if single and many:
+        raise ConfigError("set run_dir=<a run> or run_dirs=[<run>,<run>,...] (an ensemble), not both")
+    if not single and not many:
+        raise ConfigError(
+            "run_dir is required: set it on the command line, run_dir=... (or run_dirs=[a,b] for an ensemble)"
+        )
+    if many is not None and (isinstance(many, str) or len(many) < 2):
+        raise ConfigError(f"run_dirs={many}: an ensemble needs a list of at least two runs, run_dirs=[a,b]")
+    try:
+        views = check_views(cfg.get("tta_views") or []) if cfg.get("tta") else []
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.get("tta") and not views:
+        raise ConfigError("tta=true needs at least one view: tta_views=[hflip] (hflip, vflip, crops)")
+    return single, many, views
+
+
+def _check_ensemble(members: list, split: str) -> None:
+    """An ensemble's members share their classes and the files of the split."""
+    from imgcls.errors import ConfigError
+
+    first = members[0]
+    for m in members[1:]:
+        if m.class_names != first.class_names:
+            raise ConfigError(
+                f"run_dirs: {m.run_dir} has the classes {m.class_names}, {first.run_dir} has "
+                f"{first.class_names}: an ensemble needs runs trained on the same classes"
+            )
+        if m.paths != first.paths:
+            raise ConfigError(
+                f"run_dirs: {m.run_dir}'s {split} split holds other files than {first.run_dir}'s "
+                f"({len(m.paths)} vs {len(first.paths)}): an ensemble is evaluated on one set of images"
+            )
+
+
 def report(
     out: Path, cfg: dict, split: str, data, p, *, epoch: int, title: str, source: dict,
     state: dict | None = None, members: list[dict] | None = None,
 ) -> None:  # fmt: skip
     """Write the files, TensorBoard entries and console tables of one split's predictions `p`
     (a run's, or an ensemble's with each member's figures in `members`)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from loguru import logger
-    from torch.utils.tensorboard import SummaryWriter
-
     from imgcls.evaluation import metrics as m
-    from imgcls.evaluation import tables
-    from imgcls.evaluation.plots import error_grid_figure, reliability_figure, write_class_index
-    from imgcls.evaluation.reports import (
-        confusion,
-        confusion_figure,
-        prediction_rows,
-        report_text,
-        topk_indices,
-        write_csv,
-    )
 
     class_names = data.class_names
     k = max(1, min(int(cfg["top_k"]), len(class_names)))
@@ -133,33 +133,53 @@ def report(
     if members:
         extra["members"] = members
     paths = [path for path, _ in data.samples[split]]
-    probs, confidence = p.probs, p.confidence
+    settings = {"top_k": k, "calibration_bins": n_bins}
+    scores = _write_files(out, split, p, paths, class_names, {**metrics, "epoch": epoch, "split": split,
+                                                              **source, **settings, **extra})  # fmt: skip
+    cm = _write_figures(out, split, p, paths, class_names, metrics, title=title, epoch=epoch, cfg=cfg)
+    overall = [("split", f"{split} ({data.root / data.split_dirs[split]})")]
+    if "checkpoint" in source:
+        overall.append(("checkpoint", f"{source['checkpoint']} (epoch {epoch})"))
+    else:
+        overall.append(("ensemble", f"{len(members or [])} runs, {source.get('combination')}"))
+    recorded = {int(h["epoch"]): h for h in (state or {}).get("history", []) if "epoch" in h}
+    trained = recorded.get(epoch) if split == "val" else None
+    _show(out, split, p, metrics, k, n_bins, overall, trained, extra, scores, cm, class_names, epoch)
 
+
+def _write_files(out: Path, split: str, p, paths: list[str], class_names: list[str], summary: dict) -> dict:
+    """predictions.csv, classification_report.txt/.json and metrics.json; returns the per-class scores."""
+    from imgcls.evaluation import metrics as m
+    from imgcls.evaluation.reports import prediction_rows, report_text, topk_indices, write_csv
+
+    k = summary["top_k"]
     write_csv(
         out / "predictions.csv",
-        prediction_rows(paths, probs, p.preds, topk_indices(p.logits, k), class_names, p.targets, p.losses),
+        prediction_rows(paths, p.probs, p.preds, topk_indices(p.logits, k), class_names, p.targets, p.losses),
     )
     (out / "classification_report.txt").write_text(report_text(p.targets, p.preds, class_names))
     scores = m.per_class_scores(p.targets, p.preds, class_names)
     (out / "classification_report.json").write_text(json.dumps(scores, indent=2) + "\n")
-    (out / "metrics.json").write_text(
-        json.dumps(
-            {
-                **metrics,
-                "epoch": epoch,
-                "split": split,
-                **source,
-                "top_k": k,
-                "calibration_bins": n_bins,
-                **extra,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return scores
 
+
+def _write_figures(
+    out: Path, split: str, p, paths, class_names, metrics: dict, *, title: str, epoch: int, cfg
+):
+    """The confusion matrices, reliability diagram and most confident errors (PNG and TensorBoard),
+    the metrics, report and PR curves in TensorBoard; returns the confusion matrix."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    from imgcls.evaluation import metrics as m
+    from imgcls.evaluation.plots import error_grid_figure, reliability_figure, write_class_index
+    from imgcls.evaluation.reports import confusion, confusion_figure
+
+    confidence = p.confidence
     cm = confusion(p.targets, p.preds, len(class_names))
-    bins = m.calibration_bins(confidence, p.correct, n_bins)
+    bins = m.calibration_bins(confidence, p.correct, int(cfg["calibration_bins"]))
     acc = metrics[f"{split}/acc"]
     wrong = np.flatnonzero(~p.correct)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: int(cfg["errors_shown"])]
@@ -191,43 +211,49 @@ def report(
         text = (out / "classification_report.txt").read_text()
         # four leading spaces per line make TensorBoard's markdown keep the table's columns
         writer.add_text(f"classification_report/{split}", "    " + text.replace("\n", "\n    "), epoch)
+        probs = p.probs
         for i, name in enumerate(class_names):
             writer.add_pr_curve(f"pr_curve/{split}/{name}", p.targets == i, probs[:, i], global_step=epoch)
     finally:
         writer.close()
+    return cm
 
-    overall = [("split", f"{split} ({data.root / data.split_dirs[split]})")]
-    if "checkpoint" in source:
-        overall.append(("checkpoint", f"{source['checkpoint']} (epoch {epoch})"))
-    else:
-        overall.append(("ensemble", f"{len(members or [])} runs, {source.get('combination')}"))
-    overall += [
-        ("samples", str(len(paths))),
-        ("accuracy", f"{acc:.4f} ({int(p.correct.sum())}/{len(paths)})"),
+
+def _show(out, split, p, metrics, k, n_bins, overall, trained, extra, scores, cm, class_names, epoch) -> None:
+    """The console tables (and the log file's copy), members.csv for an ensemble, the one-line result."""
+    from loguru import logger
+
+    from imgcls.evaluation import metrics as m
+    from imgcls.evaluation import tables
+    from imgcls.evaluation.reports import write_csv
+
+    acc, n = metrics[f"{split}/acc"], len(p.preds)
+    overall = overall + [
+        ("samples", str(n)),
+        ("accuracy", f"{acc:.4f} ({int(p.correct.sum())}/{n})"),
         (f"top-{k} accuracy", f"{metrics[f'{split}/acc_top{k}']:.4f}"),
         ("mean loss", f"{metrics[f'{split}/loss']:.4f}"),
         (f"ECE ({n_bins} bins)", f"{metrics[f'{split}/ece']:.4f}"),
     ]
-    recorded = {int(h["epoch"]): h for h in (state or {}).get("history", []) if "epoch" in h}
-    if split == "val" and epoch in recorded:
-        overall.append(("val acc in training", f"{recorded[epoch]['val/acc']:.4f} (epoch {epoch})"))
+    if trained is not None:
+        overall.append(("val acc in training", f"{trained['val/acc']:.4f} (epoch {epoch})"))
     if "tta" in extra:
         plain = extra["tta"]["without_tta"]
         overall.append(("without TTA", f"accuracy {plain[f'{split}/acc']:.4f}, loss {plain[f'{split}/loss']:.4f}, "
                                        f"ECE {plain[f'{split}/ece']:.4f} (views: {', '.join(extra['tta']['views'])})"))  # fmt: skip
     shown = [tables.metrics_table("evaluation", overall)]
-    if members:
+    if "members" in extra:
         ensemble_row = {"run_dir": "ensemble", "epoch": "", "acc": acc, "top_k_acc": metrics[f"{split}/acc_top{k}"],
                         "loss": metrics[f"{split}/loss"], "ece": metrics[f"{split}/ece"]}  # fmt: skip
-        write_csv(out / "members.csv", [*members, ensemble_row])
-        shown.append(tables.members_table([*members, ensemble_row], k))
+        write_csv(out / "members.csv", [*extra["members"], ensemble_row])
+        shown.append(tables.members_table([*extra["members"], ensemble_row], k))
     text = tables.show(
         [*shown, tables.class_table(scores), tables.confused_table(m.confused_pairs(cm, class_names))]
     )
     logger.debug("\n" + text)  # the file sink only: the console already shows the tables
     logger.info(
         f"{split}: accuracy {acc:.4f}, top-{k} {metrics[f'{split}/acc_top{k}']:.4f}, "
-        f"loss {metrics[f'{split}/loss']:.4f}, ECE {metrics[f'{split}/ece']:.4f} on {len(paths)} images"
+        f"loss {metrics[f'{split}/loss']:.4f}, ECE {metrics[f'{split}/ece']:.4f} on {n} images"
     )
 
 

@@ -52,24 +52,20 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 def find(config: dict, run_dir: Path) -> float:
     from loguru import logger
 
-    from imgcls.config import build as b
-    from imgcls.training.engine import resolve_device, to_device
-    from imgcls.training.losses import class_counts
-    from imgcls.training.seeding import seed_everything
+    from imgcls.training.engine import to_device
+    from imgcls.training.run import build_run
 
     opts = config["lr_find"]
     lrs = lr_schedule(float(opts["start_lr"]), float(opts["end_lr"]), int(opts["num_iter"]))
-    seed_everything(int(config["seed"]))
-    device = resolve_device(str(config["device"]))
-    data = b.build_data(config["data"])
-    data.setup()
-    pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(data.class_names)).to(device)
-    normalize = normalize.to(device)
-    optimizer = b.build_optimizer(config["optimizer"], model)
-    counts = class_counts(data.samples["train"], len(data.class_names))
-    loss_fn = b.build_loss(config["loss"], class_counts=counts)
-    loader = data.loader("train", pipelines["train"], train=True, seed=int(config["seed"]))
+    # the training run as `train` builds it: model, data, loss, precision and memory format
+    run = build_run(config, train=True)
+    model, optimizer, loss_fn, loader, place = (
+        run.model,
+        run.optimizer,
+        run.loss_fn,
+        run.loaders["train"],
+        run.place,
+    )
     model.train()
     losses: list[float] = []
     batches = iter(())
@@ -82,11 +78,12 @@ def find(config: dict, run_dir: Path) -> float:
             batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, targets = to_device(batch, device, normalize, False)
-        loss = loss_fn(model(images), targets)
+        images, targets = to_device(batch, place.device, place.normalize, place.channels_last)
+        with place.amp.autocast():
+            loss = loss_fn(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        place.amp.backward(loss)
+        place.amp.step(optimizer)
         losses.append(loss.item())
         smoothed = smooth(losses, float(opts["smoothing"]))
         if not math.isfinite(losses[-1]) or smoothed[-1] > float(opts["diverge_factor"]) * min(smoothed):

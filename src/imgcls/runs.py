@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,49 +215,10 @@ def output_dir(parent: Path, name: str, overrides: Sequence[str]) -> Path:
             n += 1
 
 
-@dataclass
-class Restored:
-    """A trained model back on its device, with the eval pipelines of its config."""
+def restore(config: dict, state: dict, checkpoint: Path):
+    """The run of `config` with the checkpoint's weights (training.run.build_run): on the device,
+    in the memory format and with the determinism settings that training used (cuDNN picks its
+    kernels by them), with the eval pipelines of its config."""
+    from imgcls.training.run import build_run
 
-    model: Any
-    pipelines: dict[str, Any]
-    normalize: Any
-    device: Any
-    channels_last: bool
-    log_every: int
-
-
-def restore(config: dict, state: dict, checkpoint: Path) -> Restored:
-    """Build the model of `config` with the checkpoint's weights, on the device and in the memory
-    format that training used, with the same determinism settings (cuDNN picks its kernels by them)."""
-    import torch
-
-    from imgcls.checkpoint import CheckpointError
-    from imgcls.config import build as b
-    from imgcls.training.engine import resolve_device
-    from imgcls.training.seeding import configure_determinism
-
-    trainer = config.get("trainer") or {}
-    device = resolve_device(str(config.get("device", "auto")))
-    configure_determinism(bool(config.get("deterministic", False)))
-    if trainer.get("num_threads"):
-        torch.set_num_threads(int(trainer["num_threads"]))
-    pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(state["class_names"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{checkpoint}: its weights do not fit the model that the config builds "
-            f"({config['model']}): {str(exc).splitlines()[0]}"
-        ) from None
-    channels_last = bool(trainer.get("channels_last")) and device.type != "mps"
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    return Restored(
-        model,
-        pipelines,
-        normalize.to(device),
-        device,
-        channels_last,
-        int(trainer.get("log_every_n_steps", 50)),
-    )
+    return build_run(config, train=False, weights=(state, checkpoint))

@@ -123,212 +123,54 @@ def run(
 def train_run(
     config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None, d, device_spec: str
 ) -> float:
-    """Build everything from the plain config, restore the checkpoint if any, fit, report."""
-    import torch
+    """Build the run from the plain config, restore the checkpoint if any, fit, report."""
     from loguru import logger
 
-    from imgcls.config import build as b
-    from imgcls.data.augment import resolve as resolve_augment
-    from imgcls.data.splits import describe
-    from imgcls.models import count_parameters
+    from imgcls.evaluation.final import report_best_weights
     from imgcls.training import distributed
-    from imgcls.training.batchnorm import batchnorm_layers, build_recalibration
-    from imgcls.training.engine import resolve_device
-    from imgcls.training.loop import fit, report_best_weights
-    from imgcls.training.losses import class_counts as count_classes
-    from imgcls.training.recipes import Recipe, build_mix, make_ema
-    from imgcls.training.resume import check_classes, remove_stale_temp_files, restore
-    from imgcls.training.seeding import configure_determinism, seed_everything, set_rng_state
+    from imgcls.training.loop import FitHooks, fit
+    from imgcls.training.resume import remove_stale_temp_files, resume_into
+    from imgcls.training.run import build_run, describe
     from imgcls.training.signals import stop_on_signals
-    from imgcls.training.speed import (
-        FirstStep,
-        Precision,
-        compile_model,
-        resolve_channels_last,
-        resolve_precision,
-    )
+    from imgcls.training.speed import FirstStep
 
-    trainer = config["trainer"]
     logger.info(f"run directory: {run_dir}")
     if ckpt:
         logger.info(f"resuming {config['resume']}: epoch {ckpt['epoch']} done, step {ckpt.get('step', 0)}")
-    if trainer["epochs"] < 1:
-        raise ConfigError(f"trainer.epochs must be at least 1, got {trainer['epochs']}")
-    seed = int(config["seed"])
-    seed_everything(seed)
-    configure_determinism(bool(config["deterministic"]))
-    device = resolve_device(device_spec if d.enabled else str(config["device"]))
-    if trainer.get("num_threads"):
-        torch.set_num_threads(int(trainer["num_threads"]))
-    # a checkpoint without trainer.precision was trained in fp32
-    amp = Precision(resolve_precision(trainer.get("precision", "fp32"), device), device)
-    channels_last = resolve_channels_last(trainer.get("channels_last", "auto"), device)
-
-    # data first: a broken tree is reported before any model is built
-    data = b.build_data(config["data"])
-    if ckpt:
-        data.recorded_split = ckpt.get("data_split")  # a carved val split or fold: exactly the same files
-    # rank 0 writes, downloads and caches for the others; a resume's config comes from a checkpoint,
-    # maybe someone else's: it neither downloads nor writes the data set (see ImageFolderData.prepare)
-    distributed.rank0_first(lambda: data.setup(fetch=not ckpt), d)
-    if ckpt:
-        check_classes(ckpt["class_names"], data.class_names, data.root)
-        for change in data.changes_since(ckpt):  # same classes, other files: resume, but say so
-            logger.warning(f"the data changed since the checkpoint: {change}")
-    for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
-        logger.warning(warning)
-    if d.main:
-        data.write_split(run_dir / "data_split.json")  # only when data.val_fraction or data.folds drew val
-    pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(data.class_names))
-    if d.enabled and trainer.get("sync_batchnorm"):
-        if device.type != "cuda":
-            raise ConfigError(
-                "trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs "
-                "only); on CPU, set trainer.sync_batchnorm=false"
-            )
-        # same Parameter objects, new modules: batch statistics over the global batch
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = b.build_optimizer(config["optimizer"], model)
-    pin = device.type == "cuda"
-    shard = {"seed": seed, "pin_memory": pin, "rank": d.rank, "world": d.world}
-    crop = resolve_augment(
-        data.device_augment, pipelines["train"], cached=data.cache != "none", device=device,
-        resumed=bool(ckpt.get("device_augment")) if ckpt else None,
+    run = build_run(
+        config, d, train=True, device_spec=device_spec if d.enabled else None, ckpt=ckpt,
+        split_file=run_dir / "data_split.json",
     )  # fmt: skip
-    train_collate = crop.collate if crop is not None else None  # None: the default stacking
-    train_transform = crop if crop is not None else pipelines["train"]
-    loaders = {"train": data.loader("train", train_transform, train=True, collate_fn=train_collate, **shard)}
-    for split in data.splits:
-        if split != "train":
-            loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
-    accum = int(trainer.get("grad_accum_steps") or 1)
-    if accum < 1:
-        raise ConfigError(f"trainer.grad_accum_steps must be at least 1, got {accum}")
-    steps_per_epoch = -(-len(loaders["train"]) // accum)  # optimizer steps, for per-step schedules
-    scheduler = b.build_scheduler(config["scheduler"], optimizer, steps_per_epoch=steps_per_epoch)
-    class_counts = count_classes(data.samples["train"], len(data.class_names))
-    loss_fn = b.build_loss(config["loss"], class_counts=class_counts)
-    if ckpt:
-        scheduler_args = {k: v for k, v in (config["scheduler"] or {}).items() if not k.startswith("_")}
-        saved_steps = (ckpt.get("scheduler") or {}).get("total_steps")
-        if saved_steps is not None and saved_steps != getattr(scheduler, "total_steps", saved_steps):
-            raise ConfigError(
-                f"resume={config['resume']}: a onecycle schedule is fixed at its start ({saved_steps} steps) "
-                "and cannot be extended; start a new run for more epochs"
-            )
-        restore(ckpt, config["resume"], model, optimizer, scheduler, scheduler_args)
-        if d.main:
-            remove_stale_temp_files(run_dir / "weights")
-        if ckpt.get("step"):
-            # mid-epoch: the in-loop draws continue where they stopped, each rank's its own
-            ranks = ckpt.get("rng_ranks") or []
-            set_rng_state(ranks[d.rank] if d.enabled and len(ranks) == d.world else ckpt["rng"])
-
-    if ckpt:
-        amp.load_state_dict(ckpt)  # the fp16 loss scale and its growth count
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    normalize = normalize.to(device)
-    train_model = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    recalibration = build_recalibration(
-        trainer.get("bn_recalibration"), data, pipelines, shard, device, normalize,
-        channels_last=channels_last, amp=amp, d=d,
-    )  # fmt: skip
-    recipe = Recipe(
-        recalibrate=recalibration,
-        grad_accum_steps=accum,
-        grad_clip_norm=trainer.get("grad_clip_norm"),
-        mix=build_mix(
-            trainer.get("mixup_alpha", 0.0), trainer.get("cutmix_alpha", 0.0), len(data.class_names)
-        ),
-        ema=make_ema(model, trainer.get("ema_decay")),
-    )
-    if recipe.ema is not None and ckpt and ckpt.get("ema"):
-        recipe.ema.load_state_dict(ckpt["ema"])
-    early = trainer.get("early_stopping") or {}
-    train_model = compile_model(train_model, bool(trainer.get("compile")))
-
-    sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
-    recorder.info.update(
-        {
-            "device": _describe(device, torch),
-            "model": f"{config['model'].get('name', config['model']['_target_'])}, "
-            f"{count_parameters(model):,} parameters",
-            "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
-            **({"val split": describe(data.carved)} if data.carved else {}),  # "fold 2 of 5 of train, ..."
-            "classes": ", ".join(data.class_names),
-            "data check": data.report.summary_line(),
-            "settings": f"precision {amp.name}, channels_last {channels_last}, "
-            f"compile {bool(trainer.get('compile'))}, {data.num_workers} loader worker(s), "
-            f"device augment {crop is not None}",
-            "batch": f"{data.batch_size} per process x {d.world} process(es) x {accum} accumulated = "
-            f"{data.batch_size * d.world * accum} per optimizer step; optimizer.lr "
-            f"{config['optimizer'].get('lr')} as configured (not scaled)",
-        }
-    )
-    if recalibration is not None and batchnorm_layers(model):
-        recorder.info["bn recalibration"] = (
-            f"BatchNorm statistics recomputed before each validation over {len(recalibration.loader)} "
-            f"batches of {data.batch_size} training images per process "
-            f"({trainer['bn_recalibration'].get('transforms', 'eval')} transforms)"
-        )
+    state = resume_into(run, ckpt)
+    if ckpt and d.main:
+        remove_stale_temp_files(run_dir / "weights")
+    recorder.info.update(describe(run))
+    if "bn recalibration" in recorder.info:
         logger.info(recorder.info["bn recalibration"])
     logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
     logger.info(f"data {recorder.info['data']}")
-    if data.carved:
+    if "val split" in recorder.info:
         logger.info(f"val split: {recorder.info['val split']}")
-
-    # the unresolved config keeps interpolations live for a later resume (${trainer.epochs})
-    extra = {
-        "config_unresolved": unresolved,
-        "run_started": recorder.started.isoformat(),
-        "world_size": d.world,
-        "class_counts": class_counts,  # of train/: class-weighted losses are rebuilt from them
-        "device_augment": crop is not None,  # what data.device_augment=auto resolved to, for a resume
-        **data.checkpoint_entries(),  # data fingerprint, carved val split
-    }
 
     def started(seconds: float) -> None:
         recorder.info["startup"] = f"{seconds:.1f} s from process start to the first training step"
         logger.info(f"first training step after {seconds:.1f} s (from process start)")
 
     with stop_on_signals() as stop:
-        result = fit(
-            model, optimizer, scheduler, loss_fn, loaders, normalize, device,
-            epochs=trainer["epochs"], seed=seed, weights_dir=run_dir / "weights", config=config,
-            class_names=data.class_names, on_epoch=recorder.log_epoch, on_step=FirstStep(recorder.heartbeat, started),
-            checkpoint_extra=extra, channels_last=channels_last,
-            log_every=trainer.get("log_every_n_steps", 50), resume=ckpt, should_stop=stop.requested,
-            train_model=train_model, recipe=recipe, d=d, amp=amp,
-            early_stopping=(early.get("patience"), float(early.get("min_delta") or 0.0)),
-            keep_top_k=int(trainer.get("keep_top_k") or 0),
+        hooks = FitHooks(
+            on_epoch=recorder.log_epoch, on_step=FirstStep(recorder.heartbeat, started), should_stop=stop.requested,
+            # the unresolved config keeps interpolations live for a later resume (${trainer.epochs})
+            checkpoint_extra={"config_unresolved": unresolved, "run_started": recorder.started.isoformat()},
         )  # fmt: skip
+        result = fit(run, state, run_dir / "weights", hooks)
         distributed.barrier(d)  # rank 0 has written best.pt before anyone reads it
-
-        final = report_best_weights(
-            model, run_dir, data, pipelines, shard, loss_fn, device, normalize, recorder, result["best_epoch"],
-            channels_last=channels_last, d=d, amp=amp,
-        )  # fmt: skip
+        final = report_best_weights(run, run_dir, recorder, result["best_epoch"])
     recorder.finish("completed", final, note=result["stopped_early"])
     logger.info(
         f"done: best val acc {result['best_acc']:.4f} at epoch {result['best_epoch']}; "
         f"finished {datetime.now():%H:%M:%S}; results in {run_dir}"
     )
     return float(result["best_acc"])
-
-
-def _describe(device, torch) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return str(device)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

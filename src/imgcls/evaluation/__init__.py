@@ -2,8 +2,9 @@
 
 Owns: per-sample inference through training's eval path (`inference`), metrics (top-k, calibration,
 per-class scores: `metrics`), confusion matrices, classification reports and prediction CSVs
-(`reports`), figures (`plots`), console tables (`tables`), ensembles of runs (`ensemble`) and
-labelling a split by a checkpoint's class names (`labels`).
+(`reports`), a training run's final reports with its best weights (`final`), figures (`plots`),
+console tables (`tables`), ensembles of runs (`ensemble`) and labelling a split by a checkpoint's
+class names (`labels`).
 
 May import: `imgcls.errors`, `imgcls.log`, `imgcls.checkpoint`, `imgcls.data`, `imgcls.training`
 (the eval step and device placement), `imgcls.runs`.

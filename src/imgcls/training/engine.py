@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,6 +59,19 @@ def to_device(batch, device: torch.device, normalize: nn.Module, channels_last: 
     return images, targets.to(device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how batches run, the same for training, validation, recalibration and reports:
+    the device, the normalization that ends the pipeline, the memory format, the precision, the ranks."""
+
+    device: torch.device
+    normalize: nn.Module
+    channels_last: bool = False
+    amp: Precision = FP32
+    d: Dist = SINGLE
+    log_every: int = 50
+
+
 class StopTraining(Exception):
     """Raised inside an epoch at a step boundary; carries what resuming mid-epoch needs."""
 
@@ -66,66 +80,79 @@ class StopTraining(Exception):
         self.step, self.partial, self.signum = step, partial, signum
 
 
+class _Running:
+    """An epoch's running sums, kept on the device (no sync per batch), continuing `partial`'s."""
+
+    def __init__(self, partial: dict[str, float] | None, device: torch.device):
+        partial = partial or {}
+        self.loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device, dtype=torch.float64)
+        self.correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.int64)
+        self.seen = int(partial.get("seen", 0))
+        self.spent, self.start = float(partial.get("time_s", 0.0)), time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        n = targets.shape[0]
+        self.seen += n
+        self.loss_sum += loss.detach() * n
+        self.correct += (logits.detach().argmax(1) == targets).sum()
+
+    def window(self) -> tuple:
+        """The sums as they are now (clones: no device sync), to report if the next step fails."""
+        return self.loss_sum.clone(), self.correct.clone(), self.seen
+
+    def partial(self, window: tuple | None = None) -> dict[str, float]:
+        loss_sum, correct, seen = window or (self.loss_sum, self.correct, self.seen)
+        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen,
+                "time_s": self.elapsed()}  # fmt: skip
+
+    def shown(self, step: int, log_every: int) -> dict[str, float]:
+        """What the progress bar shows: reading values back syncs the device, so only when a bar
+        or a log line shows them."""
+        if is_terminal() or step % log_every == 0:
+            return {"loss": self.loss_sum.item() / self.seen, "acc": self.correct.item() / self.seen}
+        return {}
+
+    def elapsed(self) -> float:
+        return self.spent + time.perf_counter() - self.start
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
     loss_fn: Callable,
     optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    normalize: nn.Module,
+    place: Placement,
     *,
-    channels_last: bool = False,
-    description: str = "train",
-    log_every: int = 50,
-    start_step: int = 0,
-    partial: dict[str, float] | None = None,
-    should_stop: Callable[[], int | None] = lambda: None,
-    on_step: Callable[[], None] = lambda: None,
     recipe: Recipe | None = None,
-    d: Dist = SINGLE,
-    amp: Precision = FP32,
+    description: str = "train",
+    start: tuple[int, dict[str, float] | None] = (0, None),
 ) -> dict[str, float]:
-    """One pass over `loader` (from batch `start_step`, continuing `partial`'s running sums,
-    this rank's own under torchrun; the epoch's metrics are summed over ranks).
+    """One pass over `loader` from batch `start` = (step, partial), continuing partial's running
+    sums (this rank's own under torchrun; the epoch's metrics are summed over ranks).
 
     With `recipe.grad_accum_steps` = k, gradients of k batches (each loss divided by k) make one
     optimizer step; clipping, the per-step schedule and the EMA follow each optimizer step.
     Stops before the optimizer step on a non-finite loss or gradient (NonFiniteLossError), and
-    after an optimizer step when `should_stop()` returns a signal (StopTraining); both carry the
-    batch count and the running sums so the epoch can be finished later exactly as it would have
-    been."""
+    after an optimizer step when `recipe.should_stop()` returns a signal (StopTraining); both carry
+    the batch count and the running sums so the epoch can be finished later exactly as it would
+    have been."""
     recipe = recipe or Recipe()
-    k = max(int(recipe.grad_accum_steps), 1)
+    k, amp, device = max(int(recipe.grad_accum_steps), 1), place.amp, place.device
     module = getattr(model, "module", model)  # the model itself under DistributedDataParallel
     model.train()
-    partial = partial or {}
-    loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device, dtype=torch.float64)
-    correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.int64)
-    seen = int(partial.get("seen", 0))
-    spent = float(partial.get("time_s", 0.0))
-    start = time.perf_counter()
-    step, total = start_step, len(loader) + start_step
+    running = _Running(start[1], device)
+    step, total = start[0], len(loader) + start[0]
     finite = torch.ones((), dtype=torch.bool, device=device)
-
-    def sums() -> dict[str, float]:
-        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen,
-                "time_s": spent + time.perf_counter() - start}  # fmt: skip
-
-    # BatchNorm statistics change during the forward pass itself: a copy taken before each
-    # optimizer step's batches (one fused multi-tensor copy) puts them back when it fails
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    before = [torch.empty_like(b) for b in buffers]
+    guard = _BufferGuard(module)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    with progress(description, total, every=log_every) as advance:
+    with progress(description, total, every=place.log_every) as advance:
         for batch in loader:
-            images, targets = to_device(batch, device, normalize, channels_last)
+            images, targets = to_device(batch, device, place.normalize, place.channels_last)
             first, last = step % k == 0, (step + 1) % k == 0 or step + 1 == total
             if first:
-                if buffers:
-                    torch._foreach_copy_(before, buffers)
-                # the sums as they were before this optimizer step's batches (no device sync)
-                window_sums = (loss_sum.clone(), correct.clone(), seen, step)
+                guard.save()
+                window = (running.window(), step)  # before this optimizer step's batches
             soft = recipe.mix(images, targets) if recipe.mix is not None else None
             if soft is not None:
                 images, soft_targets = soft
@@ -137,56 +164,78 @@ def train_one_epoch(
                     loss = loss_fn(logits, soft_targets if soft is not None else targets)
                 amp.backward(loss / k)
             finite &= torch.isfinite(loss)
-            n = targets.shape[0]
-            seen += n
-            loss_sum += loss.detach() * n
-            correct += (logits.detach().argmax(1) == targets).sum()
+            running.add(loss, logits, targets)
             step += 1
             if last:
-                amp.unscale(optimizer)  # the norm, the check and clipping see the true gradients
-                grads = [p.grad for p in params if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+                grad_norm = _grad_norm(params, optimizer, amp, device)
                 # one device sync per optimizer step buys the guarantee that no NaN reaches the
                 # weights; an fp16 gradient overflow is the GradScaler's to skip (amp.step)
                 if not bool(finite & (torch.isfinite(grad_norm) | amp.skips_overflow)):
-                    if buffers:
-                        torch._foreach_copy_(buffers, before)
-                    what = "loss" if not bool(finite) else "gradient norm"
-                    value = loss.item() if what == "loss" else grad_norm.item()
-                    w_loss, w_correct, w_seen, w_step = window_sums
-                    raise NonFiniteLossError(
-                        f"{description}: the {what} is {value} at step {step}; the optimizer step was "
-                        "not taken. Lower optimizer.lr, or check the data for broken images.",
-                        step=w_step,
-                        partial={"loss_sum": w_loss.item(), "correct": int(w_correct.item()), "seen": w_seen,
-                                 "time_s": spent + time.perf_counter() - start},
-                    )  # fmt: skip
-                if recipe.grad_clip_norm:
-                    torch.nn.utils.clip_grads_with_norm_(params, recipe.grad_clip_norm, grad_norm)
-                amp.step(optimizer)
-                optimizer.zero_grad(set_to_none=True)
-                if recipe.step_scheduler is not None:
-                    recipe.step_scheduler.step()
-                if recipe.ema is not None:
-                    recipe.ema.update_parameters(module)
-            # reading values back syncs the device: only when a bar or a log line shows them
-            if is_terminal() or step % log_every == 0:
-                advance(loss=loss_sum.item() / seen, acc=correct.item() / seen)
-            else:
-                advance()
+                    guard.restore()
+                    raise _non_finite(description, step, finite, loss, grad_norm, running, window)
+                _optimizer_step(params, optimizer, recipe, amp, grad_norm, module)
+            advance(**running.shown(step, place.log_every))
             if last:
-                on_step()
-                signum = any_rank(should_stop(), d, device)  # a signal on one rank stops all here
+                recipe.on_step()
+                signum = any_rank(recipe.should_stop(), place.d, device)  # a signal on one rank stops all
                 if signum is not None and step < total:
-                    raise StopTraining(step, sums(), signum)
-    elapsed = spent + time.perf_counter() - start
-    total_loss, total_correct, total_seen = all_sum([loss_sum.item(), correct.item(), seen], d, device)
+                    raise StopTraining(step, running.partial(), signum)
+    elapsed = running.elapsed()
+    total_loss, total_correct, total_seen = all_sum(
+        [running.loss_sum.item(), running.correct.item(), running.seen], place.d, device
+    )
     return {
         "train/loss": total_loss / max(total_seen, 1),
         "train/acc": total_correct / max(total_seen, 1),
         "train/time_s": elapsed,
         "train/images_per_s": total_seen / elapsed if elapsed > 0 else 0.0,
     }
+
+
+class _BufferGuard:
+    """BatchNorm statistics change during the forward pass itself: a copy taken before each
+    optimizer step's batches (one fused multi-tensor copy) puts them back when the step fails."""
+
+    def __init__(self, module: nn.Module):
+        self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.before = [torch.empty_like(b) for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.before, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.before)
+
+
+def _grad_norm(params, optimizer, amp: Precision, device) -> torch.Tensor:
+    amp.unscale(optimizer)  # the norm, the check and clipping see the true gradients
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+
+
+def _non_finite(description, step, finite, loss, grad_norm, running: _Running, window) -> NonFiniteLossError:
+    what = "loss" if not bool(finite) else "gradient norm"
+    value = loss.item() if what == "loss" else grad_norm.item()
+    sums, w_step = window
+    return NonFiniteLossError(
+        f"{description}: the {what} is {value} at step {step}; the optimizer step was not taken. "
+        "Lower optimizer.lr, or check the data for broken images.",
+        step=w_step,
+        partial=running.partial(sums),
+    )
+
+
+def _optimizer_step(params, optimizer, recipe: Recipe, amp: Precision, grad_norm, module: nn.Module) -> None:
+    if recipe.grad_clip_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, recipe.grad_clip_norm, grad_norm)
+    amp.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    if recipe.step_scheduler is not None:
+        recipe.step_scheduler.step()
+    if recipe.ema is not None:
+        recipe.ema.update_parameters(module)
 
 
 @torch.inference_mode()

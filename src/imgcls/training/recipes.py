@@ -25,6 +25,8 @@ class Recipe:
     ema: torch.optim.swa_utils.AveragedModel | None = None
     # before each validation: (models, epoch) -> cost metrics (batchnorm.Recalibration)
     recalibrate: Callable[[list[nn.Module], int], dict[str, float]] | None = None
+    on_step: Callable[[], None] = lambda: None  # after every optimizer step (the run's heartbeat)
+    should_stop: Callable[[], int | None] = lambda: None  # a signal's number: stop at this step
 
 
 def build_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:

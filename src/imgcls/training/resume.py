@@ -3,6 +3,7 @@ run are accepted; the live objects get the checkpoint's state back."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,64 @@ def remove_stale_temp_files(weights_dir: Path) -> None:
     """A kill -9 during a save leaves `.last.pt.tmp-<pid>`; the checkpoint itself is intact."""
     for tmp in weights_dir.glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: epochs done, batches done of the next one (a mid-epoch stop) with
+    their running sums and the rate that epoch started with, the metric history and the best."""
+
+    epoch: int = 0
+    step: int = 0
+    partial: dict[str, float] | None = None
+    epoch_lr: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_epoch: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], d) -> TrainingState:
+        partial = ckpt.get("partial")
+        if ckpt.get("partial_ranks") and d.enabled:
+            partial = ckpt["partial_ranks"][d.rank]  # each rank's own running sums
+        return cls(
+            epoch=ckpt.get("epoch", 0), step=ckpt.get("step", 0), partial=partial, epoch_lr=ckpt.get("epoch_lr"),
+            history=[dict(h) for h in ckpt.get("history", [])], best_acc=ckpt.get("best_acc", -1.0),
+            best_epoch=ckpt.get("best_epoch", 0),
+        )  # fmt: skip
+
+    def copy(self) -> TrainingState:
+        return replace(self, history=[dict(h) for h in self.history])
+
+
+def resume_into(run, ckpt: dict[str, Any] | None) -> TrainingState:
+    """The checkpoint's training state put back into a built run (weights, optimizer, schedule,
+    loss scale, EMA, and mid-epoch the random generators), and where training stands; a fresh
+    TrainingState without a checkpoint."""
+    from imgcls.training.seeding import set_rng_state
+
+    if not ckpt:
+        return TrainingState()
+    path, config, scheduler = run.config["resume"], run.config, run.scheduler
+    saved_steps = (ckpt.get("scheduler") or {}).get("total_steps")
+    if saved_steps is not None and saved_steps != getattr(scheduler, "total_steps", saved_steps):
+        raise ConfigError(
+            f"resume={path}: a onecycle schedule is fixed at its start ({saved_steps} steps) "
+            "and cannot be extended; start a new run for more epochs"
+        )
+    scheduler_args = {k: v for k, v in (config["scheduler"] or {}).items() if not k.startswith("_")}
+    restore(ckpt, path, run.model, run.optimizer, scheduler, scheduler_args)
+    run.amp.load_state_dict(ckpt)  # the fp16 loss scale and its growth count
+    ema = run.recipe.ema
+    if ema is not None:
+        # the EMA was copied from the weights as built: it starts again from the checkpoint's
+        if ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        else:
+            ema.module.load_state_dict(run.model.state_dict())
+    d = run.dist
+    if ckpt.get("step"):
+        # mid-epoch: the in-loop draws continue where they stopped, each rank's its own
+        ranks = ckpt.get("rng_ranks") or []
+        set_rng_state(ranks[d.rank] if d.enabled and len(ranks) == d.world else ckpt["rng"])
+    return TrainingState.from_checkpoint(ckpt, d)

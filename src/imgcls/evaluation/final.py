@@ -1,0 +1,58 @@
+"""A training run's final reports: every split evaluated with best.pt's weights, once training ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+from imgcls.checkpoint import load_checkpoint
+from imgcls.training.engine import evaluate
+
+
+def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[str, float]:
+    """Every split of a built training run evaluated with best.pt's weights (train through the eval
+    pipeline): the classification report, confusion matrices and TensorBoard entries (rank 0),
+    and {<split>/acc_best_weights} for the summary."""
+    from imgcls.evaluation.reports import write_split_report  # matplotlib: imported when the reports are due
+
+    run.model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
+    p, final = run.place, {}
+    for split in run.loaders:
+        metrics, targets, preds = evaluate(
+            run.model, run.eval_loader(split), run.loss_fn, p.device, p.normalize, split=split,
+            channels_last=p.channels_last, d=p.d, amp=p.amp,
+        )  # fmt: skip
+        final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
+        if not p.d.main:
+            continue
+        note = one_class_note(targets, preds, run.class_names) if split == "val" else None
+        if note:
+            logger.warning(note)
+            recorder.add_note(note)
+        text = write_split_report(
+            split, targets, preds, run.class_names, run_dir, recorder.writer, best_epoch
+        )
+        logger.info(
+            f"{split} (best weights, epoch {best_epoch}): accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
+        )
+    return final
+
+
+def one_class_note(targets, preds, class_names) -> str | None:
+    """A note when the model predicts one class for every image of a split that has several: its
+    accuracy is that class's share, what a constant guess gets (a diverged lr, too few epochs,
+    features that cannot tell the classes apart). None otherwise."""
+    import numpy as np
+
+    targets, preds = np.asarray(targets), np.asarray(preds)
+    predicted = np.unique(preds)
+    if len(predicted) != 1 or len(np.unique(targets)) < 2:
+        return None
+    only = int(predicted[0])
+    return (
+        f"the best weights predict one class, {class_names[only]!r}, for every one of the {len(preds)} "
+        f"val images (val accuracy {np.mean(targets == only):.4f} is that class's share: what a constant "
+        "guess gets). The model learned nothing that tells the classes apart: try a lower optimizer.lr, "
+        "more trainer.epochs, or check the data."
+    )

@@ -1,0 +1,318 @@
+"""A run's parts, built in one place for every command: device, precision, memory format, model, data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgcls.errors import ConfigError
+from imgcls.training.distributed import SINGLE, Dist
+from imgcls.training.engine import Placement
+from imgcls.training.recipes import Recipe
+from imgcls.training.speed import FP32, Precision
+
+
+@dataclass
+class Run:
+    """What train, evaluate, predict, export and lr_find run: the model on its device with the
+    pipelines of its config and how batches reach it (`place`); when training, also the data, its
+    loaders, the optimizer, schedule, loss and the recipe the loop steps."""
+
+    config: dict
+    place: Placement
+    model: nn.Module  # what checkpoints save and evaluation runs
+    pipelines: dict[str, Any]
+    class_names: list[str]
+    # training only
+    data: Any = None
+    loaders: dict[str, Any] = field(default_factory=dict)
+    eval_loader: Callable[[str], Any] | None = None  # a split through the eval pipeline (train's too)
+    train_model: nn.Module | None = None  # model, or its DDP / torch.compile wrapper
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    loss_fn: Callable | None = None
+    recipe: Recipe = field(default_factory=Recipe)
+    # what the summary says about the data and how it is loaded, and the data's checkpoint entries
+    info: dict[str, str] = field(default_factory=dict)
+    loading: str = ""
+    batch_size: int = 0  # per process
+    checkpoint_entries: dict[str, Any] = field(default_factory=dict)
+
+    # the names evaluation and export read (runs.restore returned them before this builder)
+    device = property(lambda self: self.place.device)
+    normalize = property(lambda self: self.place.normalize)
+    channels_last = property(lambda self: self.place.channels_last)
+    amp = property(lambda self: self.place.amp)
+    dist = property(lambda self: self.place.d)
+    log_every = property(lambda self: self.place.log_every)
+
+    @property
+    def trainer(self) -> dict:
+        return self.config.get("trainer") or {}
+
+    @property
+    def epochs(self) -> int:
+        return int(self.trainer["epochs"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    @property
+    def early_stopping(self) -> tuple[int | None, float]:
+        early = self.trainer.get("early_stopping") or {}
+        return early.get("patience"), float(early.get("min_delta") or 0.0)
+
+    @property
+    def keep_top_k(self) -> int:
+        return int(self.trainer.get("keep_top_k") or 0)
+
+
+def resolve_speed(trainer: dict, device: torch.device, train: bool) -> tuple[Precision, bool]:
+    """(precision, channels_last), the one place both are resolved: evaluation then runs in the
+    memory format training ran in (`auto` per device, as in training). Evaluation and prediction
+    stay in fp32 (as they always were): their numbers do not depend on a training speed setting."""
+    from imgcls.training.speed import resolve_channels_last, resolve_precision
+
+    channels_last = resolve_channels_last(trainer.get("channels_last", "auto"), device)
+    if not train:
+        return FP32, channels_last
+    # a checkpoint without trainer.precision was trained in fp32
+    return Precision(resolve_precision(trainer.get("precision", "fp32"), device), device), channels_last
+
+
+def build_run(
+    config: dict,
+    dist: Dist = SINGLE,
+    *,
+    train: bool,
+    device_spec: str | None = None,
+    ckpt: dict | None = None,
+    weights: tuple[dict, Path] | None = None,
+    split_file: Path | None = None,
+) -> Run:
+    """The run a plain config describes. Training (`train`): seeded, with the data checked first
+    (a broken tree is reported before any model is built), the data split recorded in `split_file`
+    and, for a resume (`ckpt`), the checkpoint's split and classes; the states are restored by
+    resume.resume_into. Otherwise the model of the config with `weights` = (checkpoint state,
+    its path), on the device and in the memory format training used."""
+    from imgcls.config import build as b
+    from imgcls.training.engine import resolve_device
+    from imgcls.training.seeding import configure_determinism, seed_everything
+
+    trainer = config.get("trainer") or {}
+    if train:
+        if trainer["epochs"] < 1:
+            raise ConfigError(f"trainer.epochs must be at least 1, got {trainer['epochs']}")
+        seed_everything(int(config["seed"]))
+    # cuDNN picks its kernels by these: evaluation uses training's settings
+    configure_determinism(bool(config.get("deterministic", False)))
+    device = resolve_device(device_spec or str(config.get("device", "auto")))
+    if trainer.get("num_threads"):
+        torch.set_num_threads(int(trainer["num_threads"]))
+    amp, channels_last = resolve_speed(trainer, device, train)
+    pipelines, normalize = b.build_transforms(config["transforms"])
+    place = Placement(
+        device, normalize.to(device), channels_last, amp, dist, int(trainer.get("log_every_n_steps", 50))
+    )
+    if not train:
+        state, path = weights
+        model = _restored_model(config, state, path, place)
+        return Run(config, place, model, pipelines, list(state["class_names"]))
+    parts = _build_data(config, pipelines, place, ckpt, split_file)
+    return _build_training(config, place, pipelines, parts)
+
+
+def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
+    from imgcls.checkpoint import CheckpointError
+    from imgcls.config import build as b
+
+    model = b.build_model(config["model"], num_classes=len(state["class_names"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: its weights do not fit the model that the config builds "
+            f"({config['model']}): {str(exc).splitlines()[0]}"
+        ) from None
+    return _placed(model, place)
+
+
+def _placed(model: nn.Module, place: Placement) -> nn.Module:
+    return model.to(
+        place.device, memory_format=torch.channels_last if place.channels_last else torch.preserve_format
+    )
+
+
+@dataclass
+class _DataParts:
+    data: Any
+    class_names: list[str]
+    loaders: dict[str, Any]
+    eval_loader: Callable[[str], Any]
+    class_counts: list[int]
+    recalibration: Any
+    info: dict[str, str]
+    loading: str
+    batch_size: int
+    checkpoint_entries: dict[str, Any]
+
+
+def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | None, split_file) -> _DataParts:
+    """Every use of the data object while a training run is built: checked, split, loaded."""
+    from loguru import logger
+
+    from imgcls.config import build as b
+    from imgcls.data.augment import resolve as resolve_augment
+    from imgcls.data.splits import describe
+    from imgcls.training import distributed
+    from imgcls.training.batchnorm import build_recalibration
+    from imgcls.training.losses import class_counts
+    from imgcls.training.resume import check_classes
+
+    d, device = place.d, place.device
+    data = b.build_data(config["data"])
+    if ckpt:
+        data.recorded_split = ckpt.get("data_split")  # a carved val split or fold: exactly the same files
+    # rank 0 writes, downloads and caches for the others; a resume's config comes from a checkpoint,
+    # maybe someone else's: it neither downloads nor writes the data set (see ImageFolderData.prepare)
+    distributed.rank0_first(lambda: data.setup(fetch=not ckpt), d)
+    if ckpt:
+        check_classes(ckpt["class_names"], data.class_names, data.root)
+        for change in data.changes_since(ckpt):  # same classes, other files: resume, but say so
+            logger.warning(f"the data changed since the checkpoint: {change}")
+    for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
+        logger.warning(warning)
+    if d.main and split_file is not None:
+        data.write_split(split_file)  # only when data.val_fraction or data.folds drew val
+    shard = {
+        "seed": int(config["seed"]),
+        "pin_memory": device.type == "cuda",
+        "rank": d.rank,
+        "world": d.world,
+    }
+    crop = resolve_augment(
+        data.device_augment, pipelines["train"], cached=data.cache != "none", device=device,
+        resumed=bool(ckpt.get("device_augment")) if ckpt else None,
+    )  # fmt: skip
+    train_collate = crop.collate if crop is not None else None  # None: the default stacking
+    train_transform = crop if crop is not None else pipelines["train"]
+    loaders = {"train": data.loader("train", train_transform, train=True, collate_fn=train_collate, **shard)}
+    for split in data.splits:
+        if split != "train":
+            loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
+
+    def eval_loader(split: str):
+        pipeline = pipelines["val"] if split == "train" else pipelines[split]
+        return data.loader(split, pipeline, train=False, **shard)
+
+    trainer = config["trainer"]
+    recalibration = build_recalibration(
+        trainer.get("bn_recalibration"), data, pipelines, shard, device, place.normalize,
+        channels_last=place.channels_last, amp=place.amp, d=d,
+    )  # fmt: skip
+    sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
+    info = {
+        "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
+        **({"val split": describe(data.carved)} if data.carved else {}),  # "fold 2 of 5 of train, ..."
+        "classes": ", ".join(data.class_names),
+        "data check": data.report.summary_line(),
+    }
+    loading = f"{data.num_workers} loader worker(s), device augment {crop is not None}"
+    counts = class_counts(data.samples["train"], len(data.class_names))
+    entries = {
+        "class_counts": counts,  # of train/: class-weighted losses are rebuilt from them
+        "device_augment": crop is not None,  # what data.device_augment=auto resolved to, for a resume
+        **data.checkpoint_entries(),  # data fingerprint, carved val split
+    }
+    return _DataParts(
+        data, list(data.class_names), loaders, eval_loader, counts, recalibration, info, loading, data.batch_size,
+        entries,
+    )  # fmt: skip
+
+
+def _build_training(config: dict, place: Placement, pipelines: dict, parts: _DataParts) -> Run:
+    from imgcls.config import build as b
+    from imgcls.training.recipes import build_mix, make_ema, scheduler_interval
+    from imgcls.training.speed import compile_model
+
+    trainer, d = config["trainer"], place.d
+    model = b.build_model(config["model"], num_classes=len(parts.class_names))
+    if d.enabled and trainer.get("sync_batchnorm"):
+        if place.device.type != "cuda":
+            raise ConfigError(
+                "trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs "
+                "only); on CPU, set trainer.sync_batchnorm=false"
+            )
+        # same Parameter objects, new modules: batch statistics over the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = b.build_optimizer(config["optimizer"], model)
+    accum = int(trainer.get("grad_accum_steps") or 1)
+    if accum < 1:
+        raise ConfigError(f"trainer.grad_accum_steps must be at least 1, got {accum}")
+    steps_per_epoch = -(-len(parts.loaders["train"]) // accum)  # optimizer steps, for per-step schedules
+    scheduler = b.build_scheduler(config["scheduler"], optimizer, steps_per_epoch=steps_per_epoch)
+    loss_fn = b.build_loss(config["loss"], class_counts=parts.class_counts)
+    model = _placed(model, place)
+    train_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = place.device
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    recipe = Recipe(
+        recalibrate=parts.recalibration,
+        grad_accum_steps=accum,
+        grad_clip_norm=trainer.get("grad_clip_norm"),
+        mix=build_mix(
+            trainer.get("mixup_alpha", 0.0), trainer.get("cutmix_alpha", 0.0), len(parts.class_names)
+        ),
+        ema=make_ema(model, trainer.get("ema_decay")),
+        step_scheduler=scheduler if scheduler_interval(scheduler) == "step" else None,
+    )
+    train_model = compile_model(train_model, bool(trainer.get("compile")))
+    return Run(
+        config, place, model, pipelines, parts.class_names, data=parts.data, loaders=parts.loaders,
+        eval_loader=parts.eval_loader, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+        loss_fn=loss_fn, recipe=recipe, info=parts.info, loading=parts.loading, batch_size=parts.batch_size,
+        checkpoint_entries={"world_size": d.world, **parts.checkpoint_entries},
+    )  # fmt: skip
+
+
+def describe(run: Run) -> dict[str, str]:
+    """The summary's lines about what the run is: device, model, data, settings, batch."""
+    from imgcls.models import count_parameters
+    from imgcls.training.batchnorm import batchnorm_layers
+
+    config, trainer, device = run.config, run.trainer, run.device
+    if device.type == "cuda":
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        where = f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+    accum, batch = run.recipe.grad_accum_steps, run.batch_size
+    lines = {
+        "device": where,
+        "model": f"{config['model'].get('name', config['model']['_target_'])}, "
+        f"{count_parameters(run.model):,} parameters",
+        **run.info,
+        "settings": f"precision {run.amp.name}, channels_last {run.channels_last}, "
+        f"compile {bool(trainer.get('compile'))}, {run.loading}",
+        "batch": f"{batch} per process x {run.dist.world} process(es) x {accum} accumulated = "
+        f"{batch * run.dist.world * accum} per optimizer step; optimizer.lr "
+        f"{config['optimizer'].get('lr')} as configured (not scaled)",
+    }
+    recal = run.recipe.recalibrate
+    if recal is not None and batchnorm_layers(run.model):
+        lines["bn recalibration"] = (
+            f"BatchNorm statistics recomputed before each validation over {len(recal.loader)} "
+            f"batches of {batch} training images per process "
+            f"({trainer['bn_recalibration'].get('transforms', 'eval')} transforms)"
+        )
+    return lines
