@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgcls.data import Normalize
-from imgcls.training.engine import train_one_epoch
+from imgcls.training.engine import Placement, train_one_epoch
 
 BATCH = 16
 
@@ -51,7 +51,9 @@ def engine(x, y, norm) -> float:
     model, opt = make()
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
     start = time.perf_counter()
-    train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, torch.device("cpu"), norm, log_every=1000)
+    train_one_epoch(
+        model, loader, nn.CrossEntropyLoss(), opt, Placement(torch.device("cpu"), norm, log_every=1000)
+    )
     return len(x) / (time.perf_counter() - start)
 
 

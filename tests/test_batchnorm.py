@@ -8,7 +8,7 @@ from torch import nn
 
 from imgcls.data.loading import Normalize
 from imgcls.training.batchnorm import Recalibration, batchnorm_layers, build_recalibration, recalibrate
-from imgcls.training.engine import evaluate
+from imgcls.training.engine import Placement, evaluate
 
 CPU = torch.device("cpu")
 NORMALIZE = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
@@ -50,7 +50,9 @@ def trained_net(steps: int = 30, **kwargs) -> nn.Module:
 
 
 def val_acc(model: nn.Module, batches) -> float:
-    metrics, _, _ = evaluate(model, batches, nn.functional.cross_entropy, CPU, NORMALIZE, log_every=10**6)
+    metrics, _, _ = evaluate(
+        model, batches, nn.functional.cross_entropy, Placement(CPU, NORMALIZE, log_every=10**6)
+    )
     return metrics["val/acc"]
 
 

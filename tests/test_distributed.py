@@ -75,7 +75,7 @@ def test_two_processes_write_one_run_directory(ddp_run: Path):
 
 def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, tree: Path):
     from imgcls.config import build as b
-    from imgcls.training.engine import evaluate
+    from imgcls.training.engine import Placement, evaluate
 
     best = torch.load(ddp_run / "weights" / "best.pt", weights_only=True)
     config = best["config"]
@@ -88,7 +88,7 @@ def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, 
     loss_fn = b.build_loss(config["loss"])
     loader = data.loader("val", pipelines["val"], train=False)
     single, targets, preds = evaluate(
-        model, loader, loss_fn, torch.device("cpu"), normalize, channels_last=True
+        model, loader, loss_fn, Placement(torch.device("cpu"), normalize, channels_last=True)
     )
     assert len(targets) == 15  # every val image once: 5 per class, nothing padded or dropped
     assert single["val/acc"] == best["best_acc"] == best["history"][best["epoch"] - 1]["val/acc"]

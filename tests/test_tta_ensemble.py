@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgcls.evaluation.inference import augmented_views, predict
+from imgcls.training.engine import Placement
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -46,7 +47,8 @@ def run_predict(views):
     loader = DataLoader(TensorDataset(x, y), batch_size=3)  # batches that split the classes
     scale = nn.Identity()
     scale.forward = lambda t: t.float() / 255  # the Normalize of a mean 0, std 1 config
-    return predict(LeftHalf(), loader, torch.device("cpu"), scale, loss_fn=nn.CrossEntropyLoss(), views=views)
+    place = Placement(torch.device("cpu"), scale)
+    return predict(LeftHalf(), loader, place, loss_fn=nn.CrossEntropyLoss(), views=views)
 
 
 def test_flip_tta_fixes_a_left_right_blind_spot_and_keeps_samples_aligned():

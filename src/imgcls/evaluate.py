@@ -133,9 +133,16 @@ def report(
     if members:
         extra["members"] = members
     paths = [path for path, _ in data.samples[split]]
-    settings = {"top_k": k, "calibration_bins": n_bins}
-    scores = _write_files(out, split, p, paths, class_names, {**metrics, "epoch": epoch, "split": split,
-                                                              **source, **settings, **extra})  # fmt: skip
+    summary = {
+        **metrics,
+        "epoch": epoch,
+        "split": split,
+        **source,
+        "top_k": k,
+        "calibration_bins": n_bins,
+        **extra,
+    }
+    scores = _write_files(out, split, p, paths, class_names, summary)
     cm = _write_figures(out, split, p, paths, class_names, metrics, title=title, epoch=epoch, cfg=cfg)
     overall = [("split", f"{split} ({data.root / data.split_dirs[split]})")]
     if "checkpoint" in source:
@@ -144,7 +151,7 @@ def report(
         overall.append(("ensemble", f"{len(members or [])} runs, {source.get('combination')}"))
     recorded = {int(h["epoch"]): h for h in (state or {}).get("history", []) if "epoch" in h}
     trained = recorded.get(epoch) if split == "val" else None
-    _show(out, split, p, metrics, k, n_bins, overall, trained, extra, scores, cm, class_names, epoch)
+    _show(out, summary, p, overall, trained, scores, m.confused_pairs(cm, class_names))
 
 
 def _write_files(out: Path, split: str, p, paths: list[str], class_names: list[str], summary: dict) -> dict:
@@ -219,14 +226,20 @@ def _write_figures(
     return cm
 
 
-def _show(out, split, p, metrics, k, n_bins, overall, trained, extra, scores, cm, class_names, epoch) -> None:
-    """The console tables (and the log file's copy), members.csv for an ensemble, the one-line result."""
+def _show(out: Path, metrics: dict, p, overall: list, trained: dict | None, scores: dict, confused) -> None:
+    """The console tables (and the log file's copy), members.csv for an ensemble, the one-line
+    result; `metrics` as metrics.json holds them."""
     from loguru import logger
 
-    from imgcls.evaluation import metrics as m
     from imgcls.evaluation import tables
     from imgcls.evaluation.reports import write_csv
 
+    split, k, n_bins, epoch = (
+        metrics["split"],
+        metrics["top_k"],
+        metrics["calibration_bins"],
+        metrics["epoch"],
+    )
     acc, n = metrics[f"{split}/acc"], len(p.preds)
     overall = overall + [
         ("samples", str(n)),
@@ -237,19 +250,17 @@ def _show(out, split, p, metrics, k, n_bins, overall, trained, extra, scores, cm
     ]
     if trained is not None:
         overall.append(("val acc in training", f"{trained['val/acc']:.4f} (epoch {epoch})"))
-    if "tta" in extra:
-        plain = extra["tta"]["without_tta"]
+    if "tta" in metrics:
+        plain = metrics["tta"]["without_tta"]
         overall.append(("without TTA", f"accuracy {plain[f'{split}/acc']:.4f}, loss {plain[f'{split}/loss']:.4f}, "
-                                       f"ECE {plain[f'{split}/ece']:.4f} (views: {', '.join(extra['tta']['views'])})"))  # fmt: skip
+                                       f"ECE {plain[f'{split}/ece']:.4f} (views: {', '.join(metrics['tta']['views'])})"))  # fmt: skip
     shown = [tables.metrics_table("evaluation", overall)]
-    if "members" in extra:
+    if "members" in metrics:
         ensemble_row = {"run_dir": "ensemble", "epoch": "", "acc": acc, "top_k_acc": metrics[f"{split}/acc_top{k}"],
                         "loss": metrics[f"{split}/loss"], "ece": metrics[f"{split}/ece"]}  # fmt: skip
-        write_csv(out / "members.csv", [*extra["members"], ensemble_row])
-        shown.append(tables.members_table([*extra["members"], ensemble_row], k))
-    text = tables.show(
-        [*shown, tables.class_table(scores), tables.confused_table(m.confused_pairs(cm, class_names))]
-    )
+        write_csv(out / "members.csv", [*metrics["members"], ensemble_row])
+        shown.append(tables.members_table([*metrics["members"], ensemble_row], k))
+    text = tables.show([*shown, tables.class_table(scores), tables.confused_table(confused)])
     logger.debug("\n" + text)  # the file sink only: the console already shows the tables
     logger.info(
         f"{split}: accuracy {acc:.4f}, top-{k} {metrics[f'{split}/acc_top{k}']:.4f}, "

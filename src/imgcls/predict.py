@@ -91,10 +91,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         loader = data.loader(
             "predict", restored.pipelines["val"], train=False, pin_memory=restored.device.type == "cuda"
         )
-        p = predict(
-            restored.model, loader, restored.device, restored.normalize,
-            channels_last=restored.channels_last, description="predict", log_every=restored.log_every,
-        )  # fmt: skip
+        p = predict(restored.model, loader, restored.place, description="predict")
         write_predictions(out, cfg, files, unreadable, p.logits, p.probs, p.preds, class_names)
         return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -57,12 +56,9 @@ def run(
 ) -> float:
     """Train the composed config in run_dir. Heavy imports live here so --help stays instant.
     `record(run_dir)` writes a resume's record once the resume is accepted."""
-    from loguru import logger
-
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.training import distributed
-    from imgcls.training.recorder import NullRecorder, RunRecorder
-    from imgcls.training.signals import RunInterrupted
+    from imgcls.training.recorder import NullRecorder, RunRecorder, outcome
 
     # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
     d, device_spec = distributed.init(str(cfg.get("device") or "auto"))
@@ -102,18 +98,8 @@ def run(
     else:
         recorder = NullRecorder()
     try:
-        return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec)
-    except RunInterrupted as exc:
-        recorder.finish("interrupted", error=str(exc))
-        logger.warning(f"interrupted: {exc}")
-        raise
-    except KeyboardInterrupt:
-        recorder.finish("interrupted", error="KeyboardInterrupt (before or after training)")
-        raise
-    except Exception as exc:
-        detail = "" if isinstance(exc, UserError) else f"\n\n{traceback.format_exc()}"
-        recorder.finish("failed", error=f"{type(exc).__name__}: {exc}{detail}")
-        raise
+        with outcome(recorder):
+            return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec)
     finally:
         recorder.close()
         teardown_logging(log_ids)

@@ -41,10 +41,14 @@ class Member:
             self.split, pipeline, train=False, pin_memory=restored.device.type == "cuda"
         )
         self.predictions = predict(
-            restored.model, loader, restored.device, restored.normalize, loss_fn=loss_fn,
-            channels_last=restored.channels_last, description=self.split, log_every=restored.log_every,
-            views=views, crop_scale=crop_scale,
-        )  # fmt: skip
+            restored.model,
+            loader,
+            restored.place,
+            loss_fn=loss_fn,
+            description=self.split,
+            views=views,
+            crop_scale=crop_scale,
+        )
 
 
 def load_member(run_dir: Path, cfg: dict, overrides: list[str], split: str) -> Member:

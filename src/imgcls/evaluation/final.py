@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from loguru import logger
@@ -17,14 +18,12 @@ def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[s
     from imgcls.evaluation.reports import write_split_report  # matplotlib: imported when the reports are due
 
     run.model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
-    p, final = run.place, {}
+    # progress lines every 50 batches, as these reports always logged them
+    place, final = replace(run.place, log_every=50), {}
     for split in run.loaders:
-        metrics, targets, preds = evaluate(
-            run.model, run.eval_loader(split), run.loss_fn, p.device, p.normalize, split=split,
-            channels_last=p.channels_last, d=p.d, amp=p.amp,
-        )  # fmt: skip
+        metrics, targets, preds = evaluate(run.model, run.eval_loader(split), run.loss_fn, place, split)
         final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
-        if not p.d.main:
+        if not place.d.main:
             continue
         note = one_class_note(targets, preds, run.class_names) if split == "val" else None
         if note:

@@ -15,7 +15,7 @@ from imgcls.log import progress
 
 # the same transfer, normalization and memory format as engine.evaluate: the accuracy of the
 # val split and the best checkpoint then equals the one recorded in training, bit for bit
-from imgcls.training.engine import to_device
+from imgcls.training.engine import Placement, to_device
 
 
 @dataclass
@@ -92,13 +92,10 @@ def augmented_views(images: torch.Tensor, views: Sequence[str], crop_scale: floa
 def predict(
     model: nn.Module,
     loader,
-    device: torch.device,
-    normalize: nn.Module,
+    place: Placement,
     *,
     loss_fn: Callable | None = None,
-    channels_last: bool = False,
     description: str = "predict",
-    log_every: int = 50,
     views: Sequence[str] = (),
     crop_scale: float = 1.15,
 ) -> Predictions:
@@ -111,9 +108,9 @@ def predict(
     sample_loss = per_sample_loss(loss_fn) if loss_fn is not None else None
     logits_all, preds_all, targets_all, losses_all = [], [], [], []
     plain_logits, plain_preds, plain_losses = [], [], []
-    with progress(description, len(loader), every=log_every) as advance:
+    with progress(description, len(loader), every=place.log_every) as advance:
         for batch in loader:
-            images, targets = to_device(batch, device, normalize, channels_last)
+            images, targets = to_device(batch, place.device, place.normalize, place.channels_last)
             logits = model(images)
             if views:
                 plain_logits.append(logits.float())

@@ -240,28 +240,19 @@ def _optimizer_step(params, optimizer, recipe: Recipe, amp: Precision, grad_norm
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module,
-    loader,
-    loss_fn: Callable,
-    device: torch.device,
-    normalize: nn.Module,
-    *,
-    split: str = "val",
-    channels_last: bool = False,
-    log_every: int = 50,
-    d: Dist = SINGLE,
-    amp: Precision = FP32,
+    model: nn.Module, loader, loss_fn: Callable, place: Placement, split: str = "val"
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Metrics for `split`, plus every sample's target and prediction (under torchrun: gathered
     from every rank, so the numbers are those of one process evaluating the whole split)."""
+    device, d = place.device, place.d
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     targets_all, preds_all = [], []
     start = time.perf_counter()
-    with progress(split, len(loader), every=log_every) as advance:
+    with progress(split, len(loader), every=place.log_every) as advance:
         for batch in loader:
-            images, targets = to_device(batch, device, normalize, channels_last)
-            with amp.autocast():
+            images, targets = to_device(batch, device, place.normalize, place.channels_last)
+            with place.amp.autocast():
                 logits = model(images)
                 loss_sum += loss_fn(logits, targets).double() * targets.shape[0]
             targets_all.append(targets)

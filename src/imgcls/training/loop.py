@@ -166,11 +166,9 @@ def validate(run: Run, epoch: int, last_path: Path) -> dict[str, float]:
     # BatchNorm statistics recomputed for these weights: validation, best.pt and every report
     # then measure the model itself; the next epoch trains on from them (as on resume)
     recal = recipe.recalibrate([model] + ([ema.module] if ema else []), epoch) if recipe.recalibrate else {}
-    p = run.place
-    on = {"split": "val", "channels_last": p.channels_last, "log_every": p.log_every, "d": p.d, "amp": p.amp}
-    metrics, _, _ = evaluate(model, run.loaders["val"], run.loss_fn, p.device, p.normalize, **on)
+    metrics, _, _ = evaluate(model, run.loaders["val"], run.loss_fn, run.place)
     if ema is not None:
-        ema_metrics, _, _ = evaluate(ema.module, run.loaders["val"], run.loss_fn, p.device, p.normalize, **on)
+        ema_metrics, _, _ = evaluate(ema.module, run.loaders["val"], run.loss_fn, run.place)
         metrics["val/loss_ema"], metrics["val/acc_ema"] = ema_metrics["val/loss"], ema_metrics["val/acc"]
     if not is_finite(model):
         raise NonFiniteLossError(

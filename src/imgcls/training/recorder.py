@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -30,6 +31,32 @@ def _fmt_time(t: datetime | None) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f} ({100 * x:.2f}%)"
+
+
+@contextlib.contextmanager
+def outcome(recorder):
+    """Whatever ends a run early is said in its summary: interrupted (a signal, Ctrl-C) or failed
+    (with the traceback, unless it is a user's error whose message says what to do)."""
+    import traceback
+
+    from loguru import logger
+
+    from imgcls.errors import UserError
+    from imgcls.training.signals import RunInterrupted
+
+    try:
+        yield
+    except RunInterrupted as exc:
+        recorder.finish("interrupted", error=str(exc))
+        logger.warning(f"interrupted: {exc}")
+        raise
+    except KeyboardInterrupt:
+        recorder.finish("interrupted", error="KeyboardInterrupt (before or after training)")
+        raise
+    except Exception as exc:
+        detail = "" if isinstance(exc, UserError) else f"\n\n{traceback.format_exc()}"
+        recorder.finish("failed", error=f"{type(exc).__name__}: {exc}{detail}")
+        raise
 
 
 class NullRecorder:
