@@ -88,18 +88,18 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             p = ensemble_predictions([m.predictions for m in members])
             source = {"combination": "mean of the members' softmax probabilities"}
             title = f"{split}, ensemble of {len(members)} runs"
-            report(out, cfg, split, first.data, p, epoch=0, title=title, source=source, members=rows)
+            report(out, cfg, split, first.record, p, epoch=0, title=title, source=source, members=rows)
         else:
             source = {"checkpoint": str(first.checkpoint)}
             title = f"{split}, {first.checkpoint.name} (epoch {int(first.state.get('epoch', 0))})"
-            report(out, cfg, split, first.data, first.predictions, epoch=int(first.state.get("epoch", 0)),
+            report(out, cfg, split, first.record, first.predictions, epoch=int(first.state.get("epoch", 0)),
                    title=title, source=source, state=first.state)  # fmt: skip
         logger.info(f"results in {out}")
         return out
 
 
 def report(
-    out: Path, cfg: dict, split: str, data, p, *, epoch: int, title: str, source: dict,
+    out: Path, cfg: dict, split: str, record, p, *, epoch: int, title: str, source: dict,
     state: dict | None = None, members: list[dict] | None = None,
 ) -> None:  # fmt: skip
     """Write the files, TensorBoard entries and console tables of one split's predictions `p`
@@ -121,7 +121,7 @@ def report(
         write_csv,
     )
 
-    class_names = data.class_names
+    class_names = list(record.class_names)
     k = max(1, min(int(cfg["top_k"]), len(class_names)))
     n_bins = int(cfg["calibration_bins"])
     metrics = m.summary(split, p, k, n_bins)
@@ -132,7 +132,7 @@ def report(
                         "without_tta": m.summary(split, p.plain, k, n_bins)}  # fmt: skip
     if members:
         extra["members"] = members
-    paths = [path for path, _ in data.samples[split]]
+    paths = [path for path, _ in record.samples[split]]
     probs, confidence = p.probs, p.confidence
 
     write_csv(
@@ -196,7 +196,7 @@ def report(
     finally:
         writer.close()
 
-    overall = [("split", f"{split} ({data.root / data.split_dirs[split]})")]
+    overall = [("split", f"{split} ({record.root / record.split_dirs[split]})")]
     if "checkpoint" in source:
         overall.append(("checkpoint", f"{source['checkpoint']} (epoch {epoch})"))
     else:

@@ -53,6 +53,7 @@ def find(config: dict, run_dir: Path) -> float:
     from loguru import logger
 
     from imgcls.config import build as b
+    from imgcls.data.loaders import make_loader
     from imgcls.training.engine import resolve_device, to_device
     from imgcls.training.losses import class_counts
     from imgcls.training.seeding import seed_everything
@@ -62,14 +63,14 @@ def find(config: dict, run_dir: Path) -> float:
     seed_everything(int(config["seed"]))
     device = resolve_device(str(config["device"]))
     data = b.build_data(config["data"])
-    data.setup()
+    record = data.scan()
     pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(data.class_names)).to(device)
+    model = b.build_model(config["model"], num_classes=len(record.class_names)).to(device)
     normalize = normalize.to(device)
     optimizer = b.build_optimizer(config["optimizer"], model)
-    counts = class_counts(data.samples["train"], len(data.class_names))
+    counts = class_counts(record.samples["train"], len(record.class_names))
     loss_fn = b.build_loss(config["loss"], class_counts=counts)
-    loader = data.loader("train", pipelines["train"], train=True, seed=int(config["seed"]))
+    loader = make_loader(data, record, "train", pipelines["train"], train=True, seed=int(config["seed"]))
     model.train()
     losses: list[float] = []
     batches = iter(())

@@ -129,6 +129,7 @@ def train_run(
 
     from imgcls.config import build as b
     from imgcls.data.augment import resolve as resolve_augment
+    from imgcls.data.loaders import make_loader
     from imgcls.data.splits import describe
     from imgcls.models import count_parameters
     from imgcls.training import distributed
@@ -166,21 +167,21 @@ def train_run(
 
     # data first: a broken tree is reported before any model is built
     data = b.build_data(config["data"])
-    if ckpt:
-        data.recorded_split = ckpt.get("data_split")  # a carved val split or fold: exactly the same files
+    # a resume reuses the checkpoint's carved val split or fold: exactly the same files.
     # rank 0 writes, downloads and caches for the others; a resume's config comes from a checkpoint,
     # maybe someone else's: it neither downloads nor writes the data set (see ImageFolderData.prepare)
-    distributed.rank0_first(lambda: data.setup(fetch=not ckpt), d)
+    recorded = ckpt.get("data_split") if ckpt else None
+    record = distributed.rank0_first(lambda: data.scan(fetch=not ckpt, recorded_split=recorded), d)
     if ckpt:
-        check_classes(ckpt["class_names"], data.class_names, data.root)
-        for change in data.changes_since(ckpt):  # same classes, other files: resume, but say so
+        check_classes(ckpt["class_names"], list(record.class_names), record.root)
+        for change in record.changes_since(ckpt):  # same classes, other files: resume, but say so
             logger.warning(f"the data changed since the checkpoint: {change}")
-    for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
+    for warning in record.report.warnings:  # the data check's findings; errors stopped the scan
         logger.warning(warning)
     if d.main:
-        data.write_split(run_dir / "data_split.json")  # only when data.val_fraction or data.folds drew val
+        record.write_split(run_dir / "data_split.json")  # only when data.val_fraction or data.folds drew val
     pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(data.class_names))
+    model = b.build_model(config["model"], num_classes=len(record.class_names))
     if d.enabled and trainer.get("sync_batchnorm"):
         if device.type != "cuda":
             raise ConfigError(
@@ -198,16 +199,20 @@ def train_run(
     )  # fmt: skip
     train_collate = crop.collate if crop is not None else None  # None: the default stacking
     train_transform = crop if crop is not None else pipelines["train"]
-    loaders = {"train": data.loader("train", train_transform, train=True, collate_fn=train_collate, **shard)}
-    for split in data.splits:
+    loaders = {
+        "train": make_loader(
+            data, record, "train", train_transform, train=True, collate_fn=train_collate, **shard
+        )
+    }
+    for split in record.splits:
         if split != "train":
-            loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
+            loaders[split] = make_loader(data, record, split, pipelines[split], train=False, **shard)
     accum = int(trainer.get("grad_accum_steps") or 1)
     if accum < 1:
         raise ConfigError(f"trainer.grad_accum_steps must be at least 1, got {accum}")
     steps_per_epoch = -(-len(loaders["train"]) // accum)  # optimizer steps, for per-step schedules
     scheduler = b.build_scheduler(config["scheduler"], optimizer, steps_per_epoch=steps_per_epoch)
-    class_counts = count_classes(data.samples["train"], len(data.class_names))
+    class_counts = count_classes(record.samples["train"], len(record.class_names))
     loss_fn = b.build_loss(config["loss"], class_counts=class_counts)
     if ckpt:
         scheduler_args = {k: v for k, v in (config["scheduler"] or {}).items() if not k.startswith("_")}
@@ -237,7 +242,7 @@ def train_run(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     recalibration = build_recalibration(
-        trainer.get("bn_recalibration"), data, pipelines, shard, device, normalize,
+        trainer.get("bn_recalibration"), data, record, pipelines, shard, device, normalize,
         channels_last=channels_last, amp=amp, d=d,
     )  # fmt: skip
     recipe = Recipe(
@@ -245,7 +250,7 @@ def train_run(
         grad_accum_steps=accum,
         grad_clip_norm=trainer.get("grad_clip_norm"),
         mix=build_mix(
-            trainer.get("mixup_alpha", 0.0), trainer.get("cutmix_alpha", 0.0), len(data.class_names)
+            trainer.get("mixup_alpha", 0.0), trainer.get("cutmix_alpha", 0.0), len(record.class_names)
         ),
         ema=make_ema(model, trainer.get("ema_decay")),
     )
@@ -254,16 +259,17 @@ def train_run(
     early = trainer.get("early_stopping") or {}
     train_model = compile_model(train_model, bool(trainer.get("compile")))
 
-    sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
+    sizes = ", ".join(f"{s} {len(v)}" for s, v in record.samples.items())
     recorder.info.update(
         {
             "device": _describe(device, torch),
             "model": f"{config['model'].get('name', config['model']['_target_'])}, "
             f"{count_parameters(model):,} parameters",
-            "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
-            **({"val split": describe(data.carved)} if data.carved else {}),  # "fold 2 of 5 of train, ..."
-            "classes": ", ".join(data.class_names),
-            "data check": data.report.summary_line(),
+            "data": f"{record.root}: {len(record.class_names)} classes; {sizes} images",
+            # "fold 2 of 5 of train, ..."
+            **({"val split": describe(record.carved)} if record.carved else {}),
+            "classes": ", ".join(record.class_names),
+            "data check": record.report.summary_line(),
             "settings": f"precision {amp.name}, channels_last {channels_last}, "
             f"compile {bool(trainer.get('compile'))}, {data.num_workers} loader worker(s), "
             f"device augment {crop is not None}",
@@ -281,7 +287,7 @@ def train_run(
         logger.info(recorder.info["bn recalibration"])
     logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
     logger.info(f"data {recorder.info['data']}")
-    if data.carved:
+    if record.carved:
         logger.info(f"val split: {recorder.info['val split']}")
 
     # the unresolved config keeps interpolations live for a later resume (${trainer.epochs})
@@ -291,7 +297,7 @@ def train_run(
         "world_size": d.world,
         "class_counts": class_counts,  # of train/: class-weighted losses are rebuilt from them
         "device_augment": crop is not None,  # what data.device_augment=auto resolved to, for a resume
-        **data.checkpoint_entries(),  # data fingerprint, carved val split
+        **record.checkpoint_entries(),  # data fingerprint, carved val split
     }
 
     def started(seconds: float) -> None:
@@ -302,7 +308,7 @@ def train_run(
         result = fit(
             model, optimizer, scheduler, loss_fn, loaders, normalize, device,
             epochs=trainer["epochs"], seed=seed, weights_dir=run_dir / "weights", config=config,
-            class_names=data.class_names, on_epoch=recorder.log_epoch, on_step=FirstStep(recorder.heartbeat, started),
+            class_names=list(record.class_names), on_epoch=recorder.log_epoch, on_step=FirstStep(recorder.heartbeat, started),
             checkpoint_extra=extra, channels_last=channels_last,
             log_every=trainer.get("log_every_n_steps", 50), resume=ckpt, should_stop=stop.requested,
             train_model=train_model, recipe=recipe, d=d, amp=amp,
@@ -312,7 +318,7 @@ def train_run(
         distributed.barrier(d)  # rank 0 has written best.pt before anyone reads it
 
         final = report_best_weights(
-            model, run_dir, data, pipelines, shard, loss_fn, device, normalize, recorder, result["best_epoch"],
+            model, run_dir, data, record, pipelines, shard, loss_fn, device, normalize, recorder, result["best_epoch"],
             channels_last=channels_last, d=d, amp=amp,
         )  # fmt: skip
     recorder.finish("completed", final, note=result["stopped_early"])

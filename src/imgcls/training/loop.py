@@ -263,31 +263,32 @@ def keep_top(state: dict[str, Any], history: list[dict], k: int, weights_dir: Pa
 
 
 def report_best_weights(
-    model, run_dir: Path, data, pipelines: dict, shard: dict, loss_fn, device, normalize, recorder,
+    model, run_dir: Path, data, record, pipelines: dict, shard: dict, loss_fn, device, normalize, recorder,
     best_epoch: int, *, channels_last: bool, d, amp,
 ) -> dict[str, float]:  # fmt: skip
     """Every split evaluated with best.pt's weights (train through the eval pipeline): the
     classification report, confusion matrices and TensorBoard entries (rank 0), and
     {<split>/acc_best_weights} for the summary."""
+    from imgcls.data.loaders import make_loader
     from imgcls.evaluation.reports import write_split_report  # matplotlib: imported when the reports are due
 
     model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
     final: dict[str, float] = {}
-    for split in data.splits:
+    for split in record.splits:
         pipeline = pipelines["val"] if split == "train" else pipelines[split]
-        loader = data.loader(split, pipeline, train=False, **shard)
+        loader = make_loader(data, record, split, pipeline, train=False, **shard)
         metrics, targets, preds = evaluate(
             model, loader, loss_fn, device, normalize, split=split, channels_last=channels_last, d=d, amp=amp
         )
         final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
         if not d.main:
             continue
-        note = one_class_note(targets, preds, data.class_names) if split == "val" else None
+        note = one_class_note(targets, preds, record.class_names) if split == "val" else None
         if note:
             logger.warning(note)
             recorder.add_note(note)
         text = write_split_report(
-            split, targets, preds, data.class_names, run_dir, recorder.writer, best_epoch
+            split, targets, preds, record.class_names, run_dir, recorder.writer, best_epoch
         )
         logger.info(
             f"{split} (best weights, epoch {best_epoch}): accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
