@@ -51,7 +51,7 @@ class DataRecord:
     skipped: Mapping[str, tuple[Path, ...]] = field(default_factory=_empty)  # left out for their suffix
     fingerprint: Mapping[str, Any] = field(default_factory=_empty)
     carved: Mapping[str, Any] | None = None
-    report: DataReport | None = None
+    report: DataReport | None = field(default=None, compare=False)  # its timings differ scan to scan
     # decoded-image caches (data.cache), built on a split's first loader and shared by later ones
     # (training, BatchNorm recalibration, the final reports): a memo, not part of the value
     stores: dict = field(default_factory=dict, compare=False, repr=False)
@@ -83,15 +83,6 @@ class DataRecord:
     @property
     def splits(self) -> list[str]:
         return list(self.samples)
-
-    def with_split(self, split: str, samples: Iterable[tuple[str, int]], skipped: Iterable[Path] = ()):
-        """A new record with `split`'s samples (and files skipped for their suffix) added or replaced."""
-        return replace(
-            self,
-            samples=MappingProxyType({**self.samples, split: tuple((str(p), int(t)) for p, t in samples)}),
-            skipped=MappingProxyType({**self.skipped, split: tuple(skipped)}),
-            stores={},
-        )
 
     def relabelled(self, class_names: Sequence[str]) -> DataRecord:
         """The same files with class indices taken from `class_names` (a checkpoint's), matched
