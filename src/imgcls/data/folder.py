@@ -8,6 +8,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from imgcls.data import check, splits
@@ -65,11 +66,12 @@ class ImageFolderData:
             raise DataError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
         check_options(val_fraction, folds, fold, split_file)  # `splits` is the folder names here
         self.root = Path(root)
-        self.split_dirs = dict(splits)
+        # read-only containers too: one options object serves every record scanned from it
+        self.split_dirs = MappingProxyType(dict(splits))
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.extensions = list(extensions)
-        self.exclude = list(exclude)
+        self.extensions = tuple(extensions)
+        self.exclude = tuple(exclude)
         self.on_bad_image = on_bad_image
         self.max_pixels = max_image_pixels
         self.min_image_size = min_image_size
@@ -77,7 +79,7 @@ class ImageFolderData:
         self.folds, self.fold = folds, fold
         self.split_seed = split_seed
         self.split_file = Path(split_file) if split_file else None
-        self.download = dict(download) if download else None
+        self.download = MappingProxyType(dict(download)) if download else None
         if cache not in MODES:
             raise DataError(f"data.cache={cache!r} is not one of {', '.join(MODES)}")
         self.cache, self.cache_size, self.cache_dir = cache, cache_size, Path(cache_dir).expanduser()
@@ -238,7 +240,7 @@ class ImageFolderData:
                 f"skipped {len(not_images)} file(s) that are not images by suffix: {check.shown(not_images)}"
             )
         if excluded:
-            report.warnings.append(f"left out {excluded} file(s) matching data.exclude {self.exclude}")
+            report.warnings.append(f"left out {excluded} file(s) matching data.exclude {list(self.exclude)}")
         return listed, skipped
 
     def _usable(self, listed, records, present, class_names, report) -> dict[str, list[check.Sample]]:
