@@ -30,6 +30,9 @@ def test_a_scan_returns_a_frozen_record_and_the_options_stay_read_only(tmp_path:
         record.class_names = ("a", "b")  # type: ignore[misc]
     with pytest.raises(TypeError):
         record.samples["predict"] = ()  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.report.scanned = ""  # type: ignore[misc]
+    assert isinstance(record.report.warnings, tuple) and isinstance(record.report.errors, tuple)
     with pytest.raises(AttributeError, match="ImageFolderData is read-only after construction"):
         data.batch_size = 8
     assert data.scan() == record, "the same tree scans to an equal value"

@@ -145,24 +145,29 @@ class ImageFolderData:
         listed, skipped = self._list(present, class_names, report)
         scan = scan_files(self.root, [p for files in listed.values() for _, p in files], self.max_pixels)
         records = scan.records
-        report.scanned = (
+        scanned = (
             f"{len(records)} files ({scan.decoded} decoded, {scan.cached} from cache) in {scan.seconds:.2f} s"
         )
-        samples = self._usable(listed, records, present, class_names, report)
-        carved = None
+        samples, skipped_bad = self._usable(listed, records, present, class_names, report)
+        carved, carved_from = None, report.carved_from
         if self.carves and not report.errors:
             samples["train"], samples["val"], carved = splits.draw_val(
                 samples["train"], class_names, report, val_fraction=self.val_fraction, folds=self.folds,
                 fold=self.fold, seed=self.split_seed, recorded=recorded_split, split_file=self.split_file,
             )  # fmt: skip
-            report.carved_from = splits.describe(carved)
+            carved_from = splits.describe(carved)
             samples = {s: samples[s] for s in self.split_dirs if s in samples}  # train, val, test
         everything = [s for items in samples.values() for s in items]
-        report.warnings += check.imbalance_warnings(_counts(samples, class_names))
-        report.warnings += check.small_image_warning(everything, records, self.min_image_size)
-        report.warnings += check.duplicate_warnings(everything, records, class_names)
-        report.folders = {s: self.split_dirs[s] if s in present else "" for s in samples}
-        report.counts = _counts(samples, class_names)
+        report.warnings.extend(check.imbalance_warnings(_counts(samples, class_names)))
+        report.warnings.extend(check.small_image_warning(everything, records, self.min_image_size))
+        report.warnings.extend(check.duplicate_warnings(everything, records, class_names))
+        report = report.final(
+            scanned=scanned,
+            skipped_bad=skipped_bad,
+            carved_from=carved_from,
+            folders={s: self.split_dirs[s] if s in present else "" for s in samples},
+            counts=_counts(samples, class_names),
+        )
         if report.errors:
             return report, None
         return report, DataRecord.of(
@@ -199,7 +204,7 @@ class ImageFolderData:
                 f"Each split needs one folder per class (set data.splits.<split> to rename a split).{hint}"
             )
         if self.folds is not None and "val" in present:
-            report.warnings += splits.unused_val_warning(self.split_dirs, present, self.folds)
+            report.warnings.extend(splits.unused_val_warning(self.split_dirs, present, self.folds))
             del present["val"]  # not listed, not scanned: validation is a fold of train
         elif self.carves and "val" in present:
             raise DataError(
@@ -243,8 +248,11 @@ class ImageFolderData:
             report.warnings.append(f"left out {excluded} file(s) matching data.exclude {list(self.exclude)}")
         return listed, skipped
 
-    def _usable(self, listed, records, present, class_names, report) -> dict[str, list[check.Sample]]:
-        """The decodable samples per split; unreadable files and empty class folders go to report."""
+    def _usable(
+        self, listed, records, present, class_names, report
+    ) -> tuple[dict[str, list[check.Sample]], int]:
+        """The decodable samples per split, and how many unreadable files were skipped; unreadable
+        files (under on_bad_image=error) and empty class folders go to report."""
         bad = [(rel, r.error) for rel, r in records.items() if r.error]
         if bad and self.on_bad_image == "error":
             report.errors.append(
@@ -252,7 +260,6 @@ class ImageFolderData:
                 + "\n".join(f"{rel}: {error}" for rel, error in bad)
             )
         elif bad:
-            report.skipped_bad = len(bad)
             report.warnings.append(
                 f"skipped {len(bad)} unreadable file(s) (data.on_bad_image=skip): "
                 + check.shown([f"{rel} ({error})" for rel, error in bad])
@@ -276,7 +283,7 @@ class ImageFolderData:
                         report.errors.append(
                             f"{present[split] / name}: no image files ({', '.join(self.extensions)})"
                         )
-        return samples
+        return samples, len(bad) if self.on_bad_image == "skip" else 0
 
 
 def _counts(samples: dict[str, list[check.Sample]], class_names: list[str]) -> dict[str, dict[str, int]]:
