@@ -13,7 +13,7 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from imgcls.data import DataError, ImageFolderData, Normalize
+from imgcls.data import DataError, DataRecord, ImageFolderData, Normalize, make_dataset, make_loader
 from imgcls.data.augment import Crops, DeviceCrop, draw_box, pack_shelves, resolve
 from imgcls.data.sampling import EpochSeeded, set_epoch
 from imgcls.errors import ConfigError
@@ -84,18 +84,17 @@ def test_box_distribution_matches_random_resized_crop(shape):
     assert (a[:, 0] + a[:, 2] <= height).all() and (a[:, 1] + a[:, 3] <= width).all() and (a >= 0).all()
 
 
-def _data(tmp_path: Path, workers: int = 0, **kw) -> ImageFolderData:
+def _data(tmp_path: Path, workers: int = 0, **kw) -> tuple[ImageFolderData, DataRecord]:
     tree = make_tree(tmp_path / "tree", counts={"train": 4, "val": 1}, size=(40, 30))
     data = ImageFolderData(str(tree), {"train": "train", "val": "val"}, batch_size=4, num_workers=workers,
                            cache="memory", cache_dir=str(tmp_path / "c"), **kw)  # fmt: skip
-    data.setup()
-    return data
+    return data, data.scan()
 
 
 def test_boxes_are_a_function_of_seed_epoch_and_index(tmp_path):
-    data = _data(tmp_path)
+    data, record = _data(tmp_path)
     crop = DeviceCrop.of(IMAGENET)
-    dataset = EpochSeeded(data.dataset("train", crop), seed=5)
+    dataset = EpochSeeded(make_dataset(data, record, "train", crop), seed=5)
     (r1, f1), t1 = dataset[(1, 3)]
     (r1b, f1b), t1b = dataset[(1, 3)]
     assert torch.equal(r1, r1b) and f1 == f1b and t1 == t1b
@@ -107,9 +106,9 @@ def test_boxes_are_a_function_of_seed_epoch_and_index(tmp_path):
 def test_an_epoch_resumed_mid_way_gets_the_same_batches(tmp_path, workers):
     """What a mid-epoch resume sees: the epoch's batches from batch k on, on any number of workers,
     equal those of the uninterrupted epoch, through the device step too."""
-    data = _data(tmp_path, workers=workers)
+    data, record = _data(tmp_path, workers=workers)
     crop = DeviceCrop.of(IMAGENET)
-    loader = data.loader("train", crop, train=True, seed=7, collate_fn=crop.collate)
+    loader = make_loader(data, record, "train", crop, train=True, seed=7, collate_fn=crop.collate)
 
     def images(epoch: int, start: int = 0) -> list[torch.Tensor]:
         set_epoch(loader, epoch, start)

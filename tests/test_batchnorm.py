@@ -117,8 +117,7 @@ def data(tiny_tree):
     config = {"_target_": "imgcls.data.ImageFolderData", "root": str(tiny_tree), "splits": {"train": "train", "val": "val"},
               "batch_size": 4, "num_workers": 0}  # fmt: skip
     data = b.build_data(config)
-    data.setup()
-    return data
+    return data, data.scan()  # the options and the record: what build_recalibration takes
 
 
 def pipelines():
@@ -132,7 +131,7 @@ def test_the_recalibration_loader_takes_n_batches_drawn_from_seed_and_epoch(data
 
     shard = {"seed": 3, "pin_memory": False, "rank": 0, "world": 1}
     recal = build_recalibration(
-        {"enabled": True, "batches": 2, "transforms": "train"}, data, pipelines(), shard, CPU, NORMALIZE,
+        {"enabled": True, "batches": 2, "transforms": "train"}, *data, pipelines(), shard, CPU, NORMALIZE,
         channels_last=False, amp=None, d=None,
     )  # fmt: skip
     assert len(recal.loader) == 2
@@ -144,7 +143,7 @@ def test_the_recalibration_loader_takes_n_batches_drawn_from_seed_and_epoch(data
     first, again, other = draw(1), draw(1), draw(2)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
-    assert build_recalibration({"enabled": False}, data, pipelines(), shard, CPU, NORMALIZE,
+    assert build_recalibration({"enabled": False}, *data, pipelines(), shard, CPU, NORMALIZE,
                                channels_last=False, amp=None, d=None) is None  # fmt: skip
 
 
@@ -160,5 +159,5 @@ def test_bad_settings_name_the_key(data, settings, message):
 
     shard = {"seed": 3, "pin_memory": False, "rank": 0, "world": 1}
     with pytest.raises(ConfigError, match=message):
-        build_recalibration({"enabled": True, "batches": 4, **settings}, data, pipelines(), shard, CPU,
+        build_recalibration({"enabled": True, "batches": 4, **settings}, *data, pipelines(), shard, CPU,
                             NORMALIZE, channels_last=False, amp=None, d=None)  # fmt: skip

@@ -9,44 +9,45 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, cli, make_tree, run_dirs
+from torch.utils.data import Dataset
 
-from imgcls.data import DataError, ImageFolderData
+from imgcls.data import DataError, DataRecord, ImageFolderData, make_dataset
 
 
-def _data(tree: Path, tmp_path: Path, **kw) -> ImageFolderData:
+def _dataset(tree: Path, tmp_path: Path, **kw) -> tuple[Dataset, DataRecord]:
+    """The train split's dataset, and the record whose image cache it uses."""
     data = ImageFolderData(
         str(tree), {"train": "train", "val": "val"}, batch_size=4, cache_dir=str(tmp_path / "c"), **kw
     )
-    data.setup()
-    return data
+    record = data.scan()
+    return make_dataset(data, record, "train"), record
 
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 @pytest.mark.parametrize("size", [None, 12])
 def test_cached_images_equal_fresh_decodes(tmp_path, mode, size):
     tree = make_tree(tmp_path / "tree", counts={"train": 3, "val": 2}, size=(20, 16))
-    fresh = _data(tree, tmp_path, cache_size=size).dataset("train")
-    cached_data = _data(tree, tmp_path, cache=mode, cache_size=size)
-    cached = cached_data.dataset("train")
+    fresh, _ = _dataset(tree, tmp_path, cache_size=size)
+    cached, record = _dataset(tree, tmp_path, cache=mode, cache_size=size)
     assert len(cached) == len(fresh) == 9
     for i in range(len(fresh)):
         (a, ta), (b, tb) = fresh[i], cached[i]
         assert a.dtype == b.dtype == torch.uint8 and ta == tb
         assert torch.equal(a, b)
         assert a.shape == ((3, 12, 15) if size else (3, 16, 20))  # the shorter side resized, aspect kept
-    assert cached_data.stores["train"].nbytes == sum(fresh[i][0].numel() for i in range(9))
+    assert record.stores["train"].nbytes == sum(fresh[i][0].numel() for i in range(9))
 
 
 def test_disk_cache_is_reused_until_a_file_changes(tmp_path):
     tree = make_tree(tmp_path / "tree", counts={"train": 2, "val": 1})
-    _data(tree, tmp_path, cache="disk").dataset("train")
+    _dataset(tree, tmp_path, cache="disk")
     files = sorted((tmp_path / "c").glob("*.u8"))
     assert len(files) == 1 and not list((tmp_path / "c").glob(".*tmp*"))
-    _data(tree, tmp_path, cache="disk").dataset("train")
+    _dataset(tree, tmp_path, cache="disk")
     assert sorted((tmp_path / "c").glob("*.u8")) == files, "the same files and size: reused"
     image = next((tree / "train" / "cat").iterdir())
     os.utime(image, ns=(0, 0))
-    _data(tree, tmp_path, cache="disk").dataset("train")
+    _dataset(tree, tmp_path, cache="disk")
     assert len(list((tmp_path / "c").glob("*.u8"))) == 2, "a changed file: a new cache"
 
 

@@ -40,7 +40,7 @@ def test_check_config_composes_and_builds_every_data_option(option):
     assert data.on_bad_image == "error" and data.max_pixels == 89_478_485 and data.val_fraction is None
     assert ".gif" in data.extensions
     if option == "hymenoptera":
-        assert data.exclude == ["train/ants/imageNotFound.gif"]
+        assert data.exclude == ("train/ants/imageNotFound.gif",)
         assert data.download["url"] == "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 
 

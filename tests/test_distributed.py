@@ -75,18 +75,19 @@ def test_two_processes_write_one_run_directory(ddp_run: Path):
 
 def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, tree: Path):
     from imgcls.config import build as b
+    from imgcls.data.loaders import make_loader
     from imgcls.training.engine import Placement, evaluate
 
     best = torch.load(ddp_run / "weights" / "best.pt", weights_only=True)
     config = best["config"]
     data = b.build_data(config["data"])
-    data.setup()
+    record = data.scan()
     pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(data.class_names))
+    model = b.build_model(config["model"], num_classes=len(record.class_names))
     model.load_state_dict(best["model"])
     model = model.to(memory_format=torch.channels_last)
     loss_fn = b.build_loss(config["loss"])
-    loader = data.loader("val", pipelines["val"], train=False)
+    loader = make_loader(data, record, "val", pipelines["val"], train=False)
     single, targets, preds = evaluate(
         model, loader, loss_fn, Placement(torch.device("cpu"), normalize, channels_last=True)
     )
@@ -106,15 +107,15 @@ def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_r
     config = last["config"]
     assert config["trainer"]["bn_recalibration"]["enabled"], "on by default"
     data = b.build_data(config["data"])
-    data.setup()
+    record = data.scan()
     pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(data.class_names))
+    model = b.build_model(config["model"], num_classes=len(record.class_names))
     model.load_state_dict(last["model"])
     model = model.to(memory_format=torch.channels_last)
     batches = []
     for rank in (0, 1):
         shard = {"seed": config["seed"], "pin_memory": False, "rank": rank, "world": 2}
-        recal = build_recalibration(config["trainer"]["bn_recalibration"], data, pipelines, shard,
+        recal = build_recalibration(config["trainer"]["bn_recalibration"], data, record, pipelines, shard,
                                     torch.device("cpu"), normalize, channels_last=True, amp=None, d=None)  # fmt: skip
         set_epoch(recal.loader, last["epoch"])
         batches += list(recal.loader)

@@ -66,10 +66,9 @@ def test_missing_root_is_downloaded_verified_and_unpacked(tmp_path: Path, server
         str(root), {"train": "train", "val": "val"}, batch_size=2,
         download={"url": server.url, "sha256": server.sha256, "archive_folder": "mini_data"},
     )  # fmt: skip
-    d.setup()
-    assert d.report.counts["train"] == {"cat": 2, "dog": 2, "fox": 2}
+    assert d.scan().report.counts["train"] == {"cat": 2, "dog": 2, "fox": 2}
     assert sorted(p.name for p in root.parent.iterdir()) == ["mini_data"]  # no zip or temp left
-    d.setup()  # present now: no second download
+    d.scan()  # present now: no second download
     assert server.requests == [None]
 
 

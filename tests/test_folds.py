@@ -61,11 +61,10 @@ def test_folds_are_disjoint_stratified_cover_train_and_follow_the_seed(tmp_path:
     everything = {p.relative_to(root).as_posix() for p in (root / "train").rglob("*.jpg")}
     vals = []
     for fold in range(3):
-        d = data(root, folds=3, fold=fold, split_seed=4)
-        d.setup()
+        d = data(root, folds=3, fold=fold, split_seed=4).scan()
         train, val = files_of(d.samples["train"], root), files_of(d.samples["val"], root)
         assert train | val == everything and not train & val
-        assert d.carved == {
+        assert d.checkpoint_entries()["data_split"] == {
             "folds": 3, "fold": fold, "split_seed": 4, "train": sorted(train), "val": sorted(val),
         }  # fmt: skip
         assert f"val (fold {fold} of 3 of train, data.split_seed=4): {len(val)} images" in d.report.text()
@@ -77,35 +76,29 @@ def test_folds_are_disjoint_stratified_cover_train_and_follow_the_seed(tmp_path:
         per_fold = [counts[name] for _, counts in vals]
         assert sum(per_fold) == n and max(per_fold) - min(per_fold) <= 1, (name, per_fold)
 
-    again = data(root, folds=3, fold=1, split_seed=4)
-    again.setup()
+    again = data(root, folds=3, fold=1, split_seed=4).scan()
     assert files_of(again.samples["val"], root) == vals[1][0]
-    other = [data(root, folds=3, fold=f, split_seed=5) for f in range(3)]
-    for d in other:
-        d.setup()
+    other = [data(root, folds=3, fold=f, split_seed=5).scan() for f in range(3)]
     assert [files_of(d.samples["val"], root) for d in other] != [v for v, _ in vals]
 
 
 def test_the_trees_val_folder_is_not_validation_and_can_be_the_test_split(tmp_path: Path):
     root = make_tree(tmp_path / "t", counts={"train": 6, "val": 2})  # like Hymenoptera: no test/
-    d = data(root, folds=3, fold=0)
-    d.setup()
+    d = data(root, folds=3, fold=0).scan()
     assert files_of(d.samples["val"], root) <= {
         f"train/{c}/{c}_00{i}.jpg" for c in "cat dog fox".split() for i in range(6)
     }
     assert set(d.samples) == {"train", "val"}
     warning = f"data.folds=3: validation is a fold of train, so {root / 'val'} is not used for validation"
     assert f"{warning}; to use it as the test split, add data.splits.test=val" in d.report.warnings
-    as_test = data(root, folds=3, fold=0, splits={**SPLITS, "test": "val"})
-    as_test.setup()
+    as_test = data(root, folds=3, fold=0, splits={**SPLITS, "test": "val"}).scan()
     assert files_of(as_test.samples["test"], root) == {
         p.relative_to(root).as_posix() for p in (root / "val").rglob("*.jpg")
     }
     assert as_test.samples["val"] == d.samples["val"]
     assert not [w for w in as_test.report.warnings if "validation is a fold" in w]
     with_test = make_tree(tmp_path / "u", counts={"train": 6, "val": 2, "test": 2})
-    d = data(with_test, folds=3)
-    d.setup()
+    d = data(with_test, folds=3).scan()
     assert any(
         w.endswith("to test on it instead of test/, set data.splits.test=val") for w in d.report.warnings
     )
@@ -114,22 +107,21 @@ def test_the_trees_val_folder_is_not_validation_and_can_be_the_test_split(tmp_pa
 
 def test_split_file_reuses_the_fold_and_refuses_another(tmp_path: Path):
     root = uneven_tree(tmp_path / "t")
-    d = data(root, folds=3, fold=2)
-    d.setup()
+    d = data(root, folds=3, fold=2).scan()
     d.write_split(tmp_path / "data_split.json")
-    assert json.loads((tmp_path / "data_split.json").read_text()) == d.carved
+    assert json.loads((tmp_path / "data_split.json").read_text()) == d.checkpoint_entries()["data_split"]
     reused = data(root, folds=3, fold=2, split_seed=9, split_file=str(tmp_path / "data_split.json"))
-    reused.setup()  # the record decides the files, not the seed
+    reused = reused.scan()  # the record decides the files, not the seed
     assert reused.samples == d.samples
     with pytest.raises(
         DataError,
         match=r"records a split drawn with data.folds=3 data.fold=2, but the config asks for data.folds=3 data.fold=1",
     ):
-        data(root, folds=3, fold=1, split_file=str(tmp_path / "data_split.json")).setup()
+        data(root, folds=3, fold=1, split_file=str(tmp_path / "data_split.json")).scan()
     with pytest.raises(
         DataError, match=r"data.folds=3 data.fold=2, but the config asks for data.val_fraction=0.2"
     ):
-        data(root, val_fraction=0.2, split_file=str(tmp_path / "data_split.json")).setup()
+        data(root, val_fraction=0.2, split_file=str(tmp_path / "data_split.json")).scan()
 
 
 @pytest.mark.parametrize(
@@ -170,8 +162,7 @@ def test_bad_fold_options_are_named(tmp_path: Path, kwargs, message):
 
 def test_too_few_images_for_the_folds(tmp_path: Path):
     root = make_tree(tmp_path / "t", counts={"train": 3})
-    d = data(root, folds=4, fold=3)
-    d.setup()  # 9 images in 4 folds: a warning, fold 3 has one class
+    d = data(root, folds=4, fold=3).scan()  # 9 images in 4 folds: a warning, fold 3 has one class
     (warning,) = [w for w in d.report.warnings if "fewer train images than folds" in w]
     assert warning.startswith(
         "data.folds=4: class(es) with fewer train images than folds (cat 3, dog 3, fox 3)"
@@ -180,7 +171,7 @@ def test_too_few_images_for_the_folds(tmp_path: Path):
     with pytest.raises(
         DataError, match=r"data.folds=10: train has only 9 usable image\(s\), fewer than the folds"
     ):
-        data(root, folds=10, fold=0).setup()
+        data(root, folds=10, fold=0).scan()
 
 
 def test_a_bad_fold_stops_training_with_exit_code_2(tmp_path: Path):

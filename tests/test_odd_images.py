@@ -14,7 +14,15 @@ from conftest import TINY, cli, make_tree, run_dirs
 from odd_files import BAD, GOOD, HOSTILE, mutations, png, write_hostile
 from PIL import Image
 
-from imgcls.data import BadImageError, DataError, ImageFolderData, load_image
+from imgcls.data import (
+    BadImageError,
+    DataError,
+    DataRecord,
+    ImageFolderData,
+    load_image,
+    make_dataset,
+    make_loader,
+)
 from imgcls.data.scan import scan_files
 
 EXTENSIONS = [".jpg", ".png", ".gif", ".bmp", ".tif", ".webp", ".ico", ".icns", ".psd"]  # HOSTILE's
@@ -75,7 +83,7 @@ def hostile_tree(tmp_path: Path) -> Path:
 
 def test_error_mode_lists_every_hostile_file_with_its_reason(hostile_tree: Path):
     with pytest.raises(DataError) as info:
-        data(hostile_tree).setup()
+        data(hostile_tree).scan()
     message = str(info.value)
     assert f"{len(BAD)} file(s) cannot be used (set data.on_bad_image=skip to leave them out)" in message
     for name, why in BAD.items():
@@ -86,13 +94,15 @@ def test_error_mode_lists_every_hostile_file_with_its_reason(hostile_tree: Path)
 
 def test_skip_mode_leaves_hostile_files_out_and_keeps_the_sound_odd_ones(hostile_tree: Path):
     d = data(hostile_tree, on_bad_image="skip")
-    d.setup()
-    names = {Path(p).name for p, _ in d.samples["train"]}
+    record = d.scan()
+    names = {Path(p).name for p, _ in record.samples["train"]}
     assert not names & set(BAD) and set(GOOD) <= names
-    assert d.report.skipped_bad == len(BAD)
-    assert f"skipped {len(BAD)} unreadable file(s) (data.on_bad_image=skip)" in "\n".join(d.report.warnings)
-    for i, (path, _) in enumerate(d.samples["train"]):
-        image, _ = d.dataset("train")[i]
+    assert record.report.skipped_bad == len(BAD)
+    assert f"skipped {len(BAD)} unreadable file(s) (data.on_bad_image=skip)" in "\n".join(
+        record.report.warnings
+    )
+    for i, (path, _) in enumerate(record.samples["train"]):
+        image, _ = make_dataset(d, record, "train")[i]
         assert tuple(image.shape) == (3, *reversed(load_image(path).size))
 
 
@@ -108,7 +118,7 @@ def test_mutated_files_are_decoded_or_listed_in_both_modes(fuzz_tree: Path):
     mutated = {f"train/dog/{name}" for name in mutations()}
     assert len(mutated) == 54
     with pytest.raises(DataError) as info:
-        data(fuzz_tree).setup()
+        data(fuzz_tree).scan()
     message = str(info.value)
     records = scan_files(fuzz_tree, [fuzz_tree / rel for rel in sorted(mutated)], 89_478_485).records
     bad = {rel for rel, record in records.items() if record.error}
@@ -122,10 +132,10 @@ def test_mutated_files_are_decoded_or_listed_in_both_modes(fuzz_tree: Path):
             image = load_image(fuzz_tree / rel)
             assert image.mode == "RGB" and image.size == (record.width, record.height), rel
     skip = data(fuzz_tree, on_bad_image="skip")
-    skip.setup()
-    kept = {Path(p).relative_to(fuzz_tree).as_posix() for p, _ in skip.samples["train"]}
-    assert kept & mutated == mutated - bad and skip.report.skipped_bad == len(bad)
-    assert any(w.startswith(f"skipped {len(bad)} unreadable file(s)") for w in skip.report.warnings)
+    record = skip.scan()
+    kept = {Path(p).relative_to(fuzz_tree).as_posix() for p, _ in record.samples["train"]}
+    assert kept & mutated == mutated - bad and record.report.skipped_bad == len(bad)
+    assert any(w.startswith(f"skipped {len(bad)} unreadable file(s)") for w in record.report.warnings)
 
 
 def test_the_check_cli_lists_hostile_files_without_a_traceback_or_warnings(
@@ -156,18 +166,18 @@ def test_training_in_skip_mode_trains_around_hostile_files(hostile_tree: Path, t
     )
 
 
-def replace_after_the_check(d: ImageFolderData, split: str) -> str:
-    path, _ = d.samples[split][0]
+def replace_after_the_check(record: DataRecord, split: str) -> str:
+    path, _ = record.samples[split][0]
     Path(path).write_bytes(HOSTILE["ztxt_bomb.png"][0]())  # a ValueError inside Image.open
     return path
 
 
 def test_a_file_that_turns_hostile_after_the_check_stops_loading_with_its_name(tmp_path: Path):
     d = data(make_tree(tmp_path / "t"))
-    d.setup()
-    path = replace_after_the_check(d, "val")
+    record = d.scan()
+    path = replace_after_the_check(record, "val")
     with pytest.raises(DataError) as info:
-        for _ in d.loader("val", None, train=False):
+        for _ in make_loader(d, record, "val", None, train=False):
             pass
     assert str(info.value) == (
         f"cannot decode image {path}: cannot decode (ValueError: Decompressed data too large for "
@@ -181,16 +191,17 @@ from pathlib import Path
 from imgcls.data.folder import ImageFolderData
 from imgcls.train import main
 
-checked = ImageFolderData.setup
+checked = ImageFolderData.scan
 hostile = Path(sys.argv.pop()).read_bytes()  # the last argument; the rest are Hydra's
 
 
-def setup(self, **kwargs):
-    checked(self, **kwargs)
-    Path(self.samples["train"][0][0]).write_bytes(hostile)
+def scan(self, **kwargs):
+    record = checked(self, **kwargs)
+    Path(record.samples["train"][0][0]).write_bytes(hostile)
+    return record
 
 
-ImageFolderData.setup = setup
+ImageFolderData.scan = scan
 main()
 """
 
@@ -222,12 +233,12 @@ def test_training_stops_on_a_file_that_turned_hostile_and_exits(tmp_path: Path):
 
 def test_the_image_cache_names_a_file_that_turned_hostile(tmp_path: Path):
     d = data(make_tree(tmp_path / "t"), cache="memory")
-    d.setup()
-    path = replace_after_the_check(d, "train")
+    record = d.scan()
+    path = replace_after_the_check(record, "train")
     with pytest.raises(
         DataError, match=rf"^cannot decode image {re.escape(path)}: .*ValueError: Decompressed"
     ):
-        d.dataset("train")
+        make_dataset(d, record, "train")
 
 
 def test_a_file_gone_after_listing_is_a_bad_file(tmp_path: Path):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgcls.config import build as b
+from imgcls.data.loaders import make_loader
 from imgcls.models import create_model
 from imgcls.train import CONFIG_DIR
 from imgcls.training.engine import Placement, train_one_epoch
@@ -39,11 +40,11 @@ def train_a_step(tree: Path, *overrides: str) -> dict[str, float]:
                                                       "data.num_workers=0", *overrides])  # fmt: skip
     config = b.plain(cfg)
     data = b.build_data(config["data"])
-    data.setup()
+    record = data.scan()
     pipelines, normalize = b.build_transforms(config["transforms"])
-    model = b.build_model(config["model"], num_classes=len(data.class_names))
+    model = b.build_model(config["model"], num_classes=len(record.class_names))
     optimizer = b.build_optimizer(config["optimizer"], model)
-    loader = data.loader("train", pipelines["train"], train=True)
+    loader = make_loader(data, record, "train", pipelines["train"], train=True)
     scheduler = b.build_scheduler(config["scheduler"], optimizer, steps_per_epoch=len(loader))
     loss_fn = b.build_loss(config["loss"], class_counts=[6, 6, 6])
     trainer = config["trainer"]

@@ -13,7 +13,7 @@ from conftest import TINY, cli, make_tree, run_dirs
 from torch import nn
 
 from imgcls.config import build as b
-from imgcls.data import ImageFolderData, Normalize
+from imgcls.data import ImageFolderData, Normalize, make_loader
 from imgcls.data.sampling import set_epoch
 from imgcls.errors import ConfigError
 from imgcls.train import CONFIG_DIR
@@ -146,8 +146,7 @@ def test_persistent_workers_see_each_epoch(tmp_path):
     epochs = {}
     for workers in (0, 2):
         data = ImageFolderData(str(tree), {"train": "train", "val": "val"}, batch_size=4, num_workers=workers)
-        data.setup()
-        loader = data.loader("train", pipelines["train"], train=True, seed=3)
+        loader = make_loader(data, data.scan(), "train", pipelines["train"], train=True, seed=3)
         assert loader.persistent_workers == (workers > 0)
         epochs[workers] = []
         for epoch in (1, 2):

@@ -13,7 +13,7 @@ from conftest import make_tree
 
 from imgcls.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from imgcls.config.naming import run_label, unique_dir
-from imgcls.data import DataError, ImageFolderData
+from imgcls.data import DataError, ImageFolderData, make_dataset
 from imgcls.data.digits import MARKER, DigitsData, split_indices
 from imgcls.models import create_model, replace_head
 from imgcls.training.seeding import rng_state, seed_everything, set_rng_state
@@ -102,12 +102,16 @@ def test_scan_uses_train_classes_by_name_and_skips_hidden_and_odd_files(tmp_path
     data = ImageFolderData(
         str(tree), {"train": "train", "val": "val", "test": "test"}, batch_size=2, extensions=[".jpg"]
     )
-    data.setup()
-    assert data.class_names == ["cat", "dog", "fox"]
-    assert data.splits == ["train", "val"]
-    assert [Path(f).name for f in data.skipped["train"]] == ["notes.txt"]
-    assert {(Path(p).parent.name, t) for p, t in data.samples["val"]} == {("cat", 0), ("dog", 1), ("fox", 2)}
-    image, target = data.dataset("val")[0]
+    record = data.scan()
+    assert record.class_names == ("cat", "dog", "fox")
+    assert record.splits == ["train", "val"]
+    assert [Path(f).name for f in record.skipped["train"]] == ["notes.txt"]
+    assert {(Path(p).parent.name, t) for p, t in record.samples["val"]} == {
+        ("cat", 0),
+        ("dog", 1),
+        ("fox", 2),
+    }
+    image, target = make_dataset(data, record, "val")[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 20) and target == 0
 
 
@@ -118,7 +122,7 @@ def test_problems_are_listed_together(tmp_path: Path):
         f.unlink()
     data = ImageFolderData(str(tree), {"train": "train", "val": "val"}, batch_size=2, extensions=[".jpg"])
     with pytest.raises(DataError) as err:
-        data.setup()
+        data.scan()
     assert "train/dog: no image files" in str(err.value)
     assert "class folder(s) not in train: owl" in str(err.value)
 

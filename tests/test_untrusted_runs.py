@@ -265,14 +265,14 @@ def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp
 def test_evaluation_never_writes_the_digits_where_a_run_config_points(tmp_path: Path):
     from imgcls.data.digits import DigitsData
     from imgcls.errors import DataError
-    from imgcls.evaluation.labels import labelled_samples
+    from imgcls.evaluation.labels import labelled_record
 
     root = tmp_path / "site" / "anything"
     data = DigitsData(str(root), {"train": "train", "val": "val", "test": "test"}, batch_size=8)
     with pytest.raises(
         DataError, match=rf"^data.root='{root}' holds no digits, and only a new training run writes them"
     ):
-        labelled_samples(data, "val", [str(i) for i in range(10)])
+        labelled_record(data, "val", [str(i) for i in range(10)])
     assert not (tmp_path / "site").exists()
 
 

@@ -62,11 +62,11 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             p = ensemble_predictions([m.predictions for m in members])
             source = {"combination": "mean of the members' softmax probabilities"}
             title = f"{split}, ensemble of {len(members)} runs"
-            report(out, cfg, split, first.data, p, epoch=0, title=title, source=source, members=rows)
+            report(out, cfg, split, first.record, p, epoch=0, title=title, source=source, members=rows)
         else:
             source = {"checkpoint": str(first.checkpoint)}
             title = f"{split}, {first.checkpoint.name} (epoch {int(first.state.get('epoch', 0))})"
-            report(out, cfg, split, first.data, first.predictions, epoch=int(first.state.get("epoch", 0)),
+            report(out, cfg, split, first.record, first.predictions, epoch=int(first.state.get("epoch", 0)),
                    title=title, source=source, state=first.state)  # fmt: skip
         logger.info(f"results in {out}")
         return out
@@ -114,14 +114,14 @@ def _check_ensemble(members: list, split: str) -> None:
 
 
 def report(
-    out: Path, cfg: dict, split: str, data, p, *, epoch: int, title: str, source: dict,
+    out: Path, cfg: dict, split: str, record, p, *, epoch: int, title: str, source: dict,
     state: dict | None = None, members: list[dict] | None = None,
 ) -> None:  # fmt: skip
     """Write the files, TensorBoard entries and console tables of one split's predictions `p`
     (a run's, or an ensemble's with each member's figures in `members`)."""
     from imgcls.evaluation import metrics as m
 
-    class_names = data.class_names
+    class_names = list(record.class_names)
     k = max(1, min(int(cfg["top_k"]), len(class_names)))
     n_bins = int(cfg["calibration_bins"])
     metrics = m.summary(split, p, k, n_bins)
@@ -132,7 +132,7 @@ def report(
                         "without_tta": m.summary(split, p.plain, k, n_bins)}  # fmt: skip
     if members:
         extra["members"] = members
-    paths = [path for path, _ in data.samples[split]]
+    paths = [path for path, _ in record.samples[split]]
     summary = {
         **metrics,
         "epoch": epoch,
@@ -144,7 +144,7 @@ def report(
     }
     scores = _write_files(out, split, p, paths, class_names, summary)
     cm = _write_figures(out, split, p, paths, class_names, metrics, title=title, epoch=epoch, cfg=cfg)
-    overall = [("split", f"{split} ({data.root / data.split_dirs[split]})")]
+    overall = [("split", f"{split} ({record.root / record.split_dirs[split]})")]
     if "checkpoint" in source:
         overall.append(("checkpoint", f"{source['checkpoint']} (epoch {epoch})"))
     else:

@@ -32,7 +32,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     split = str(cfg["split"])
     # the run, its checkpoint and config (every _target_ checked) and the split's labelled files
     member = load_member(find_run(cfg["run_dir"]), cfg, overrides, split)
-    run_dir, checkpoint, state, data = member.run_dir, member.checkpoint, member.state, member.data
+    run_dir, checkpoint, state = member.run_dir, member.checkpoint, member.state
     config = {
         **member.config,
         "device": "cpu",
@@ -40,7 +40,9 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     }
     class_names = member.class_names
     restored = restore(config, state, checkpoint)  # on the CPU, in fp32: the reference outputs
-    images = _verification_batch(data, split, restored.pipelines["val"], int(cfg["verify_images"]))
+    images = _verification_batch(
+        member.data, member.record, split, restored.pipelines["val"], int(cfg["verify_images"])
+    )
 
     out_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,14 +94,15 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         return target
 
 
-def _verification_batch(data, split: str, pipeline, n: int):
+def _verification_batch(data, record, split: str, pipeline, n: int):
     """n images spread evenly over the split (every class, not the first folder's), through the
     eval pipeline as evaluation feeds them: a uint8 NCHW batch."""
     import torch
 
+    from imgcls.data.loaders import make_dataset
     from imgcls.deploy.exported import ExportError
 
-    dataset = data.dataset(split, pipeline)
+    dataset = make_dataset(data, record, split, pipeline)
     count = len(dataset)
     picks = sorted({round(i * (count - 1) / max(n - 1, 1)) for i in range(min(n, count))})
     tensors = [dataset[i][0] for i in picks]
@@ -110,7 +113,7 @@ def _verification_batch(data, split: str, pipeline, n: int):
             "export needs one input size; end transforms.val with a CenterCrop (or a Resize to [h, w])"
         )
     batch = torch.stack(tensors)
-    batch.paths = [data.samples[split][i][0] for i in picks]  # type: ignore[attr-defined]
+    batch.paths = [record.samples[split][i][0] for i in picks]  # type: ignore[attr-defined]
     return batch
 
 

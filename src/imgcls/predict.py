@@ -58,6 +58,8 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from loguru import logger
 
     from imgcls.config import build as b
+    from imgcls.data.loaders import make_loader
+    from imgcls.data.record import DataRecord
     from imgcls.evaluation.inference import predict
     from imgcls.log import logged
     from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
@@ -85,11 +87,15 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         readable = [f for f in files if f not in unreadable]
         if not readable:
             raise nothing_readable(unreadable)
-        data.class_names = class_names
-        data.samples["predict"] = [(str(f), -1) for f in readable]  # no labels: -1
+        record = DataRecord.of_files(readable, class_names, split="predict")  # no labels: -1
         # the val pipeline: the one whose accuracy training reported
-        loader = data.loader(
-            "predict", restored.pipelines["val"], train=False, pin_memory=restored.device.type == "cuda"
+        loader = make_loader(
+            data,
+            record,
+            "predict",
+            restored.pipelines["val"],
+            train=False,
+            pin_memory=restored.device.type == "cuda",
         )
         p = predict(restored.model, loader, restored.place, description="predict")
         write_predictions(out, cfg, files, unreadable, p.logits, p.probs, p.preds, class_names)

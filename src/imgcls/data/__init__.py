@@ -1,5 +1,9 @@
 """ImageFolder data: check the tree, decode every common image to RGB, build seeded loaders.
 
+The data node builds options (`ImageFolderData`, nobody changes them); `options.scan()` returns
+what it found as an immutable `DataRecord` (record.py); `make_loader(options, record, split, ...)`
+builds a loader from both (loaders.py). A relabelled or predict view is a new record.
+
 Names are imported on first use: `from imgcls.data.images import load_image` (or listing) then
 costs no PyTorch import, which the ONNX predictor relies on."""
 
@@ -11,6 +15,7 @@ from typing import Any
 _WHERE = {
     "BadImageError": "imgcls.data.images",
     "DataError": "imgcls.errors",
+    "DataRecord": "imgcls.data.record",
     "DataReport": "imgcls.data.check",
     "ImageDataset": "imgcls.data.loading",
     "ImageFolderData": "imgcls.data.folder",
@@ -18,6 +23,8 @@ _WHERE = {
     "find_classes": "imgcls.data.listing",
     "fingerprint_changes": "imgcls.data.splits",
     "load_image": "imgcls.data.images",
+    "make_dataset": "imgcls.data.loaders",
+    "make_loader": "imgcls.data.loaders",
     "scan_class": "imgcls.data.listing",
 }
 __all__ = sorted(_WHERE)

@@ -27,14 +27,13 @@ def check(cfg: DictConfig) -> None:
     except (UserError, OmegaConfBaseException) as exc:
         fail(str(exc))
     try:
-        data.setup()
-    except UserError as exc:
-        if not data.report.errors:  # stopped before the scan (no root, no train/): nothing to report
-            fail(str(exc))
-    print(data.report.text())
-    if data.report.errors:  # listed in the report: stderr only says what they mean
+        report, _ = data.inspect()
+    except UserError as exc:  # stopped before the scan (no root, no train/): nothing to report
+        fail(str(exc))
+    print(report.text())
+    if report.errors:  # listed in the report: stderr only says what they mean
         fail(
-            f"{len(data.report.errors)} problem(s) in {data.root} (listed above); training would stop before it starts"
+            f"{len(report.errors)} problem(s) in {data.root} (listed above); training would stop before it starts"
         )
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from imgcls.data.scan import FileRecord
 
@@ -16,9 +17,12 @@ SHOWN = 10  # examples per warning; the check lists every unreadable file, warni
 Sample = tuple[str, str, int]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataReport:
-    """Everything the check found; errors stop training, warnings are shown and logged."""
+    """Everything the check found; errors stop training, warnings are shown and logged.
+
+    While the scan runs, its steps append to `errors` and `warnings`; final() then gives the
+    finished report, read-only throughout (the one a DataRecord holds)."""
 
     root: str
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
@@ -28,6 +32,17 @@ class DataReport:
     skipped_bad: int = 0  # unreadable files left out under on_bad_image=skip
     scanned: str = ""  # "398 files (398 decoded, 0 from cache) in 3.1 s"
     carved_from: str = "carved from train"  # val drawn from train: how (splits.describe)
+
+    def final(self, **fields) -> DataReport:
+        """This report with `fields` set, its lists and dicts made read-only."""
+        done = replace(self, **fields)
+        return replace(
+            done,
+            counts=MappingProxyType({s: MappingProxyType(dict(c)) for s, c in done.counts.items()}),
+            folders=MappingProxyType(dict(done.folders)),
+            errors=tuple(done.errors),
+            warnings=tuple(done.warnings),
+        )
 
     def summary_line(self) -> str:
         """One line for summary.txt."""

@@ -1,25 +1,23 @@
-"""An ImageFolder tree <root>/<split>/<class>/<image>: list it, check it, split it, load it."""
+"""An ImageFolder tree <root>/<split>/<class>/<image>: its options, and the scan that lists, checks
+and splits it into a DataRecord (loaders are built from both: data.loaders)."""
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
-
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from imgcls.data import check, splits
 from imgcls.data.augment import setting
-from imgcls.data.cache import MODES, CachedImages, build_store
+from imgcls.data.cache import MODES
 from imgcls.data.images import DEFAULT_MAX_PIXELS
 from imgcls.data.listing import find_classes, scan_class
-from imgcls.data.loading import DataError, ImageDataset
-from imgcls.data.sampling import EpochSampler, EpochSeeded, kill_workers_at_exit, worker_init
+from imgcls.data.loading import DataError
+from imgcls.data.record import DataRecord
 from imgcls.data.scan import scan_files
 from imgcls.data.splits import check_options
 from imgcls.errors import ConfigError
@@ -28,9 +26,9 @@ ON_BAD_IMAGE = ("error", "skip")
 
 
 class ImageFolderData:
-    """A tree <root>/<split>/<class>/<image>; the class list comes from the train split.
-
-    setup() checks the whole tree before anything trains; its findings are in `report`."""
+    """The options of a tree <root>/<split>/<class>/<image> (the YAML's data node, key for key);
+    nobody changes them after construction. scan() checks the whole tree before anything trains
+    and returns what it found as a DataRecord; the class list comes from the train split."""
 
     required_splits = ("train", "val")
 
@@ -68,11 +66,12 @@ class ImageFolderData:
             raise DataError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
         check_options(val_fraction, folds, fold, split_file)  # `splits` is the folder names here
         self.root = Path(root)
-        self.split_dirs = dict(splits)
+        # read-only containers too: one options object serves every record scanned from it
+        self.split_dirs = MappingProxyType(dict(splits))
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.extensions = list(extensions)
-        self.exclude = list(exclude)
+        self.extensions = tuple(extensions)
+        self.exclude = tuple(exclude)
         self.on_bad_image = on_bad_image
         self.max_pixels = max_image_pixels
         self.min_image_size = min_image_size
@@ -80,23 +79,21 @@ class ImageFolderData:
         self.folds, self.fold = folds, fold
         self.split_seed = split_seed
         self.split_file = Path(split_file) if split_file else None
-        self.download = dict(download) if download else None
+        self.download = MappingProxyType(dict(download)) if download else None
         if cache not in MODES:
             raise DataError(f"data.cache={cache!r} is not one of {', '.join(MODES)}")
         self.cache, self.cache_size, self.cache_dir = cache, cache_size, Path(cache_dir).expanduser()
-        self.stores: dict = {}  # split -> cache.Store, built on first use
         try:
             self.device_augment = setting(device_augment)  # resolved with the device: augment.resolve
         except ConfigError as exc:
             raise DataError(str(exc)) from None
-        self.class_names: list[str] = []
-        self.samples: dict[str, list[tuple[str, int]]] = {}
-        self.skipped: dict[str, list[Path]] = {}  # files left out for their suffix, per split
-        self.report = check.DataReport(str(self.root))
-        self.fingerprint: dict[str, Any] = {}
-        self.carved: dict[str, Any] | None = None  # val drawn from train (val_fraction, folds)
-        # set by a resume to the checkpoint's data_split: the same files, whatever the tree holds now
-        self.recorded_split: Mapping[str, Any] | None = None
+        self._built = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # options, not state: what a scan finds goes into the DataRecord it returns
+        if getattr(self, "_built", False):
+            raise AttributeError(f"{type(self).__name__} is read-only after construction (setting {name})")
+        super().__setattr__(name, value)
 
     def prepare(self, fetch: bool = True) -> None:
         """Make the tree available: fetch it when a download is configured, else check it is there.
@@ -121,42 +118,141 @@ class ImageFolderData:
                 "Point data.root at a folder holding train/ and val/ class folders."
             )
 
-    def setup(self, fetch: bool = True) -> None:
-        """List, decode and check every split; raise DataError listing everything that is wrong.
-        fetch: see prepare."""
+    def scan(self, fetch: bool = True, recorded_split: Mapping[str, Any] | None = None) -> DataRecord:
+        """List, decode and check every split into a record; raise DataError listing everything
+        that is wrong. fetch: see prepare. recorded_split: a checkpoint's data_split, reused file
+        for file (a resume or evaluate sees exactly the files the run was trained on)."""
+        report, record = self.inspect(fetch, recorded_split)
+        if record is None:
+            problems = "\n  ".join(e.replace("\n", "\n    ") for e in report.errors)
+            raise DataError(f"the data tree {self.root} has problems:\n  {problems}")
+        return record
+
+    def inspect(
+        self, fetch: bool = True, recorded_split: Mapping[str, Any] | None = None
+    ) -> tuple[check.DataReport, DataRecord | None]:
+        """The data check's report, and the record when the report has no errors. A tree that
+        cannot be checked at all (no root, no train/, fewer than 2 classes) raises DataError."""
         self.prepare(fetch)
-        report = self.report = check.DataReport(str(self.root))
+        report = check.DataReport(str(self.root))
+        present = self._present(report)
+        class_names = find_classes(present["train"])
+        if len(class_names) < 2:
+            raise DataError(
+                f"{present['train']}: found {len(class_names)} class folder(s), need at least 2 "
+                "(one folder per class, holding its images)."
+            )
+        listed, skipped = self._list(present, class_names, report)
+        scan = scan_files(self.root, [p for files in listed.values() for _, p in files], self.max_pixels)
+        records = scan.records
+        scanned = (
+            f"{len(records)} files ({scan.decoded} decoded, {scan.cached} from cache) in {scan.seconds:.2f} s"
+        )
+        samples, skipped_bad = self._usable(listed, records, present, class_names, report)
+        carved, carved_from = None, report.carved_from
+        if self.carves and not report.errors:
+            samples["train"], samples["val"], carved = splits.draw_val(
+                samples["train"], class_names, report, val_fraction=self.val_fraction, folds=self.folds,
+                fold=self.fold, seed=self.split_seed, recorded=recorded_split, split_file=self.split_file,
+            )  # fmt: skip
+            carved_from = splits.describe(carved)
+            samples = {s: samples[s] for s in self.split_dirs if s in samples}  # train, val, test
+        everything = [s for items in samples.values() for s in items]
+        report.warnings.extend(check.imbalance_warnings(_counts(samples, class_names)))
+        report.warnings.extend(check.small_image_warning(everything, records, self.min_image_size))
+        report.warnings.extend(check.duplicate_warnings(everything, records, class_names))
+        report = report.final(
+            scanned=scanned,
+            skipped_bad=skipped_bad,
+            carved_from=carved_from,
+            folders={s: self.split_dirs[s] if s in present else "" for s in samples},
+            counts=_counts(samples, class_names),
+        )
+        if report.errors:
+            return report, None
+        return report, DataRecord.of(
+            self.root,
+            class_names,
+            {
+                split: [(str(self.root / rel), target) for _, rel, target in items]
+                for split, items in samples.items()
+            },
+            split_dirs=self.split_dirs,
+            skipped=skipped,
+            fingerprint=splits.fingerprint(samples, records, class_names),
+            carved=carved,
+            report=report,
+        )
+
+    @property
+    def carves(self) -> bool:
+        """val is drawn from train (data.val_fraction or data.folds), not read from a folder."""
+        return self.val_fraction is not None or self.folds is not None
+
+    def _present(self, report: check.DataReport) -> dict[str, Path]:
+        """The split folders to scan, by split; a missing required one raises DataError."""
         present = {s: self.root / d for s, d in self.split_dirs.items() if (self.root / d).is_dir()}
-        carve = self.val_fraction is not None or self.folds is not None
-        required = ("train",) if carve else self.required_splits
+        required = ("train",) if self.carves else self.required_splits
         missing = [f"{self.split_dirs[s]}/" for s in required if s not in present]
         if missing:
             found = sorted(e.name + "/" for e in os.scandir(self.root) if e.is_dir()) or ["nothing"]
-            hint = "" if carve else " With no val/ folder, data.val_fraction=0.2 carves one out of train."
+            hint = (
+                "" if self.carves else " With no val/ folder, data.val_fraction=0.2 carves one out of train."
+            )
             raise DataError(
                 f"{self.root}: missing split folder(s) {', '.join(missing)}; found {', '.join(found)}. "
                 f"Each split needs one folder per class (set data.splits.<split> to rename a split).{hint}"
             )
         if self.folds is not None and "val" in present:
-            report.warnings += splits.unused_val_warning(self.split_dirs, present, self.folds)
+            report.warnings.extend(splits.unused_val_warning(self.split_dirs, present, self.folds))
             del present["val"]  # not listed, not scanned: validation is a fold of train
-        elif carve and "val" in present:
+        elif self.carves and "val" in present:
             raise DataError(
                 f"data.val_fraction={self.val_fraction} carves val out of train, but {present['val']} "
                 "exists: drop data.val_fraction to use that folder, or rename it."
             )
-        self.class_names = find_classes(present["train"])
-        if len(self.class_names) < 2:
-            raise DataError(
-                f"{present['train']}: found {len(self.class_names)} class folder(s), need at least 2 "
-                "(one folder per class, holding its images)."
+        return present
+
+    def _list(self, present: dict[str, Path], class_names: list[str], report: check.DataReport):
+        """(class index, path) of every candidate file per split, and the files skipped for their
+        suffix per split; structural problems go to report."""
+        listed: dict[str, list[tuple[int, Path]]] = {}
+        skipped: dict[str, list[Path]] = {}
+        excluded = 0
+        for split, split_dir in present.items():
+            classes = find_classes(split_dir)
+            lacking = sorted(set(class_names) - set(classes))
+            extra = sorted(set(classes) - set(class_names))
+            if lacking:
+                report.errors.append(f"{split_dir}: missing class folder(s) {', '.join(lacking)}")
+            if extra:
+                report.errors.append(f"{split_dir}: class folder(s) not in train: {', '.join(extra)}")
+            listed[split], skipped[split] = [], []
+            for target, name in enumerate(class_names):
+                if name not in classes:
+                    continue
+                files, odd = scan_class(split_dir / name, self.extensions)
+                for path in files:
+                    rel = path.relative_to(self.root).as_posix()
+                    if any(fnmatch.fnmatchcase(rel, pattern) for pattern in self.exclude):
+                        excluded += 1
+                    else:
+                        listed[split].append((target, path))
+                skipped[split] += odd
+        not_images = [p.relative_to(self.root).as_posix() for files in skipped.values() for p in files]
+        if not_images:
+            report.warnings.append(
+                f"skipped {len(not_images)} file(s) that are not images by suffix: {check.shown(not_images)}"
             )
-        listed = self._list(present, report)
-        scan = scan_files(self.root, [p for files in listed.values() for _, p in files], self.max_pixels)
-        records = scan.records
-        report.scanned = (
-            f"{len(records)} files ({scan.decoded} decoded, {scan.cached} from cache) in {scan.seconds:.2f} s"
-        )
+        if excluded:
+            report.warnings.append(f"left out {excluded} file(s) matching data.exclude {list(self.exclude)}")
+        return listed, skipped
+
+    def _usable(
+        self, listed, records, present, class_names, report
+    ) -> tuple[dict[str, list[check.Sample]], int]:
+        """The decodable samples per split, and how many unreadable files were skipped; unreadable
+        files (under on_bad_image=error) and empty class folders go to report."""
         bad = [(rel, r.error) for rel, r in records.items() if r.error]
         if bad and self.on_bad_image == "error":
             report.errors.append(
@@ -164,7 +260,6 @@ class ImageFolderData:
                 + "\n".join(f"{rel}: {error}" for rel, error in bad)
             )
         elif bad:
-            report.skipped_bad = len(bad)
             report.warnings.append(
                 f"skipped {len(bad)} unreadable file(s) (data.on_bad_image=skip): "
                 + check.shown([f"{rel} ({error})" for rel, error in bad])
@@ -178,7 +273,7 @@ class ImageFolderData:
                     samples[split].append((split, rel, target))
             listed_per_class = Counter(t for t, _ in files)
             usable_per_class = Counter(s[2] for s in samples[split])
-            for target, name in enumerate(self.class_names):
+            for target, name in enumerate(class_names):
                 if (present[split] / name).is_dir() and not usable_per_class[target]:
                     if listed_per_class[target]:
                         report.errors.append(
@@ -188,133 +283,9 @@ class ImageFolderData:
                         report.errors.append(
                             f"{present[split] / name}: no image files ({', '.join(self.extensions)})"
                         )
-        if carve and not report.errors:
-            samples["train"], samples["val"] = self._carve(samples["train"], report)
-            samples = {s: samples[s] for s in self.split_dirs if s in samples}  # train, val, test
-        self._warn(samples, records, report)
-        report.folders = {s: self.split_dirs[s] if s in present else "" for s in samples}
-        report.counts = self._counts(samples)
-        if report.errors:
-            problems = "\n  ".join(e.replace("\n", "\n    ") for e in report.errors)
-            raise DataError(f"the data tree {self.root} has problems:\n  {problems}")
-        self.samples = {
-            split: [(str(self.root / rel), target) for _, rel, target in items]
-            for split, items in samples.items()
-        }
-        self.fingerprint = splits.fingerprint(samples, records, self.class_names)
+        return samples, len(bad) if self.on_bad_image == "skip" else 0
 
-    def _list(self, present: dict[str, Path], report: check.DataReport) -> dict[str, list[tuple[int, Path]]]:
-        """(class index, path) of every candidate file per split; structural problems go to report."""
-        listed: dict[str, list[tuple[int, Path]]] = {}
-        excluded = 0
-        for split, split_dir in present.items():
-            classes = find_classes(split_dir)
-            lacking = sorted(set(self.class_names) - set(classes))
-            extra = sorted(set(classes) - set(self.class_names))
-            if lacking:
-                report.errors.append(f"{split_dir}: missing class folder(s) {', '.join(lacking)}")
-            if extra:
-                report.errors.append(f"{split_dir}: class folder(s) not in train: {', '.join(extra)}")
-            listed[split], self.skipped[split] = [], []
-            for target, name in enumerate(self.class_names):
-                if name not in classes:
-                    continue
-                files, odd = scan_class(split_dir / name, self.extensions)
-                for path in files:
-                    rel = path.relative_to(self.root).as_posix()
-                    if any(fnmatch.fnmatchcase(rel, pattern) for pattern in self.exclude):
-                        excluded += 1
-                    else:
-                        listed[split].append((target, path))
-                self.skipped[split] += odd
-        not_images = [p.relative_to(self.root).as_posix() for files in self.skipped.values() for p in files]
-        if not_images:
-            report.warnings.append(
-                f"skipped {len(not_images)} file(s) that are not images by suffix: {check.shown(not_images)}"
-            )
-        if excluded:
-            report.warnings.append(f"left out {excluded} file(s) matching data.exclude {self.exclude}")
-        return listed
 
-    def _carve(self, train: list[check.Sample], report: check.DataReport):
-        kept, val, self.carved = splits.draw_val(
-            train, self.class_names, report, val_fraction=self.val_fraction, folds=self.folds,
-            fold=self.fold, seed=self.split_seed, recorded=self.recorded_split, split_file=self.split_file,
-        )  # fmt: skip
-        report.carved_from = splits.describe(self.carved)
-        return kept, val
-
-    def _warn(self, samples, records, report: check.DataReport) -> None:
-        everything = [s for items in samples.values() for s in items]
-        report.warnings += check.imbalance_warnings(self._counts(samples))
-        report.warnings += check.small_image_warning(everything, records, self.min_image_size)
-        report.warnings += check.duplicate_warnings(everything, records, self.class_names)
-
-    def _counts(self, samples: dict[str, list[check.Sample]]) -> dict[str, dict[str, int]]:
-        per_split = {split: Counter(s[2] for s in items) for split, items in samples.items()}
-        return {
-            split: {name: c[t] for t, name in enumerate(self.class_names)} for split, c in per_split.items()
-        }
-
-    def write_split(self, path: Path) -> None:
-        """Record the carved val split or fold (file lists), so evaluate and resume reuse it: data.split_file."""
-        if self.carved is not None:
-            Path(path).write_text(json.dumps(self.carved, indent=1) + "\n")
-
-    def checkpoint_entries(self) -> dict[str, Any]:
-        """Plain entries for every checkpoint: the data fingerprint, and the carved split if any."""
-        return {"data_fingerprint": self.fingerprint, "data_split": self.carved}
-
-    def changes_since(self, state: Mapping[str, Any]) -> list[str]:
-        """How today's tree differs from the one a checkpoint was trained on (empty: the same).
-        For resume and evaluate: warn with each line."""
-        return splits.fingerprint_changes(state.get("data_fingerprint"), self.fingerprint)
-
-    @property
-    def splits(self) -> list[str]:
-        return list(self.samples)
-
-    def dataset(self, split: str, transform: Callable | None = None) -> Dataset:
-        if self.cache == "none":
-            return ImageDataset(self.samples[split], transform, self.max_pixels, self.cache_size)
-        if split not in self.stores:
-            self.stores[split] = build_store(
-                self.samples[split], self.cache, self.cache_size, self.cache_dir, self.max_pixels
-            )
-        return CachedImages(self.samples[split], self.stores[split], transform)
-
-    def loader(
-        self,
-        split: str,
-        transform: Callable | None,
-        *,
-        train: bool,
-        seed: int = 0,
-        pin_memory: bool = False,
-        rank: int = 0,
-        world: int = 1,
-        collate_fn: Callable | None = None,
-        max_batches: int | None = None,
-    ) -> DataLoader:
-        """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch. `collate_fn`
-        runs in the workers (augment.DeviceCrop.collate); None stacks the samples. `max_batches`:
-        each epoch stops after that many batches per process."""
-        dataset = EpochSeeded(self.dataset(split, transform), seed)
-        if self.num_workers > 0:
-            kill_workers_at_exit()
-        limit = max_batches * self.batch_size if max_batches else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world, limit=limit),
-            # a last batch of one sample breaks BatchNorm in training; evaluation sees every sample
-            drop_last=train and len(dataset) > self.batch_size * world,
-            num_workers=self.num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
-            # workers live across epochs (no start-up per epoch): the sampler hands each of them the
-            # epoch with every index, so their copy of the dataset never goes stale
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(seed),
-            worker_init_fn=worker_init,
-        )
+def _counts(samples: dict[str, list[check.Sample]], class_names: list[str]) -> dict[str, dict[str, int]]:
+    per_split = {split: Counter(s[2] for s in items) for split, items in samples.items()}
+    return {split: {name: c[t] for t, name in enumerate(class_names)} for split, c in per_split.items()}

@@ -17,7 +17,8 @@ class Member:
     checkpoint: Path
     config: dict
     state: dict
-    data: Any
+    data: Any  # the run's data options (ImageFolderData)
+    record: Any  # the split's samples labelled by the checkpoint's classes (DataRecord)
     split: str
     predictions: Any = None
     paths: list[str] = field(default_factory=list)
@@ -29,6 +30,7 @@ class Member:
     def predict(self, views: list[str], crop_scale: float) -> None:
         """Build the model on its device, predict every sample of the split, free the model."""
         from imgcls.config import build as b
+        from imgcls.data.loaders import make_loader
         from imgcls.evaluation.inference import predict
         from imgcls.runs import restore
 
@@ -37,8 +39,13 @@ class Member:
         loss_fn = b.build_loss(self.config["loss"], class_counts=self.state.get("class_counts"))
         pipelines = restored.pipelines
         pipeline = pipelines["val"] if self.split == "train" else pipelines.get(self.split, pipelines["val"])
-        loader = self.data.loader(
-            self.split, pipeline, train=False, pin_memory=restored.device.type == "cuda"
+        loader = make_loader(
+            self.data,
+            self.record,
+            self.split,
+            pipeline,
+            train=False,
+            pin_memory=restored.device.type == "cuda",
         )
         self.predictions = predict(
             restored.model,
@@ -55,7 +62,7 @@ def load_member(run_dir: Path, cfg: dict, overrides: list[str], split: str) -> M
     """The run's checkpoint and config (overrides on top, every _target_ checked) and its split's
     samples labelled by the checkpoint's classes: every error here comes before any prediction."""
     from imgcls.config import build as b
-    from imgcls.evaluation.labels import checked_samples, labelled_samples
+    from imgcls.evaluation.labels import checked_record, labelled_record
     from imgcls.runs import find_checkpoint, load_run
 
     checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
@@ -63,10 +70,9 @@ def load_member(run_dir: Path, cfg: dict, overrides: list[str], split: str) -> M
     class_names = list(state["class_names"])
     # the data next: a missing split or class folders that differ fail before any model is built
     data = b.build_data(config["data"])
-    if checked_samples(data, split, class_names, state) is None:
-        labelled_samples(data, split, class_names)
-    paths = [os.path.abspath(p) for p, _ in data.samples[split]]
-    return Member(run_dir, checkpoint, config, state, data, split, paths=paths)
+    record = checked_record(data, split, class_names, state) or labelled_record(data, split, class_names)
+    paths = [os.path.abspath(p) for p, _ in record.samples[split]]
+    return Member(run_dir, checkpoint, config, state, data, record, split, paths=paths)
 
 
 def ensemble_predictions(members: list[Any]):

@@ -1,4 +1,5 @@
-"""One split's samples labelled by the checkpoint's class names: folders matched by name, not order."""
+"""One split's samples labelled by the checkpoint's class names (folders matched by name, not
+order), as a new DataRecord."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from loguru import logger
 
 from imgcls.data import DataError, ImageFolderData, find_classes, scan_class
+from imgcls.data.record import DataRecord
 from imgcls.runs import RunError
 
 
@@ -23,38 +25,35 @@ def class_difference(found: Sequence[str], expected: Sequence[str]) -> str | Non
     return "; ".join(parts) or None
 
 
-def checked_samples(
+def checked_record(
     data: ImageFolderData, split: str, class_names: Sequence[str], state: dict
-) -> list[tuple[str, int]] | None:
+) -> DataRecord | None:
     """The training path for a tree laid out like the run's own (its train split is there): the
     full data check, the checkpoint's carved val split reused, and a warning for each way the
-    data changed since the checkpoint. None for any other tree (see labelled_samples)."""
+    data changed since the checkpoint; the record relabelled to the checkpoint's classes. None
+    for any other tree (see labelled_record)."""
     if split not in data.split_dirs or not (data.root / data.split_dirs["train"]).is_dir():
         return None
-    data.recorded_split = state.get("data_split")
-    data.setup()
-    difference = class_difference(data.class_names, class_names)
+    record = data.scan(recorded_split=state.get("data_split"))
+    difference = class_difference(record.class_names, class_names)
     if difference:
         raise DataError(
             f"{data.root}: the class folders differ from the checkpoint's {len(class_names)} classes "
             f"({', '.join(class_names)}): {difference}."
         )
-    if split not in data.samples:
+    if split not in record.samples:
         return None
-    for line in data.changes_since(state):
+    for line in record.changes_since(state):
         logger.warning(f"the data changed since the checkpoint: {line}")
     # indices are the checkpoint's: a folder's position on disk never shifts a label
-    index = [list(class_names).index(name) for name in data.class_names]
-    data.samples[split] = [(path, index[target]) for path, target in data.samples[split]]
-    data.class_names = list(class_names)
-    return data.samples[split]
+    return record.relabelled(class_names)
 
 
-def labelled_samples(data: ImageFolderData, split: str, class_names: Sequence[str]) -> list[tuple[str, int]]:
+def labelled_record(data: ImageFolderData, split: str, class_names: Sequence[str]) -> DataRecord:
     """Scan <root>/<split folder>/<class>/ with class indices taken from `class_names` (the
     checkpoint's), never from the order of the folders; only this split needs to exist.
 
-    Sets data.class_names and data.samples[split], so data.loader(split, ...) builds the loader
+    The record holds that split alone, so make_loader(data, record, split, ...) builds the loader
     exactly as training built its own. Nothing is downloaded or written (data.download, digits):
     the run's config may come from someone else."""
     data.prepare(fetch=False)
@@ -93,7 +92,6 @@ def labelled_samples(data: ImageFolderData, split: str, class_names: Sequence[st
     if skipped:
         shown = ", ".join(str(Path(f).relative_to(folder)) for f in skipped[:5])
         logger.warning(f"{split}: skipped {len(skipped)} file(s) that are not images by suffix: {shown}")
-    data.class_names = list(class_names)
-    data.samples[split] = samples
-    data.skipped[split] = skipped
-    return samples
+    return DataRecord.of(
+        data.root, class_names, {split: samples}, split_dirs=data.split_dirs, skipped={split: skipped}
+    )

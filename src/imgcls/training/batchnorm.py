@@ -106,7 +106,7 @@ class Recalibration:
     images whose order and augmentation follow (seed, epoch) like the training loader's, so a
     resumed run recomputes exactly the same statistics."""
 
-    loader: Any  # a DataLoader built by ImageFolderData.loader(train=True, max_batches=...)
+    loader: Any  # a DataLoader built by data.loaders.make_loader(train=True, max_batches=...)
     device: torch.device
     normalize: nn.Module
     seed: int
@@ -136,9 +136,20 @@ class Recalibration:
 
 
 def build_recalibration(
-    settings: dict | None, data, pipelines: dict, shard: dict, device, normalize, *, channels_last, amp, d
+    settings: dict | None,
+    data,
+    record,
+    pipelines: dict,
+    shard: dict,
+    device,
+    normalize,
+    *,
+    channels_last,
+    amp,
+    d,
 ) -> Recalibration | None:
     """trainer.bn_recalibration -> a Recalibration, or None when it is off."""
+    from imgcls.data.loaders import make_loader
     from imgcls.data.sampling import mix
     from imgcls.errors import ConfigError
 
@@ -152,7 +163,7 @@ def build_recalibration(
         raise ConfigError(f"trainer.bn_recalibration.transforms must be eval or train, got {which!r}")
     pipeline = pipelines["val"] if which == "eval" else pipelines["train"]
     # its own order (another seed than the training loader's), cut to n batches per process
-    loader = data.loader(
-        "train", pipeline, train=True, max_batches=n, **{**shard, "seed": mix(shard["seed"], 4)}
+    loader = make_loader(
+        data, record, "train", pipeline, train=True, max_batches=n, **{**shard, "seed": mix(shard["seed"], 4)}
     )
     return Recalibration(loader, device, normalize, int(shard["seed"]), channels_last, amp, d)

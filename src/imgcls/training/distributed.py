@@ -71,17 +71,18 @@ def sync_buffers(model: torch.nn.Module, d: Dist) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def rank0_first(fn: Callable[[], Any], d: Dist) -> None:
-    """fn() on rank 0, then on the others (which then find its files and caches ready). A user
-    error on rank 0 stops every rank with its message, instead of leaving them waiting forever."""
+def rank0_first(fn: Callable[[], Any], d: Dist) -> Any:
+    """fn() on rank 0, then on the others (which then find its files and caches ready); returns
+    this rank's fn(). A user error on rank 0 stops every rank with its message, instead of
+    leaving them waiting forever."""
     from imgcls.errors import UserError
 
     if not d.enabled:
-        fn()
-        return
+        return fn()
+    result = None
     if d.main:
         try:
-            fn()
+            result = fn()
         except UserError as exc:
             broadcast(f"{type(exc).__name__}: {exc}", d)
             raise
@@ -89,7 +90,8 @@ def rank0_first(fn: Callable[[], Any], d: Dist) -> None:
     if error is not None:
         raise UserError(f"rank 0 stopped: {error}")
     if not d.main:
-        fn()
+        result = fn()
+    return result
 
 
 def barrier(d: Dist) -> None:

@@ -29,7 +29,8 @@ class Run:
     pipelines: dict[str, Any]
     class_names: list[str]
     # training only
-    data: Any = None
+    data: Any = None  # the data node's options (ImageFolderData)
+    record: Any = None  # what the scan found: classes, samples per split, fingerprint (DataRecord)
     loaders: dict[str, Any] = field(default_factory=dict)
     eval_loader: Callable[[str], Any] | None = None  # a split through the eval pipeline (train's too)
     train_model: nn.Module | None = None  # model, or its DDP / torch.compile wrapper
@@ -152,6 +153,7 @@ def _placed(model: nn.Module, place: Placement) -> nn.Module:
 @dataclass
 class _DataParts:
     data: Any
+    record: Any
     class_names: list[str]
     loaders: dict[str, Any]
     eval_loader: Callable[[str], Any]
@@ -169,6 +171,7 @@ def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | No
 
     from imgcls.config import build as b
     from imgcls.data.augment import resolve as resolve_augment
+    from imgcls.data.loaders import make_loader
     from imgcls.data.splits import describe
     from imgcls.training import distributed
     from imgcls.training.batchnorm import build_recalibration
@@ -177,19 +180,18 @@ def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | No
 
     d, device = place.d, place.device
     data = b.build_data(config["data"])
-    if ckpt:
-        data.recorded_split = ckpt.get("data_split")  # a carved val split or fold: exactly the same files
+    recorded = ckpt.get("data_split") if ckpt else None  # a carved val split or fold: the same files
     # rank 0 writes, downloads and caches for the others; a resume's config comes from a checkpoint,
     # maybe someone else's: it neither downloads nor writes the data set (see ImageFolderData.prepare)
-    distributed.rank0_first(lambda: data.setup(fetch=not ckpt), d)
+    record = distributed.rank0_first(lambda: data.scan(fetch=not ckpt, recorded_split=recorded), d)
     if ckpt:
-        check_classes(ckpt["class_names"], data.class_names, data.root)
-        for change in data.changes_since(ckpt):  # same classes, other files: resume, but say so
+        check_classes(ckpt["class_names"], list(record.class_names), record.root)
+        for change in record.changes_since(ckpt):  # same classes, other files: resume, but say so
             logger.warning(f"the data changed since the checkpoint: {change}")
-    for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
+    for warning in record.report.warnings:  # the data check's findings; errors stopped the scan
         logger.warning(warning)
     if d.main and split_file is not None:
-        data.write_split(split_file)  # only when data.val_fraction or data.folds drew val
+        record.write_split(split_file)  # only when data.val_fraction or data.folds drew val
     shard = {
         "seed": int(config["seed"]),
         "pin_memory": device.type == "cuda",
@@ -202,36 +204,36 @@ def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | No
     )  # fmt: skip
     train_collate = crop.collate if crop is not None else None  # None: the default stacking
     train_transform = crop if crop is not None else pipelines["train"]
-    loaders = {"train": data.loader("train", train_transform, train=True, collate_fn=train_collate, **shard)}
-    for split in data.splits:
+    loaders = {"train": make_loader(data, record, "train", train_transform, train=True, collate_fn=train_collate, **shard)}
+    for split in record.splits:
         if split != "train":
-            loaders[split] = data.loader(split, pipelines[split], train=False, **shard)
+            loaders[split] = make_loader(data, record, split, pipelines[split], train=False, **shard)
 
     def eval_loader(split: str):
         pipeline = pipelines["val"] if split == "train" else pipelines[split]
-        return data.loader(split, pipeline, train=False, **shard)
+        return make_loader(data, record, split, pipeline, train=False, **shard)
 
     trainer = config["trainer"]
     recalibration = build_recalibration(
-        trainer.get("bn_recalibration"), data, pipelines, shard, device, place.normalize,
+        trainer.get("bn_recalibration"), data, record, pipelines, shard, device, place.normalize,
         channels_last=place.channels_last, amp=place.amp, d=d,
     )  # fmt: skip
-    sizes = ", ".join(f"{s} {len(v)}" for s, v in data.samples.items())
+    sizes = ", ".join(f"{s} {len(v)}" for s, v in record.samples.items())
     info = {
-        "data": f"{data.root}: {len(data.class_names)} classes; {sizes} images",
-        **({"val split": describe(data.carved)} if data.carved else {}),  # "fold 2 of 5 of train, ..."
-        "classes": ", ".join(data.class_names),
-        "data check": data.report.summary_line(),
+        "data": f"{record.root}: {len(record.class_names)} classes; {sizes} images",
+        **({"val split": describe(record.carved)} if record.carved else {}),  # "fold 2 of 5 of train, ..."
+        "classes": ", ".join(record.class_names),
+        "data check": record.report.summary_line(),
     }
     loading = f"{data.num_workers} loader worker(s), device augment {crop is not None}"
-    counts = class_counts(data.samples["train"], len(data.class_names))
+    counts = class_counts(record.samples["train"], len(record.class_names))
     entries = {
         "class_counts": counts,  # of train/: class-weighted losses are rebuilt from them
         "device_augment": crop is not None,  # what data.device_augment=auto resolved to, for a resume
-        **data.checkpoint_entries(),  # data fingerprint, carved val split
+        **record.checkpoint_entries(),  # data fingerprint, carved val split
     }
     return _DataParts(
-        data, list(data.class_names), loaders, eval_loader, counts, recalibration, info, loading, data.batch_size,
+        data, record, list(record.class_names), loaders, eval_loader, counts, recalibration, info, loading, data.batch_size,
         entries,
     )  # fmt: skip
 
@@ -279,7 +281,7 @@ def _build_training(config: dict, place: Placement, pipelines: dict, parts: _Dat
     )
     train_model = compile_model(train_model, bool(trainer.get("compile")))
     return Run(
-        config, place, model, pipelines, parts.class_names, data=parts.data, loaders=parts.loaders,
+        config, place, model, pipelines, parts.class_names, data=parts.data, record=parts.record, loaders=parts.loaders,
         eval_loader=parts.eval_loader, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
         loss_fn=loss_fn, recipe=recipe, info=parts.info, loading=parts.loading, batch_size=parts.batch_size,
         checkpoint_entries={"world_size": d.world, **parts.checkpoint_entries},

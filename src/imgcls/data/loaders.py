@@ -1,0 +1,67 @@
+"""Datasets and seeded loaders, built from a tree's options and the record its scan returned."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imgcls.data.cache import CachedImages, build_store
+from imgcls.data.folder import ImageFolderData
+from imgcls.data.loading import ImageDataset
+from imgcls.data.record import DataRecord
+from imgcls.data.sampling import EpochSampler, EpochSeeded, kill_workers_at_exit, worker_init
+
+
+def make_dataset(
+    options: ImageFolderData, record: DataRecord, split: str, transform: Callable | None = None
+) -> Dataset:
+    """`split`'s samples -> (uint8 CHW tensor, class index), decoded per item or served from the
+    decoded-image cache (data.cache), which is built once per record and split."""
+    samples = record.samples[split]
+    if options.cache == "none":
+        return ImageDataset(samples, transform, options.max_pixels, options.cache_size)
+    if split not in record.stores:
+        record.stores[split] = build_store(
+            samples, options.cache, options.cache_size, options.cache_dir, options.max_pixels
+        )
+    return CachedImages(samples, record.stores[split], transform)
+
+
+def make_loader(
+    options: ImageFolderData,
+    record: DataRecord,
+    split: str,
+    transform: Callable | None,
+    *,
+    train: bool,
+    seed: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    collate_fn: Callable | None = None,
+    max_batches: int | None = None,
+) -> DataLoader:
+    """Order and augmentation follow (seed, epoch, index): see sampling.set_epoch. `collate_fn`
+    runs in the workers (augment.DeviceCrop.collate); None stacks the samples. `max_batches`:
+    each epoch stops after that many batches per process."""
+    dataset = EpochSeeded(make_dataset(options, record, split, transform), seed)
+    if options.num_workers > 0:
+        kill_workers_at_exit()
+    limit = max_batches * options.batch_size if max_batches else None
+    return DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        sampler=EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world, limit=limit),
+        # a last batch of one sample breaks BatchNorm in training; evaluation sees every sample
+        drop_last=train and len(dataset) > options.batch_size * world,
+        num_workers=options.num_workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+        # workers live across epochs (no start-up per epoch): the sampler hands each of them the
+        # epoch with every index, so their copy of the dataset never goes stale
+        persistent_workers=options.num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=worker_init,
+    )
