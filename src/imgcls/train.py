@@ -9,11 +9,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from imgcls.cli import CONFIG_DIR
+from imgcls.cli import run_command
 from imgcls.config.naming import register_resolvers
 from imgcls.errors import ConfigError, UserError
 
@@ -331,13 +330,16 @@ def _describe(device, torch) -> str:
     return str(device)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> Any:
+def main() -> Any:
+    """`python -m imgcls.train` and `imgcls-train`; returns the best val accuracy (a sweep's objective)."""
+    return run_command("train", job)
+
+
+def job(cfg: DictConfig) -> float:
+    """One training run as Hydra's job: its directory and overrides come from HydraConfig."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     from imgcls.config.naming import resume_record_dir
-    from imgcls.training.signals import RunInterrupted
 
     hc = HydraConfig.get()
 
@@ -350,19 +352,7 @@ def main(cfg: DictConfig) -> Any:
         ]:  # fmt: skip
             (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
-    try:
-        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record)
-    except RunInterrupted as exc:
-        # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
-        print(f"interrupted: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (UserError, OmegaConfBaseException) as exc:
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # the sweep records this job as failed
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record)
 
 
 if __name__ == "__main__":
