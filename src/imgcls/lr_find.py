@@ -128,9 +128,9 @@ def plot(lrs: list[float], smoothed: list[float], best: float, path: Path) -> No
     plt.close(fig)
 
 
-def main() -> float:
-    """`python -m imgcls.lr_find` and `imgcls-lr-find`."""
-    return run_command("lr_find", job)
+def main() -> None:
+    """`python -m imgcls.lr_find` and `imgcls-lr-find` (nothing returned: a console script exits 0)."""
+    run_command("lr_find", job)
 
 
 def job(cfg: DictConfig) -> float:

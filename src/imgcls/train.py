@@ -7,7 +7,6 @@ import traceback
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -330,9 +329,10 @@ def _describe(device, torch) -> str:
     return str(device)
 
 
-def main() -> Any:
-    """`python -m imgcls.train` and `imgcls-train`; returns the best val accuracy (a sweep's objective)."""
-    return run_command("train", job)
+def main() -> None:
+    """`python -m imgcls.train` and `imgcls-train` (a console script exits with what main returns:
+    nothing, so 0; a sweep gets each job's objective from `job`)."""
+    run_command("train", job)
 
 
 def job(cfg: DictConfig) -> float:
