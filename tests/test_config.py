@@ -9,9 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.config import build as b
 from imgcls.errors import ConfigError
-from imgcls.train import CONFIG_DIR
 
 
 def options(group: str) -> list[str]:

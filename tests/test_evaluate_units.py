@@ -1,11 +1,11 @@
-"""The pieces of evaluation on their own: command-line split, overrides, metrics, top-k."""
+"""The pieces of evaluation on their own: command-line split, overrides (Hydra's compose), metrics, top-k."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from imgcls.cli import split_argv
+from imgcls.cli import CONFIG_DIR, split_argv
 from imgcls.errors import ConfigError
 from imgcls.evaluation.inference import topk_indices
 from imgcls.evaluation.metrics import (
@@ -88,6 +88,29 @@ def test_apply_overrides_refuses_what_it_cannot_apply(override, message):
         ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")
     ):
         apply_overrides(CONFIG, [override], "c.yaml")
+
+
+def test_overrides_use_hydras_grammar():
+    out = apply_overrides(
+        CONFIG,
+        ["data.root='x=1,y'", "+data.tags=[a,b]", "data.batch_size=int(8.0)", "device=${data.root}"],
+        "c.yaml",
+    )
+    assert out["data"]["root"] == "x=1,y" and out["data"]["tags"] == ["a", "b"]
+    assert out["data"]["batch_size"] == 8 and out["device"] == "x=1,y"
+
+
+def test_overrides_compose_inside_an_entrys_hydra_and_give_it_back():
+    """evaluate, predict and export apply them from inside their own Hydra job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        entry = GlobalHydra.instance().hydra
+        assert apply_overrides(CONFIG, ["device=cpu"], "c.yaml")["device"] == "cpu"
+        assert GlobalHydra.instance().hydra is entry
+        assert compose(config_name="evaluate")["checkpoint"] == "best"
+    assert not GlobalHydra.instance().is_initialized()
 
 
 def test_output_dir_never_reuses_a_folder(tmp_path):

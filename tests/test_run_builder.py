@@ -10,8 +10,8 @@ import torch
 from conftest import make_tree
 from hydra import compose, initialize_config_dir
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.config import build as b
-from imgcls.train import CONFIG_DIR
 from imgcls.training.run import build_run, resolve_speed
 
 CPU = torch.device("cpu")

@@ -12,11 +12,11 @@ import torch
 from conftest import TINY, cli, make_tree, run_dirs
 from torch import nn
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.config import build as b
 from imgcls.data import ImageFolderData, Normalize, make_loader
 from imgcls.data.sampling import set_epoch
 from imgcls.errors import ConfigError
-from imgcls.train import CONFIG_DIR
 from imgcls.training.engine import NonFiniteLossError, Placement, train_one_epoch
 from imgcls.training.speed import (
     Precision,

@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.sweeps import gpu_slots
-from imgcls.train import CONFIG_DIR
 
 # -- configs: every option composes and builds -----------------------------------------------
 

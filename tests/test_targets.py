@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.config.targets import GROUPS, check_targets, target_problem
 from imgcls.errors import ConfigError
-from imgcls.train import CONFIG_DIR
 
 # where the registry allows outside classes, and where the project's own targets live
 NAMESPACES = ["imgcls", "torch.optim", "torch.nn", "torchvision.transforms", "torchvision.datasets"]

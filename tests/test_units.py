@@ -37,8 +37,24 @@ def test_run_label_is_readable_and_one_folder(overrides: str, label: str):
 def test_unique_dir_never_hands_out_a_taken_folder(tmp_path: Path):
     first = unique_dir(str(tmp_path / "06-00-00_base"))
     assert unique_dir(str(tmp_path / "06-00-00_base")) == first  # same process: same answer
+    assert not any(tmp_path.iterdir())  # a resolver only computes the name
     (tmp_path / "06-00-01_x").mkdir()
     assert unique_dir(str(tmp_path / "06-00-01_x")) == str(tmp_path / "06-00-01_x_2")
+
+
+def test_a_named_folder_taken_since_moves_the_run_on_to_the_next_name(tmp_path: Path):
+    from imgcls.config.naming import CLAIM_FILE, RunDirTaken, claim_new_run_dir
+
+    name = unique_dir(str(tmp_path / "06-00-02_base"))
+    Path(name).mkdir()  # a run started the same second with the same overrides claimed it first
+    claimed = claim_new_run_dir(Path(name))
+    assert claimed == tmp_path / "06-00-02_base_2" and (claimed / CLAIM_FILE).is_file()
+    assert unique_dir(str(tmp_path / "06-00-02_base")) == str(claimed)  # Hydra resolving it again
+    # a folder the user named (hydra.run.dir=) is that folder or none
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(RunDirTaken):
+        claim_new_run_dir(tmp_path / "mine")
 
 
 def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path: Path):

@@ -1,11 +1,13 @@
-"""The command line of the entries that work on a finished run (evaluate, predict)."""
+"""The config directory, and the one helper that turns every command's command line into its run."""
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,35 +66,99 @@ def primary_keys(config_file: Path) -> set[str]:
     return keys - {"defaults"}
 
 
-def main_over_run(
-    config_name: str,
-    task: Callable[[dict, list[str]], Any],
-    path_keys: Sequence[str] = ("run_dir", "checkpoint", "out_dir"),
-) -> None:
-    """The command line of an entry that works on a finished run: Hydra composes
-    conf/<config_name>.yaml from the entry's own keys; every other key=value is an override of the
-    run's saved config, handed to task(cfg, overrides). A UserError prints `error: ...`, exit 2."""
-    import hydra
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+def run_command(
+    config_name: str | None,
+    task: Callable[..., Any],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str | None = None,
+    run_paths: Sequence[str] | None = None,
+) -> Any:
+    """Every command's main(): its command line (`argv`, by default sys.argv[1:]) becomes a config
+    composed by Hydra from conf/<config_name>.yaml (with Hydra's --help, --cfg, -m, shell completion,
+    --config-dir and hydra.searchpath), and task(cfg) runs as Hydra's job.
 
-    hydra_args, overrides = split_argv(
-        sys.argv[1:], primary_keys(Path(CONFIG_DIR) / f"{config_name}.yaml"), path_keys
-    )
-    sys.argv = [sys.argv[0], *hydra_args]
+    `run_paths` marks a command over a finished run (evaluate, predict, export): the keys of its
+    yaml stay its own, every other key=value is an override of the run's saved config, and the
+    task gets task(plain cfg, overrides); `run_paths` are its keys that hold paths (quoted for
+    Hydra's grammar). `config_name=None` is a command with no config (task(argv) returns the exit code).
+
+    A UserError prints `error: <message>` and exits 2 (in a -m sweep it fails that job instead);
+    Ctrl-C exits 130, and a training stopped by a signal 128 + its number."""
+    import hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if config_name is None:
+        return _reported(lambda: task(argv))
+    if run_paths is not None:
+        argv, overrides = split_argv(argv, primary_keys(Path(CONFIG_DIR) / f"{config_name}.yaml"), run_paths)
+        task = _over_run(task, overrides)
+    result: list[Any] = []
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
-    def _main(cfg) -> None:
-        try:
-            try:
-                plain_cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            except MissingMandatoryValue as exc:
-                raise ConfigError(
-                    f"{exc.full_key} is required: set it on the command line, {exc.full_key}=..."
-                ) from None
-            task(plain_cfg, overrides)
-        except (UserError, OmegaConfBaseException) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+    @functools.wraps(task)  # Hydra names the job after the command's module, as it always has
+    def job(cfg) -> Any:
+        result.append(_reported(lambda: task(cfg)))
+        return result[-1]  # a sweep's objective (imgcls.train's best val accuracy)
 
-    _main()
+    with _command_line(prog or sys.argv[0], argv):
+        job()
+    return result[-1] if result else None
+
+
+def _over_run(task: Callable[[dict, list[str]], Any], overrides: list[str]) -> Callable[[Any], Any]:
+    """task(plain cfg, overrides) as a Hydra task function."""
+
+    @functools.wraps(task)
+    def with_overrides(cfg) -> Any:
+        from omegaconf import OmegaConf
+
+        return task(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), overrides)
+
+    return with_overrides
+
+
+@contextmanager
+def _command_line(prog: str, argv: list[str]) -> Iterator[None]:
+    """Hydra reads its command line from sys.argv: `argv` there while it runs, restored after."""
+    saved = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _reported(run: Callable[[], Any]) -> Any:
+    """run(), with the user's errors as `error: ...` + exit 2 and Ctrl-C as the shell expects."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        try:
+            return run()
+        except MissingMandatoryValue as exc:
+            raise ConfigError(
+                f"{exc.full_key} is required: set it on the command line, {exc.full_key}=..."
+            ) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (UserError, OmegaConfBaseException) as exc:
+        if _in_sweep():
+            raise  # the sweep records this job as failed and goes on
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        from imgcls.training.signals import RunInterrupted
+
+        if not isinstance(exc, RunInterrupted):
+            raise
+        # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

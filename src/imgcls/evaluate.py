@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgcls.cli import main_over_run
+from imgcls.cli import run_command
 
 
 def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
@@ -275,7 +275,7 @@ def _yaml(data: Any) -> str:
 
 
 def main() -> None:
-    main_over_run("evaluate", run)
+    run_command("evaluate", run, run_paths=("run_dir", "checkpoint", "out_dir"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imgcls.cli import main_over_run
+from imgcls.cli import run_command
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 DECODE = "8-bit RGB: EXIF orientation applied, alpha composited onto white (imgcls.data.images.load_image)"
@@ -188,7 +188,7 @@ def _version() -> str:
 
 
 def main() -> None:
-    main_over_run("export", run)
+    run_command("export", run, run_paths=("run_dir", "checkpoint", "out_dir"))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from imgcls.cli import CONFIG_DIR
+from imgcls.cli import run_command
 from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
 
@@ -127,8 +125,13 @@ def plot(lrs: list[float], smoothed: list[float], best: float, path: Path) -> No
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="lr_find")
-def main(cfg: DictConfig) -> float:
+def main() -> None:
+    """`python -m imgcls.lr_find` and `imgcls-lr-find` (nothing returned: a console script exits 0)."""
+    run_command("lr_find", job)
+
+
+def job(cfg: DictConfig) -> float:
+    """The range test as Hydra's job, logging to <its directory>/lr_find.log."""
     from hydra.core.hydra_config import HydraConfig
 
     from imgcls.config.build import plain
@@ -138,9 +141,6 @@ def main(cfg: DictConfig) -> float:
     ids = setup_logging(run_dir / "lr_find.log")
     try:
         return find(plain(cfg), run_dir)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     finally:
         teardown_logging(ids)
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imgcls.cli import main_over_run
+from imgcls.cli import run_command
 
 
 def collect_images(inputs: str | Sequence[str], extensions: Sequence[str]) -> list[Path]:
@@ -238,7 +238,7 @@ def _yaml(data: Any) -> str:
 
 
 def main() -> None:
-    main_over_run("predict", run, path_keys=("run_dir", "checkpoint", "out_dir", "onnx"))
+    run_command("predict", run, run_paths=("run_dir", "checkpoint", "out_dir", "onnx"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,14 +138,17 @@ def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dic
     return config, state
 
 
-def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict:
-    """`key=value`, `+key=value`, `++key=value`, `~key` on a plain config, with Hydra's grammar.
+# the name the saved config is stored under for Hydra to compose it (ConfigStore, this process only)
+_SAVED_RUN = "imgcls_saved_run"
 
-    Like Hydra's struct mode, an unknown key is refused (a typo must not pass silently)."""
+
+def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict:
+    """The saved config with `key=value`, `+key=value`, `++key=value` and `~key` applied by Hydra's
+    compose API: the grammar, struct mode (an unknown key is refused) and the `+`/`~` rules are
+    training's. Hydra's refusals are reworded to name the key and say what to do."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import DictConfig, OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf import OmegaConf
 
     if not overrides:
         return config
@@ -152,48 +156,82 @@ def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:
         raise ConfigError(f"cannot parse the overrides {list(overrides)}: {exc}") from None
-    cfg = OmegaConf.create(config)
-    OmegaConf.set_struct(cfg, True)
+    _refuse_group_switches(parsed, OmegaConf.create(config))
+    try:
+        with _composing(config) as compose:
+            return OmegaConf.to_container(compose(_SAVED_RUN, list(overrides)), resolve=True)
+    except HydraException as exc:
+        raise ConfigError(_reworded(str(exc), parsed, config, source)) from None
+
+
+def _refuse_group_switches(parsed: list, config: Any) -> None:
+    """Hydra would replace a whole node of the saved config by a value (`data=hymenoptera` as the
+    string "hymenoptera"): a trained run has no config groups to pick from, so that is refused, as
+    are sweeps (the run's config takes one value per key)."""
+    from omegaconf import DictConfig, OmegaConf
+
     for o in parsed:
-        key, line = o.key_or_group, o.input_line
+        line, key = o.input_line, o.key_or_group
         if o.is_sweep_override() or o.package is not None:
             raise ConfigError(f"{line}: one value per key of the run's config (no sweeps, no @package)")
-        current = OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=False)
-        if o.is_delete():
-            if current is KeyError:
-                raise ConfigError(f"{line}: {key} is not in the run's config ({source})")
-            parent, _, leaf = key.rpartition(".")
-            with open_dict(cfg):
-                del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
-            continue
-        value = o.value()
-        if o.is_add() or o.is_force_add():
-            if o.is_add() and current is not KeyError:
-                raise ConfigError(f"{line}: {key} is already in the run's config; drop the + to change it")
-            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
-            continue
-        if current is KeyError:
-            parent = key.rpartition(".")[0]
-            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-            has = (
-                f"{parent or 'its top level'} has: {', '.join(map(str, node))}"
-                if isinstance(node, DictConfig)
-                else ""
-            )
-            own = "" if parent else " (the command's own keys are listed by --help)"
+        current = OmegaConf.select(config, key, default=None)
+        if isinstance(current, DictConfig) and not (
+            o.is_delete() or o.is_add() or isinstance(o.value(), dict)
+        ):
             raise ConfigError(
-                f"{line}: {key} is not in the run's config ({source}); {has}{own}. Add a new key with +{line}"
+                f"{line}: {key} is a config node of the run, not a value; config groups cannot be switched "
+                f"on a trained run: override its keys instead ({key}.<key>=...: {', '.join(map(str, current))})"
             )
-        if isinstance(current, DictConfig) and not isinstance(value, dict):
-            raise ConfigError(
-                f"{line}: {key} is a config node of the run, not a value; config groups cannot be "
-                f"switched on a trained run: override its keys instead ({key}.<key>=...: {', '.join(map(str, current))})"
-            )
-        try:
-            OmegaConf.update(cfg, key, value, merge=True)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"{line}: {exc}") from None
-    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _reworded(message: str, parsed: list, config: dict, source: str) -> str:
+    """Hydra's refusal of an override, naming the key and what to do instead."""
+    import re
+
+    from omegaconf import DictConfig, OmegaConf
+
+    found = re.search(r"override '([^']+)'|already at '([^']+)'|delete from config\. '([^']+)'", message)
+    key = next((k for k in found.groups() if k), None) if found else None
+    line = next((o.input_line for o in parsed if o.key_or_group == key), key)
+    if key is None:
+        return f"{' '.join(o.input_line for o in parsed)}: {message.splitlines()[0]} ({source})"
+    if "already at" in message:
+        return (
+            f"{line}: {key} is already in the run's config; drop the + to change it (++ sets it either way)"
+        )
+    if "delete from config" in message:
+        return f"{line}: {key} is not in the run's config ({source})"
+    parent = key.rpartition(".")[0]
+    node = OmegaConf.select(OmegaConf.create(config), parent, default=None) if parent else config
+    has = (
+        f"{parent or 'its top level'} has: {', '.join(map(str, node))}"
+        if isinstance(node, dict | DictConfig)
+        else ""
+    )
+    own = "" if parent else " (the command's own keys are listed by --help)"
+    return f"{line}: {key} is not in the run's config ({source}); {has}{own}. Add a new key with +{line}"
+
+
+@contextmanager
+def _composing(config: dict) -> Iterator[Callable]:
+    """Hydra's `compose`, with `config` stored as the primary config `_SAVED_RUN`.
+
+    The entries call this from inside their own Hydra job (hydra.main), and Hydra holds one
+    global instance: it is set aside while the saved config is composed, and given back after."""
+    from hydra import compose, initialize
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    ConfigStore.instance().store(name=_SAVED_RUN, node=config)
+    entry = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize(version_base="1.3", config_path=None, job_name="saved_run"):
+            yield compose
+    finally:
+        GlobalHydra.instance().clear()
+        if entry is not None:
+            GlobalHydra.instance().initialize(entry)
 
 
 def output_dir(parent: Path, name: str, overrides: Sequence[str]) -> Path:

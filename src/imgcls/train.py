@@ -6,13 +6,11 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from imgcls.cli import CONFIG_DIR
+from imgcls.cli import run_command
 from imgcls.config.naming import register_resolvers
 from imgcls.errors import ConfigError, UserError
 
@@ -159,13 +157,17 @@ def train_run(
     return float(result["best_acc"])
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> Any:
+def main() -> None:
+    """`python -m imgcls.train` and `imgcls-train` (a console script exits with what main returns:
+    nothing, so 0; a sweep gets each job's objective from `job`)."""
+    run_command("train", job)
+
+
+def job(cfg: DictConfig) -> float:
+    """One training run as Hydra's job: its directory and overrides come from HydraConfig."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     from imgcls.config.naming import resume_record_dir
-    from imgcls.training.signals import RunInterrupted
 
     hc = HydraConfig.get()
 
@@ -178,19 +180,7 @@ def main(cfg: DictConfig) -> Any:
         ]:  # fmt: skip
             (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
-    try:
-        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record)
-    except RunInterrupted as exc:
-        # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
-        print(f"interrupted: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (UserError, OmegaConfBaseException) as exc:
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # the sweep records this job as failed
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record)
 
 
 if __name__ == "__main__":

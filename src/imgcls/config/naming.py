@@ -20,7 +20,7 @@ CLAIM_FILE = ".imgcls-run"
 # a run directory is passed back on the command line (resume=<run>/weights/last.pt), so its name
 # keeps to characters Hydra's override grammar reads unquoted: no '=', ',', brackets or spaces
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
-_claimed: dict[str, str] = {}
+_named: dict[str, str] = {}  # unique_dir's answers: the name asked for -> the name given
 
 
 def run_label(override_dirname: str) -> str:
@@ -66,29 +66,44 @@ def _split_overrides(text: str) -> list[str]:
 
 
 def unique_dir(path: str) -> str:
-    """`path`, or `path_2`, `path_3`, ... when another run already holds it.
+    """`path`, or `path_2`, `path_3`, ... when a folder of that name exists: a name, nothing more.
 
-    The folder is claimed with an exclusive mkdir, so two runs started in the same second with
-    the same overrides still get different directories. The result is cached per process because
-    Hydra may resolve the run directory more than once.
-    """
-    if path in _claimed:
-        return _claimed[path]
-    candidate, n = path, 1
-    while True:
-        try:
-            Path(candidate).mkdir(parents=True, exist_ok=False)
-            break
-        except FileExistsError:
+    Resolving a config never touches the filesystem; the run that uses the name claims the folder
+    (claim_new_run_dir, from imgcls.config.preflight). The answer is cached per process because
+    Hydra resolves the run directory more than once, the last times after the run created it."""
+    if path not in _named:
+        candidate, n = path, 1
+        while Path(candidate).exists():
             n += 1
             candidate = f"{path}_{n}"
-    _claimed[path] = candidate
-    return candidate
+        _named[path] = candidate
+    return _named[path]
+
+
+def claim_new_run_dir(path: Path) -> Path:
+    """Claim `path` for this run (claim_run_dir) and return it. For a name unique_dir gave, a run
+    that took the folder since (started the same second with the same overrides) moves this one
+    on to the next free name, returned instead: two runs never share a directory."""
+    base = next((b for b, named in _named.items() if named == str(path)), None)
+    if base is None:  # a folder the user named (hydra.run.dir=...): this one or none
+        claim_run_dir(path)
+        return path
+    n = 1
+    while True:
+        candidate = Path(base if n == 1 else f"{base}_{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)  # of two runs, the one that creates it owns it
+        except FileExistsError:
+            n += 1
+            continue
+        claim_run_dir(candidate)
+        _named[base] = str(candidate)
+        return candidate
 
 
 def run_dir(resume: str | None, new_dir: str) -> str:
     """A resumed run continues in its own directory (<run>/weights/<ckpt>.pt -> <run>); any other
-    run claims `new_dir` through unique_dir."""
+    run is named `new_dir` through unique_dir."""
     if env_rank() > 0:
         # torchrun: rank 0 owns the run directory and hands its path to the others
         return str(Path(tempfile.gettempdir()) / f"imgcls-rank{env_rank()}-{os.getpid()}")

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
-from imgcls.config.naming import claim_run_dir, env_rank, resumed_dir
+from imgcls.config.naming import claim_new_run_dir, env_rank, resumed_dir
 from imgcls.config.targets import locate
 from imgcls.errors import ConfigError, UserError
 
@@ -53,7 +53,10 @@ def start_run(config: DictConfig) -> None:
     resumed = resumed_dir(OmegaConf.select(config, "resume"))
     if resumed is not None and resumed.resolve() == path.resolve():
         return  # resume=<run>/weights/last.pt continues in its own directory
-    claim_run_dir(path)
+    claimed = claim_new_run_dir(path)
+    if claimed != path:  # another run took the name since it was resolved: Hydra writes where we claimed
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = str(claimed)
 
 
 def check_added_keys(config: DictConfig, overrides: list[str]) -> None:

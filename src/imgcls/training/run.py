@@ -204,7 +204,11 @@ def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | No
     )  # fmt: skip
     train_collate = crop.collate if crop is not None else None  # None: the default stacking
     train_transform = crop if crop is not None else pipelines["train"]
-    loaders = {"train": make_loader(data, record, "train", train_transform, train=True, collate_fn=train_collate, **shard)}
+    loaders = {
+        "train": make_loader(
+            data, record, "train", train_transform, train=True, collate_fn=train_collate, **shard
+        )
+    }
     for split in record.splits:
         if split != "train":
             loaders[split] = make_loader(data, record, split, pipelines[split], train=False, **shard)
