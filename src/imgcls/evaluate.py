@@ -20,6 +20,8 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.evaluation.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
     from imgcls.evaluation.inference import check_views
     from imgcls.log import logged
+    from imgcls.pages import write_page
+    from imgcls.pages.eval_page import write_eval_page
     from imgcls.runs import find_run, output_dir
 
     single, many = cfg.get("run_dir"), cfg.get("run_dirs")
@@ -95,6 +97,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             report(out, cfg, split, first.data, first.predictions, epoch=int(first.state.get("epoch", 0)),
                    title=title, source=source, state=first.state)  # fmt: skip
         logger.info(f"results in {out}")
+        write_page(write_eval_page, out)
         return out
 
 
@@ -111,7 +114,7 @@ def report(
 
     from imgcls.evaluation import metrics as m
     from imgcls.evaluation import tables
-    from imgcls.evaluation.plots import error_grid_figure, reliability_figure, write_class_index
+    from imgcls.evaluation.plots import error_grid_figure, reliability_figure, save_figure, write_class_index
     from imgcls.evaluation.reports import (
         confusion,
         confusion_figure,
@@ -185,7 +188,7 @@ def report(
             writer.add_scalar(key, value, epoch)
         write_class_index(out, class_names)  # only when no font draws the names
         for name, fig in figures.items():
-            fig.savefig(out / f"{name}.png", dpi=100)
+            save_figure(fig, out / f"{name}.png")
             writer.add_figure(f"{name}/{split}", fig, global_step=epoch, close=False)
             plt.close(fig)
         text = (out / "classification_report.txt").read_text()

@@ -137,6 +137,7 @@ def train_run(
     from imgcls.training.loop import fit, report_best_weights
     from imgcls.training.losses import class_counts as count_classes
     from imgcls.training.recipes import Recipe, build_mix, make_ema
+    from imgcls.training.recorder import atomic_write_text
     from imgcls.training.resume import check_classes, remove_stale_temp_files, restore
     from imgcls.training.seeding import configure_determinism, seed_everything, set_rng_state
     from imgcls.training.signals import stop_on_signals
@@ -178,6 +179,7 @@ def train_run(
     for warning in data.report.warnings:  # the data check's findings; errors stopped setup()
         logger.warning(warning)
     if d.main:
+        atomic_write_text(run_dir / "data_check.txt", data.report.text())  # shown on report.html
         data.write_split(run_dir / "data_split.json")  # only when data.val_fraction or data.folds drew val
     pipelines, normalize = b.build_transforms(config["transforms"])
     model = b.build_model(config["model"], num_classes=len(data.class_names))

@@ -196,7 +196,9 @@ def locate(path: str) -> Any:
             except ModuleNotFoundError as exc:
                 if exc.name != f"{parent}.{part}":
                     raise  # the module exists and fails to import: its own error says why
-                raise ImportError(f"Are you sure that {part!r} is importable from module {parent!r}?") from None
+                raise ImportError(
+                    f"Are you sure that {part!r} is importable from module {parent!r}?"
+                ) from None
     return obj
 
 
