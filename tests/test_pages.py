@@ -125,11 +125,12 @@ def test_a_run_page_shows_the_run_in_a_browser(trained_run, browser):
 
 def test_an_evaluation_page_shows_metrics_figures_and_confusions(trained_run, browser, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
-    result = cli("imgcls.evaluate", f"run_dir={run}", "errors_shown=2", cwd=tmp_path)
+    result = cli("imgcls.evaluate", f"run_dir={run}", "errors_shown=2", "tta=true", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    out = run / "eval" / "test-best"
+    out = run / "eval" / "test-best_tta"
     shown = open_page(browser, out / "report.html", "eval_page")
-    assert shown["sections"][:2] == ["metrics", "classes"]
+    assert shown["sections"][:3] == ["metrics", "comparison", "classes"]
+    assert "without TTA" in shown["text"] and "identity, hflip" in shown["text"]
     assert {"confusion", "calibration", "errors", "confused", "config"} <= set(shown["sections"])
     alts = [i["alt"] for i in shown["images"]]
     assert alts == [
@@ -215,3 +216,15 @@ def test_a_confusion_matrix_of_many_long_class_names_stays_legible(tmp_path):
     ticks = fig.axes[0].get_yticklabels()
     assert len(ticks) == 120 and all(t.get_fontsize() >= 4 for t in ticks)
     assert all(len(t.get_text()) <= 24 for t in ticks)
+
+
+def test_pages_are_rebuilt_from_the_files_alone(trained_run, tmp_path):
+    from imgcls.pages.__main__ import main
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "report.html").unlink()
+    (run / "plots" / "curves.png").unlink()
+    assert main([str(run)]) == 0
+    assert described_epochs(run / "plots" / "curves.png") == [1, 2]  # from metrics.csv
+    assert 'id="confusion"' in (run / "report.html").read_text()
+    assert main([str(tmp_path / "nothing")]) == 2
