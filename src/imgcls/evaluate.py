@@ -18,6 +18,8 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
 
     from imgcls.evaluation.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
     from imgcls.log import logged
+    from imgcls.pages import write_page
+    from imgcls.pages.eval_page import write_eval_page
     from imgcls.runs import find_run, output_dir
 
     single, many, views = _checked_request(cfg)
@@ -69,6 +71,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             report(out, cfg, split, first.record, first.predictions, epoch=int(first.state.get("epoch", 0)),
                    title=title, source=source, state=first.state)  # fmt: skip
         logger.info(f"results in {out}")
+        write_page(write_eval_page, out)
         return out
 
 
@@ -181,7 +184,7 @@ def _write_figures(
     from torch.utils.tensorboard import SummaryWriter
 
     from imgcls.evaluation import metrics as m
-    from imgcls.evaluation.plots import error_grid_figure, reliability_figure, write_class_index
+    from imgcls.evaluation.plots import error_grid_figure, reliability_figure, save_figure, write_class_index
     from imgcls.evaluation.reports import confusion, confusion_figure
 
     confidence = p.confidence
@@ -212,7 +215,7 @@ def _write_figures(
             writer.add_scalar(key, value, epoch)
         write_class_index(out, class_names)  # only when no font draws the names
         for name, fig in figures.items():
-            fig.savefig(out / f"{name}.png", dpi=100)
+            save_figure(fig, out / f"{name}.png")
             writer.add_figure(f"{name}/{split}", fig, global_step=epoch, close=False)
             plt.close(fig)
         text = (out / "classification_report.txt").read_text()

@@ -121,7 +121,7 @@ def plot(lrs: list[float], smoothed: list[float], best: float, path: Path) -> No
     ax.set_title("LR range test")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)  # no title cut at the edges
     plt.close(fig)
 
 

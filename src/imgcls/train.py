@@ -113,6 +113,7 @@ def train_run(
     from imgcls.evaluation.final import report_best_weights
     from imgcls.training import distributed
     from imgcls.training.loop import FitHooks, fit
+    from imgcls.training.recorder import atomic_write_text
     from imgcls.training.resume import remove_stale_temp_files, resume_into
     from imgcls.training.run import build_run, describe
     from imgcls.training.signals import stop_on_signals
@@ -126,6 +127,8 @@ def train_run(
         split_file=run_dir / "data_split.json",
     )  # fmt: skip
     state = resume_into(run, ckpt)
+    if d.main:
+        atomic_write_text(run_dir / "data_check.txt", run.record.report.text())  # shown on report.html
     if ckpt and d.main:
         remove_stale_temp_files(run_dir / "weights")
     recorder.info.update(describe(run))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -86,6 +87,18 @@ def _charset(path: str) -> frozenset[int]:
         return frozenset()
 
 
+def save_figure(fig, path: Path, **kwargs) -> Path:
+    """Save a figure with every title and label inside the image: the canvas grows to what was
+    drawn (bbox_inches="tight"), so a long title on a narrow figure is never cut at the edges."""
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15, **kwargs)
+    return path
+
+
+def short_label(name: str, limit: int = 24) -> str:
+    """A class name for an axis: names past `limit` characters keep their start and end."""
+    return name if len(name) <= limit else f"{name[: limit - 9]}…{name[-8:]}"
+
+
 def use_font(texts: Iterable, font: str | None) -> None:
     """Draw matplotlib Text objects with the font file `font` (label_font's answer), same size."""
     if font:
@@ -96,8 +109,9 @@ def use_font(texts: Iterable, font: str | None) -> None:
 
 
 def write_class_index(folder: Path, class_names: Sequence[str]) -> Path | None:
-    """<folder>/class_index.txt, the index -> name table, when no font draws the names."""
-    if label_font(class_names) is not None:
+    """<folder>/class_index.txt, the index -> name table, when no font draws the names or a name is
+    too long for an axis (short_label)."""
+    if label_font(class_names) is not None and all(short_label(c) == c for c in class_names):
         return None
     path = Path(folder) / CLASS_INDEX_FILE
     path.write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(class_names)), encoding="utf-8")
@@ -170,6 +184,12 @@ def error_grid_figure(
         image.thumbnail((256, 256))
         ax.imshow(np.asarray(image), interpolation="nearest" if min(image.size) < 64 else "antialiased")
         use_font([ax.set_title(label, fontsize=8, color="#c44e52")], font)
+    title = "\n".join(
+        textwrap.wrap(title, width=max(30, int(10 * fig.get_figwidth())))
+    )  # ~10 characters an inch
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # leave the title its own line
+    lines = title.count("\n") + 1
+    fig.tight_layout(
+        rect=(0, 0, 1, 1 - 0.3 * (lines + 1) / fig.get_figheight())
+    )  # the title gets its own lines
     return fig

@@ -37,18 +37,22 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
 
     Names are drawn in a font that has their characters (plots.label_font); when no installed
     font has them, the axes show class indices and write_class_index puts the names beside."""
-    from imgcls.evaluation.plots import CLASS_INDEX_FILE, label_font, use_font
+    from imgcls.evaluation.plots import CLASS_INDEX_FILE, label_font, short_label, use_font
 
     n = len(class_names)
     font = label_font(class_names)
     # seaborn measures the labels while it lays them out: in another font than the one that has
     # their characters ("Glyph missing"), so a special font's names go in once it is done
     index = [str(i) for i in range(n)]
-    ticks = list(class_names) if font == "" else index
+    names = [short_label(c) for c in class_names]  # full names: classification reports, class_index.txt
+    ticks = names if font == "" else index
     if normalized:
         cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    side = min(4 + 0.45 * n, 24)
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    # past a few dozen classes the figure grows by a fixed size per class (up to 400 classes at
+    # 0.16 in each, then the labels shrink), and the numbers leave the cells
+    side = 4 + 0.45 * n if n <= 40 else min(0.16 * n, 64)
+    label_size = 10 if n <= 40 else max(4.0, min(8.0, 72 * side / n * 0.75))
+    fig, ax = plt.subplots(figsize=(side + 1.5 + 0.06 * max(map(len, names), default=0), side))
     sns.heatmap(
         cm,
         annot=n <= 40,  # past ~40 classes the numbers no longer fit their cells
@@ -63,9 +67,10 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
         ax=ax,
     )
     if font:
-        ax.set_xticklabels(class_names, rotation=90 if max(map(len, class_names)) > 2 else 0)
-        ax.set_yticklabels(class_names, rotation=0)
+        ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 2 else 0)
+        ax.set_yticklabels(names, rotation=0)
         use_font([*ax.get_xticklabels(), *ax.get_yticklabels()], font)
+    ax.tick_params(labelsize=label_size)
     indexed = "" if font is not None else f" (class index: names in {CLASS_INDEX_FILE})"
     ax.set_xlabel(f"predicted{indexed}")
     ax.set_ylabel(f"true{indexed}")
@@ -86,7 +91,7 @@ def write_split_report(
     """plots/confusion_matrix_<split>.png (and plots/class_index.txt when no font draws the
     names), logs/classification_report_<split>.txt, TensorBoard image and text. Returns the
     report text."""
-    from imgcls.evaluation.plots import write_class_index
+    from imgcls.evaluation.plots import save_figure, write_class_index
 
     text = report_text(targets, preds, class_names)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -95,7 +100,7 @@ def write_split_report(
     acc = float(np.trace(cm) / max(cm.sum(), 1))
     fig = confusion_figure(cm, class_names, f"{split}: accuracy {acc:.4f} ({cm.sum()} images)")
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-    fig.savefig(run_dir / "plots" / f"confusion_matrix_{split}.png", dpi=100)
+    save_figure(fig, run_dir / "plots" / f"confusion_matrix_{split}.png")
     write_class_index(run_dir / "plots", class_names)
     if writer is not None:
         writer.add_figure(f"confusion_matrix/{split}", fig, global_step=step, close=False)

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from imgcls.pages import write_page
+from imgcls.pages.sweep_page import write_sweep_page
 from imgcls.sweeps import crossval
 from imgcls.sweeps.crossval import OBJECTIVE
 
@@ -188,7 +190,7 @@ def plot_objective(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> b
         ax.grid(alpha=0.3)
     fig.suptitle(f"{len(scored)} of {len(jobs)} jobs with a validation accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)  # no title cut at the edges
     plt.close(fig)
     return True
 
@@ -239,6 +241,7 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
         crossval.write_csv(folds, sweep_dir / "cv_summary.csv")
     plotted = plot_objective(jobs, keys, sweep_dir / "sweep_objective.png")
     write_hparams(jobs, keys, sweep_dir / "hparams")
+    page = write_page(write_sweep_page, sweep_dir)
     stream = stream or sys.stdout
     counts = {s: sum(j["status"] == s for j in jobs) for s in dict.fromkeys(j["status"] for j in jobs)}
     print(
@@ -250,6 +253,7 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
         print(f"\n{crossval.format_table(folds)}", file=stream)
     written = ["sweep_summary.csv"] + (["cv_summary.csv"] if folds else [])
     written += ["sweep_objective.png"] if plotted else []
+    written += ["report.html"] if page else []
     print(f"wrote {', '.join(str(sweep_dir / w) for w in written)}; compare the jobs with "
           f"`tensorboard --logdir {sweep_dir}` (HPARAMS tab)", file=stream)  # fmt: skip
     stream.flush()

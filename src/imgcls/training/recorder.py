@@ -1,4 +1,5 @@
-"""What a run writes as it goes: summary.txt, metrics.csv and TensorBoard scalars."""
+"""What a run writes as it goes: summary.txt, metrics.csv, TensorBoard scalars, and (through
+imgcls.pages) plots/curves.png and report.html."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from imgcls.pages import write_page
+from imgcls.pages.run_page import write_run_page
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -143,6 +147,7 @@ class RunRecorder:
         self.history = list(history)
         self.write_metrics()
         self.write_summary()
+        write_page(write_run_page, self.run_dir, self.history)  # curves.png and report.html
 
     def write_metrics(self) -> None:
         """metrics.csv: one row per epoch, every key a column (rewritten whole, so it stays rectangular)."""
@@ -171,6 +176,7 @@ class RunRecorder:
         self.error = error
         self.ended = _now()
         self.write_summary()
+        write_page(write_run_page, self.run_dir, self.history)
         self.writer.flush()
 
     def add_note(self, note: str) -> None:

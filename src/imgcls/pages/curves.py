@@ -1,0 +1,92 @@
+"""Training curves: train and val loss, accuracy (and EMA accuracy) and the learning rate per epoch,
+with the best epoch marked, in one PNG rewritten atomically after every epoch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (  # (title, y label, [(metric key, label)])
+    ("loss", "loss", [("train/loss", "train"), ("val/loss", "val")]),
+    (
+        "accuracy",
+        "accuracy",
+        [("train/acc", "train"), ("val/acc", "val"), ("val/acc_ema", "val (EMA weights)")],
+    ),
+    ("learning rate", "lr", [("lr", "lr")]),
+)
+
+
+def best_epoch(history: Sequence[Mapping[str, float]]) -> int | None:
+    """The epoch summary.txt calls best: the first with the highest val/acc."""
+    scored = [r for r in history if r.get("val/acc") is not None]
+    return int(max(scored, key=lambda r: r["val/acc"])["epoch"]) if scored else None
+
+
+def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
+    """plots/curves.png for the epochs in `history` (metrics.csv's rows); False when there is none.
+
+    The PNG's Description names the epochs it shows and the best one, so a reader (or a test) can
+    tell which history a file was drawn from without comparing pixels."""
+    rows = [r for r in history if r.get("epoch") is not None]
+    if not rows:
+        return False
+    epochs = [int(r["epoch"]) for r in rows]
+    best = best_epoch(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    for ax, (title, ylabel, series) in zip(axes, PANELS, strict=True):
+        for key, label in series:
+            points = [(int(r["epoch"]), float(r[key])) for r in rows if _number(r.get(key))]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+        if best is not None:
+            ax.axvline(best, color="0.5", linestyle="--", linewidth=1, label=f"best epoch ({best})")
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if title == "learning rate" and _spans_decades(rows):
+            ax.set_yscale("log")
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    top = next((r for r in rows if int(r["epoch"]) == best), None)
+    acc = f"; best val acc {100 * float(top['val/acc']):.2f}% at epoch {best}" if top else ""
+    fig.suptitle(f"training curves, epochs {epochs[0]}-{epochs[-1]}{acc}")
+    description = f"epochs {','.join(map(str, epochs))}; best epoch {best if best is not None else '-'}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=100, metadata={"Description": description})
+        os.replace(tmp, path)  # a watcher never sees half a file
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def described_epochs(path: Path) -> list[int]:
+    """The epochs a curves.png shows, read back from its Description."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get("Description", "")
+    listed = text.partition("epochs ")[2].partition(";")[0]
+    return [int(e) for e in listed.split(",") if e]
+
+
+def _number(value: object) -> bool:
+    try:
+        return value is not None and value == value and float(value) == float(value)  # not NaN
+    except (TypeError, ValueError):
+        return False
+
+
+def _spans_decades(rows: Sequence[Mapping[str, float]]) -> bool:
+    lrs = [float(r["lr"]) for r in rows if _number(r.get("lr")) and float(r["lr"]) > 0]
+    return len(lrs) > 1 and max(lrs) / min(lrs) >= 100
