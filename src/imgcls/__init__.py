@@ -11,11 +11,12 @@ Where things live:
 - `evaluation/`: per-sample inference, metrics, reports (`evaluation/reports.py`), figures, ensembles;
 - `deploy/`: the export formats, written and read back;
 - `sweeps/`: leaderboards and cross-validation around Hydra's multirun;
+- `pages/`: training curves and the report.html of a run, an evaluation and a sweep;
 - beside them: `checkpoint` (the checkpoint format), `models` (classifiers), `runs` (a finished
   run read back), `errors` and `log`.
 
-Lower layers never import higher ones: errors/log/checkpoint < config, data < training < evaluation,
-deploy, sweeps < the entries.
+Lower layers never import higher ones: errors/log/checkpoint, pages < config, data < training <
+evaluation, deploy, sweeps < the entries.
 """
 
 __version__ = "0.1.0"

@@ -6,10 +6,10 @@ epoch of training and of validation (`engine`), recipes beside the loop (accumul
 mixup/cutmix, EMA, warmup-cosine schedule: `recipes`), losses, BatchNorm recalibration
 (`batchnorm`), precision and compile settings (`speed`), torchrun support (`distributed`), seeding
 and random states (`seeding`), graceful stop (`signals`), what a run writes as it goes (`recorder`:
-summary.txt, metrics.csv, TensorBoard) and resuming (`resume`: the training state, and
+summary.txt, metrics.csv, TensorBoard, and through `imgcls.pages` curves.png and report.html) and resuming (`resume`: the training state, and
 `resume_into`, which puts a checkpoint's state back into a built run).
 
 May import: `imgcls.errors`, `imgcls.log`, `imgcls.checkpoint`, `imgcls.models`, `imgcls.data`,
-`imgcls.config` (the one place config nodes become objects). Not `imgcls.evaluation` (the final
+`imgcls.config` (the one place config nodes become objects), `imgcls.pages`. Not `imgcls.evaluation` (the final
 reports of a run are written by the train entry), not the entries.
 """
