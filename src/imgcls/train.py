@@ -8,42 +8,12 @@ from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from imgcls.cli import run_command
 from imgcls.config.naming import register_resolvers
-from imgcls.errors import ConfigError, UserError
+from imgcls.errors import UserError
 
 register_resolvers()
-
-
-def resolve(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, dict | None]:
-    """The plain config to run, its unresolved form, and the checkpoint when `resume` names one
-    (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
-    from imgcls.checkpoint import load_checkpoint
-    from imgcls.config import build as b
-    from imgcls.training.resume import resume_config
-
-    try:
-        config = b.plain(cfg)
-    except MissingMandatoryValue as exc:
-        raise ConfigError(
-            f"{exc.full_key} is required: set it on the command line, {exc.full_key}=..."
-        ) from exc
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"the config does not resolve: {exc}") from exc
-    # a string where a number belongs names its key here, before the data is read or anything built
-    b.check_number_keys(config)
-    b.check_targets(config)  # before check_numbers imports them to read their signatures
-    b.check_numbers(config)
-    if not config.get("resume"):
-        return (
-            config,
-            OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else config,
-            None,
-        )
-    ckpt = load_checkpoint(config["resume"])
-    return *resume_config(ckpt, cfg, overrides, config["resume"]), ckpt
 
 
 def run(
@@ -57,6 +27,7 @@ def run(
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.training import distributed
     from imgcls.training.recorder import NullRecorder, RunRecorder, outcome
+    from imgcls.training.resume import config_to_run
 
     # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
     d, device_spec = distributed.init(str(cfg.get("device") or "auto"))
@@ -71,7 +42,7 @@ def run(
         log_all = bool((cfg.get("trainer") or {}).get("log_all_ranks"))
         log_ids = setup_logging(None, level="INFO" if log_all else "ERROR", prefix=f"[rank {d.rank}] ")
     try:
-        config, unresolved, ckpt = resolve(cfg, list(overrides))
+        config, unresolved, ckpt = config_to_run(cfg, list(overrides))
     except UserError:
         if not OmegaConf.is_config(cfg) or cfg.get("resume") or not d.main:
             teardown_logging(log_ids)

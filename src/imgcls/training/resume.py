@@ -1,5 +1,6 @@
-"""Resuming: the config comes from the checkpoint, and only overrides that keep the run the same
-run are accepted; the live objects get the checkpoint's state back."""
+"""The config a training run runs (config_to_run), and resuming: the config comes from the
+checkpoint, only overrides that keep the run the same run are accepted, and the built run gets the
+checkpoint's state back (resume_into)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from imgcls.checkpoint import CheckpointError
 from imgcls.errors import ConfigError
@@ -156,3 +158,31 @@ def resume_into(run, ckpt: dict[str, Any] | None) -> TrainingState:
         ranks = ckpt.get("rng_ranks") or []
         set_rng_state(ranks[d.rank] if d.enabled and len(ranks) == d.world else ckpt["rng"])
     return TrainingState.from_checkpoint(ckpt, d)
+
+
+def config_to_run(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, dict | None]:
+    """The plain config to run, its unresolved form, and the checkpoint when `resume` names one
+    (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.config import build as b
+
+    try:
+        config = b.plain(cfg)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(
+            f"{exc.full_key} is required: set it on the command line, {exc.full_key}=..."
+        ) from exc
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the config does not resolve: {exc}") from exc
+    # a string where a number belongs names its key here, before the data is read or anything built
+    b.check_number_keys(config)
+    b.check_targets(config)  # before check_numbers imports them to read their signatures
+    b.check_numbers(config)
+    if not config.get("resume"):
+        return (
+            config,
+            OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else config,
+            None,
+        )
+    ckpt = load_checkpoint(config["resume"])
+    return *resume_config(ckpt, cfg, overrides, config["resume"]), ckpt
