@@ -87,7 +87,10 @@ def cli_here(module: str, *args: str, cwd: Path, timeout: float | None = None) -
         sys.argv = [module, *args]  # runpy sets argv[0] to the module's file, as `python -m` does
         code = 0
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _loguru_to(sys.stderr):
+                # warnings print to stderr as in a new interpreter, not into pytest's record
+                warnings.filters[:] = PROCESS_WARNING_FILTERS
+                warnings.showwarning = _show_warning
                 # runpy warns that the entry is already imported (by an earlier test): rerun it anyway
                 warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -99,6 +102,25 @@ def cli_here(module: str, *args: str, cwd: Path, timeout: float | None = None) -
     return subprocess.CompletedProcess(
         [sys.executable, "-m", module, *args], code, out.getvalue(), err.getvalue()
     )
+
+
+# the filters of a new interpreter (-W and PYTHONWARNINGS included), before pytest adds its own per test
+PROCESS_WARNING_FILTERS = warnings.filters[:]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _loguru_to(stream):
+    """loguru's default sink, on the captured stream: what a command logs before it sets up its own
+    sinks reaches stderr as in a new process (loguru keeps the stream it was given, not sys.stderr)."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(stream)
+    yield
 
 
 def _exit_code(code) -> int:

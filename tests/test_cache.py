@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, cli, make_tree, run_dirs
+from conftest import TINY, cli_here, make_tree, run_dirs
 
 from imgcls.data import DataError, ImageFolderData
 
@@ -69,7 +69,7 @@ def test_a_run_gives_the_same_results_with_and_without_the_cache(tmp_path):
         cwd = tmp_path / mode
         cwd.mkdir()
         args = [*TINY, f"data.root={tree}", "deterministic=true", "data.num_workers=2", f"data.cache={mode}"]
-        result = cli("imgcls.train", *args, cwd=cwd)
+        result = cli_here("imgcls.train", *args, cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
         (runs[mode],) = run_dirs(cwd)
     assert "image cache (memory): 24 images" in (runs["memory"] / "logs" / "train.log").read_text()
