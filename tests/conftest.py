@@ -132,13 +132,27 @@ def _exit_code(code) -> int:
     return 1
 
 
+def _fresh_hydra() -> None:
+    """Hydra's state as a new process has it, and no run directory claimed yet."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    # no HydraConfig: with the last command's, `${hydra:...}` resolves early and the train config's
+    # run_dir resolver claims a directory while Hydra only asks for the run mode
+    HydraConfig.instance().cfg = None
+    # imgcls.config.naming caches the directories this process claimed, by relative name
+    naming = sys.modules.get("imgcls.config.naming")
+    getattr(naming, "_claimed", {}).clear()
+
+
 @contextlib.contextmanager
 def _process_state(cwd: Path):
     """Put back what a command changes in its process: cwd, argv, environment, sys.path, signal
-    handlers, RNGs, torch's threads and determinism flags, Hydra's global state, logging sinks."""
+    handlers, RNGs, torch's threads and determinism flags, Hydra's global state, logging sinks, the
+    run directories claimed."""
     import numpy
     import torch
-    from hydra.core.global_hydra import GlobalHydra
     from loguru import logger
 
     from imgcls import log
@@ -160,6 +174,7 @@ def _process_state(cwd: Path):
         "root_logger": (logging.root.handlers[:], logging.root.level),
     }
     os.chdir(cwd)
+    _fresh_hydra()
     # a new process starts from unseeded generators: a command that forgets to seed must not pass
     # because the test process happened to hold the same state for both runs
     random.seed()
@@ -182,7 +197,7 @@ def _process_state(cwd: Path):
         torch.use_deterministic_algorithms(saved["deterministic"][0], warn_only=saved["deterministic"][1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved["cudnn"]
         torch.set_float32_matmul_precision(saved["matmul"])
-        GlobalHydra.instance().clear()
+        _fresh_hydra()
         handlers, level = saved["root_logger"]
         for handler in logging.root.handlers[:]:  # Hydra's job log file and console
             if handler not in handlers:

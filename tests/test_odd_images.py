@@ -195,6 +195,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_training_stops_on_a_file_that_turned_hostile_and_exits(tmp_path: Path):
     """In a loader worker: the error comes back without the worker's traceback, and the process
     exits (workers ignore SIGTERM: the run used to print the error, then hang at exit)."""

@@ -67,6 +67,7 @@ def test_a_finished_run_directory_is_refused_and_left_byte_identical(trained_run
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_started_on_one_directory_one_wins(tmp_path: Path):
     tree = make_tree(tmp_path / "tiny", counts={"train": 2, "val": 1})
     run = tmp_path / "shared"

@@ -167,6 +167,7 @@ def test_same_seed_deterministic_runs_are_identical(tmp_path: Path, tiny_tree: P
     assert not torch.equal(wa["fc.weight"], wc["fc.weight"])
 
 
+@pytest.mark.slow
 def test_default_digits_data_is_written_once_and_trains(tmp_path: Path):
     result = cli_here("imgcls.train", "trainer.epochs=4", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -180,6 +181,7 @@ def test_default_digits_data_is_written_once_and_trains(tmp_path: Path):
     assert float(summary_value(run, "test acc (best weights)").split()[0]) > 0.85
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data/hymenoptera_data")
 def test_hymenoptera_trains_past_its_stray_gif(tmp_path: Path):
     # transforms=digits (32 px) keeps this test fast; the data path is the real one
