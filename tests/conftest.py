@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny ImageFolder trees of real image files, and the real CLI in a subprocess or in-process."""
+"""Shared fixtures: tiny ImageFolder trees of real image files, and the real CLI in a subprocess or in-process.
+
+`cli` runs `python -m <module>` in a new process (~5 s of start-up); `cli_here` runs the same entry in
+this process and returns the same result. Use `cli` where only a process shows the behaviour (its real
+exit code and `error:` line, once per command; signals, torchrun, sweeps' workers); `cli_here` for the
+rest. Tests marked `slow` are in the default run; `pytest -m "not slow"` is the quick loop."""
 
 from __future__ import annotations
 

@@ -184,6 +184,7 @@ def test_epochs_can_be_extended_and_other_overrides_are_refused(tree, reference,
     assert [e.step for e in acc.Scalars("val/acc")] == [1, 2, 3, 4], "the curves continue"
 
 
+@pytest.mark.slow
 def test_cosine_horizon_is_rebuilt_with_a_warning(tree, tmp_path):
     first = cli_here(
         "imgcls.train", *EXACT, f"data.root={tree}", "scheduler=cosine", "trainer.epochs=1", cwd=tmp_path
