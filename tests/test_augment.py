@@ -211,6 +211,7 @@ def test_settings_resolve_per_device_cache_and_pipeline():
         ImageFolderData(".", {}, batch_size=4, device_augment="yes")
 
 
+@pytest.mark.slow
 def test_a_run_with_device_augment_trains_and_resumes_bit_exactly(tmp_path):
     """data.cache=memory data.device_augment=true on CPU, the imagenet preset at 32 px: a 2-epoch run
     equals a 1-epoch run resumed for a second epoch (the resume takes the setting it started with)."""

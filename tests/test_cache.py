@@ -62,6 +62,7 @@ def _metrics(run: Path) -> list[dict]:
         ]
 
 
+@pytest.mark.slow
 def test_a_run_gives_the_same_results_with_and_without_the_cache(tmp_path):
     tree = make_tree(tmp_path / "tree", counts={"train": 8, "val": 4})
     runs = {}

@@ -44,6 +44,7 @@ def test_check_config_composes_and_builds_every_data_option(option):
         assert data.download["url"] == "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 
 
+@pytest.mark.slow
 def test_check_lists_every_bad_file_and_exits_2(tmp_path: Path, messy: Path):
     args = ["check", "data=imagefolder", f"data.root={messy}", "data.max_image_pixels=5000"]
     result = cli("imgcls.data", *args, cwd=tmp_path, timeout=120)
@@ -103,6 +104,7 @@ def test_training_stops_before_the_model_on_bad_files(tmp_path: Path, messy: Pat
     assert not (run / "weights").exists()
 
 
+@pytest.mark.slow
 def test_training_in_skip_mode_completes_and_records_the_skips(tmp_path: Path, messy: Path):
     args = [*ONE_EPOCH, f"data.root={messy}", "data.max_image_pixels=5000", "data.on_bad_image=skip"]
     check = cli_here("imgcls.data", "check", *args[:1], *args[-3:], cwd=tmp_path, timeout=120)
@@ -121,6 +123,7 @@ def test_training_in_skip_mode_completes_and_records_the_skips(tmp_path: Path, m
     assert state["data_split"] is None and not (run / "data_split.json").exists()
 
 
+@pytest.mark.slow
 def test_val_fraction_split_is_recorded_in_the_run_and_checkpoint(tmp_path: Path):
     tree = make_tree(tmp_path / "t", counts={"train": 10, "test": 2})
     result = cli_here("imgcls.train", *ONE_EPOCH, f"data.root={tree}", "data.val_fraction=0.2", cwd=tmp_path)
@@ -135,6 +138,7 @@ def test_val_fraction_split_is_recorded_in_the_run_and_checkpoint(tmp_path: Path
     assert set(state["data_fingerprint"]["splits"]) == {"train", "val", "test"}
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_carved_split_and_warns_about_changed_data(tmp_path: Path):
     tree = make_tree(tmp_path / "t", counts={"train": 10})
     args = [*ONE_EPOCH, f"data.root={tree}", "data.val_fraction=0.2"]

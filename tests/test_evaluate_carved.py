@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY, cli_here, make_tree, run_dirs
 
 
+@pytest.mark.slow
 def test_evaluate_uses_the_runs_carved_val_split(tmp_path: Path):
     tree = make_tree(tmp_path / "tree", counts={"train": 8, "test": 2})  # no val/ folder at all
     trained = cli_here("imgcls.train", *TINY, f"data.root={tree}", "data.val_fraction=0.25", cwd=tmp_path)

@@ -317,6 +317,7 @@ def test_missing_paths_and_bad_keys_name_what_exists(run_copy: Path, tmp_path: P
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_real_process_exits_2_with_the_error_line(run_copy: Path, tmp_path: Path):
     """The cases above run in-process; this one pins what the interpreter itself exits with."""
     result = cli("imgcls.evaluate", f"run_dir={run_copy}", "split=holdout", cwd=tmp_path, timeout=120)

@@ -69,6 +69,7 @@ def reference(run: Path, images: list[Path]) -> tuple[torch.Tensor, np.ndarray]:
         return batch, restored.model.eval()(restored.normalize(batch)).numpy()
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_and_documents_itself(run: Path, onnx_file):
     path, output = onnx_file
     # the check ran and says what it measured
@@ -100,6 +101,7 @@ def test_onnx_export_matches_pytorch_and_documents_itself(run: Path, onnx_file):
         np.testing.assert_allclose(got, logits[:n], atol=1e-4 * max(1, np.abs(logits).max()), rtol=0)
 
 
+@pytest.mark.slow
 def test_predict_runs_the_onnx_model_without_torch(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     tree = data_root(run)
@@ -128,6 +130,7 @@ def test_predict_runs_the_onnx_model_without_torch(run: Path, onnx_file, tmp_pat
         assert abs(float(o["confidence"]) - float(p["confidence"])) < 1e-4
 
 
+@pytest.mark.slow
 def test_onnx_predict_lists_unreadable_inputs_and_predicts_the_rest(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     good = mixed_inputs(data_root(run), tmp_path / "in")
@@ -154,6 +157,7 @@ def corrupt(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_corrupt_or_mismatched_onnx_is_refused(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     image = next((data_root(run) / "test").glob("*/*.jpg"))
@@ -188,6 +192,7 @@ def test_corrupt_or_mismatched_onnx_is_refused(run: Path, onnx_file, tmp_path: P
         assert message in result.stderr and str(bad) in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_export_outside_the_tolerance_is_refused_and_the_previous_one_kept(run: Path, onnx_file):
     path, _ = onnx_file
     before = path.read_bytes()
@@ -199,6 +204,7 @@ def test_an_export_outside_the_tolerance_is_refused_and_the_previous_one_kept(ru
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_torchscript_and_safetensors_round_trip(run: Path):
     for fmt in ("torchscript", "safetensors"):
         result = export(run, f"format={fmt}", "checkpoint=last")
@@ -242,6 +248,7 @@ def test_torchscript_and_safetensors_round_trip(run: Path):
         read_safetensors(path)
 
 
+@pytest.mark.slow
 def test_bad_export_arguments(run: Path):
     result = export(run, "format=tflite", runner=cli)  # the real exit code and error line
     assert (
@@ -252,6 +259,7 @@ def test_bad_export_arguments(run: Path):
     assert result.returncode == 0 and "format: onnx" in result.stdout
 
 
+@pytest.mark.slow
 def test_predict_needs_a_run_or_an_export_not_both(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     image = next((data_root(run) / "test").glob("*/*.jpg"))

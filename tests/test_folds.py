@@ -213,6 +213,7 @@ def best_val_acc(job: Path) -> float:
         return max(float(r["val/acc"]) for r in csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cv_sweep_writes_the_mean_and_std_of_the_folds(cv_sweep):
     sweep_dir, tree, stdout = cv_sweep
     jobs = sorted(sweep.job_dirs(sweep_dir))
@@ -257,6 +258,7 @@ def test_cv_sweep_writes_the_mean_and_std_of_the_folds(cv_sweep):
     assert (sweep_dir / "cv_summary.csv").read_text() == written
 
 
+@pytest.mark.slow
 def test_evaluate_and_resume_of_a_fold_see_the_same_val_files(cv_sweep):
     sweep_dir, tree, _ = cv_sweep
     job = sorted(sweep.job_dirs(sweep_dir))[1]

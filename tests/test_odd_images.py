@@ -143,6 +143,7 @@ def test_the_check_cli_lists_hostile_files_without_a_traceback_or_warnings(
     assert "Warning" not in result.stderr  # Pillow's notes on odd files are not printed, per file or at all
 
 
+@pytest.mark.slow
 def test_training_in_skip_mode_trains_around_hostile_files(hostile_tree: Path, tmp_path: Path):
     result = cli_here(
         "imgcls.train", *TINY, "trainer.epochs=1", f"data.root={hostile_tree}", "data.on_bad_image=skip",

@@ -108,6 +108,7 @@ def test_predict_bad_inputs_are_named(trained_run: Path, tmp_path: Path, inputs,
     assert not (trained_run / "predict").exists()
 
 
+@pytest.mark.slow
 def test_predict_lists_unreadable_inputs_and_predicts_the_rest(trained_run: Path, tmp_path: Path):
     good = mixed_inputs(data_root(trained_run), tmp_path / "in")
     result = cli_here(

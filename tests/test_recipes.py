@@ -76,7 +76,7 @@ def train_a_step(tree: Path, *overrides: str) -> dict[str, float]:
                 "convnext_tiny",
             ]
         ],
-        ["model=vit_b_16", "transforms=basic"],
+        pytest.param(["model=vit_b_16", "transforms=basic"], marks=pytest.mark.slow),  # ViT-B: 86M parameters
         *[
             [f"scheduler={s}", "transforms=digits"]
             for s in ["multistep", "cosine", "onecycle", "plateau", "none"]
@@ -172,6 +172,7 @@ def test_pretrained_name_offline_says_where_to_put_the_file(tmp_path):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_says_why(tree, tmp_path):
     # lr=0: the weights never move; the recalibrated BatchNorm statistics still differ a little
     # from epoch to epoch (other batches), hence a min_delta no such wobble reaches
@@ -185,6 +186,7 @@ def test_early_stopping_stops_and_says_why(tree, tmp_path):
     assert len(metrics(run)) == 3
 
 
+@pytest.mark.slow
 def test_ema_and_top_k_checkpoints_appear_and_load(tree, tmp_path):
     result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=3", "trainer.ema_decay=0.5",
                  "trainer.keep_top_k=2", cwd=tmp_path)  # fmt: skip
@@ -207,6 +209,7 @@ def test_ema_and_top_k_checkpoints_appear_and_load(tree, tmp_path):
     assert best["best_acc"] == max(score.values())
 
 
+@pytest.mark.slow
 def test_lr_find_writes_its_plot_and_suggestion(tree, tmp_path):
     result = cli_here("imgcls.lr_find", "data=imagefolder", f"data.root={tree}", "transforms=digits", "data.batch_size=4",
                  "data.num_workers=0", "lr_find.num_iter=30", cwd=tmp_path)  # fmt: skip

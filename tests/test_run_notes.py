@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import TINY, cli_here, run_dirs
 from PIL import Image
 
@@ -32,6 +33,7 @@ def identical_tree(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_run_that_predicts_one_class_says_so_in_log_and_summary(tmp_path: Path):
     tree = identical_tree(tmp_path / "same")
     result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=1", cwd=tmp_path)

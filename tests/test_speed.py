@@ -41,6 +41,7 @@ def test_auto_settings_per_device():
         resolve_channels_last("yes", CPU)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_each_precision_trains_and_writes_a_loadable_checkpoint(tmp_path, tiny_tree, precision):
     args = [*TINY, f"data.root={tiny_tree}", "trainer.epochs=1", f"trainer.precision={precision}"]
@@ -94,6 +95,7 @@ def test_fp16_gradients_that_overflow_even_unscaled_are_divergence():
         train_one_epoch(model, batches, nn.functional.cross_entropy, optimizer, CPU, normalize, amp=amp)
 
 
+@pytest.mark.slow
 def test_fp16_loss_scale_resumes_exactly(tmp_path):
     tree = make_tree(tmp_path / "tree", counts={"train": 8, "val": 4})
     args = [*TINY, f"data.root={tree}", "trainer.precision=fp16", "deterministic=true"]

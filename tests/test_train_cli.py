@@ -148,6 +148,7 @@ def test_log_file_has_the_epoch_lines(trained_run: Path):
     assert "epoch 1/2" in log and "epoch 2/2" in log and "done: best val acc" in log
 
 
+@pytest.mark.slow
 def test_same_seed_deterministic_runs_are_identical(tmp_path: Path, tiny_tree: Path):
     args = [*TINY, f"data.root={tiny_tree}", "deterministic=true", "seed=3", "trainer.epochs=1"]
     for _ in range(2):
@@ -240,6 +241,7 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, tiny_tree: Pa
     assert not (run / "weights").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_root_is_named(tmp_path: Path):
     result = cli("imgcls.train", "data=imagefolder", "trainer.epochs=1", cwd=tmp_path)
     assert result.returncode == 2

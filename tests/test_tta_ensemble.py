@@ -96,6 +96,7 @@ def evaluate(*args: str, cwd: Path) -> Path:
     return result
 
 
+@pytest.mark.slow
 def test_ensemble_averages_its_members_sample_by_sample(two_runs: list[Path], tmp_path: Path):
     a, b = two_runs
     for run in two_runs:
@@ -123,6 +124,7 @@ def test_ensemble_averages_its_members_sample_by_sample(two_runs: list[Path], tm
     assert read_csv(out / "members.csv")[-1]["run_dir"] == "ensemble"
 
 
+@pytest.mark.slow
 def test_ensemble_of_runs_with_other_classes_is_refused(two_runs: list[Path], tmp_path: Path):
     """A run trained on cat, dog, wolf (its own tree has those folders) next to one on cat, dog, fox."""
     a, b = two_runs
@@ -143,6 +145,7 @@ def test_ensemble_of_runs_with_other_classes_is_refused(two_runs: list[Path], tm
     assert result.returncode == 2 and "an ensemble needs a list of at least two runs" in result.stderr
 
 
+@pytest.mark.slow
 def test_tta_evaluation_reports_itself_and_the_numbers_without_it(trained_run: Path, tmp_path: Path):
     run = tmp_path / trained_run.name
     shutil.copytree(trained_run, run, copy_function=os.link, ignore=shutil.ignore_patterns("eval", "predict"))
