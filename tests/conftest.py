@@ -1,10 +1,23 @@
-"""Shared fixtures: tiny ImageFolder trees of real image files, and the real CLI in a subprocess."""
+"""Shared fixtures: tiny ImageFolder trees of real image files, and the real CLI in a subprocess or in-process.
+
+`cli` runs `python -m <module>` in a new process (~5 s of start-up); `cli_here` runs the same entry in
+this process and returns the same result. Use `cli` where only a process shows the behaviour (its real
+exit code and `error:` line, once per command; signals, torchrun, sweeps' workers); `cli_here` for the
+rest. Tests marked `slow` are in the default run; `pytest -m "not slow"` is the quick loop."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import random
+import runpy
+import signal
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +81,140 @@ def cli(module: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.
     )
 
 
+def cli_here(module: str, *args: str, cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`cli` in this process: `python -m <module> args...` run by runpy as `__main__`, with the same
+    result (exit code, stdout, stderr) and none of the ~5 s a new interpreter costs. The state a
+    command leaves in a process is put back afterwards (see `_process_state`); `timeout` is ignored.
+    Keep one subprocess test per command: only a real process pins what the interpreter does."""
+    out, err = io.StringIO(), io.StringIO()
+    with _process_state(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.environ.update(PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+        sys.argv = [module, *args]  # runpy sets argv[0] to the module's file, as `python -m` does
+        code = 0
+        try:
+            with warnings.catch_warnings(), _loguru_to(sys.stderr):
+                # warnings print to stderr as in a new interpreter, not into pytest's record
+                warnings.filters[:] = PROCESS_WARNING_FILTERS
+                warnings.showwarning = _show_warning
+                # runpy warns that the entry is already imported (by an earlier test): rerun it anyway
+                warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = _exit_code(exc.code)
+        except BaseException:  # what the interpreter does with an uncaught exception
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(
+        [sys.executable, "-m", module, *args], code, out.getvalue(), err.getvalue()
+    )
+
+
+# the filters of a new interpreter (-W and PYTHONWARNINGS included), before pytest adds its own per test
+PROCESS_WARNING_FILTERS = warnings.filters[:]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _loguru_to(stream):
+    """loguru's default sink, on the captured stream: what a command logs before it sets up its own
+    sinks reaches stderr as in a new process (loguru keeps the stream it was given, not sys.stderr)."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(stream)
+    yield
+
+
+def _exit_code(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # sys.exit("message"): printed, exit 1
+    return 1
+
+
+def _fresh_hydra() -> None:
+    """Hydra's state as a new process has it, and no run directory claimed yet."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    # no HydraConfig: with the last command's, `${hydra:...}` resolves early and the train config's
+    # run_dir resolver claims a directory while Hydra only asks for the run mode
+    HydraConfig.instance().cfg = None
+    # imgcls.config.naming caches the directories this process claimed, by relative name
+    naming = sys.modules.get("imgcls.config.naming")
+    getattr(naming, "_claimed", {}).clear()
+
+
+@contextlib.contextmanager
+def _process_state(cwd: Path):
+    """Put back what a command changes in its process: cwd, argv, environment, sys.path, signal
+    handlers, RNGs, torch's threads and determinism flags, Hydra's global state, logging sinks, the
+    run directories claimed."""
+    import numpy
+    import torch
+    from loguru import logger
+
+    from imgcls import log
+
+    saved = {
+        "cwd": os.getcwd(),
+        "argv": sys.argv[:],
+        "env": dict(os.environ),
+        "path": sys.path[:],
+        "signals": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)},
+        "rng": (random.getstate(), numpy.random.get_state(), torch.get_rng_state()),
+        "threads": torch.get_num_threads(),
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+        "matmul": torch.get_float32_matmul_precision(),
+        "root_logger": (logging.root.handlers[:], logging.root.level),
+    }
+    os.chdir(cwd)
+    _fresh_hydra()
+    # a new process starts from unseeded generators: a command that forgets to seed must not pass
+    # because the test process happened to hold the same state for both runs
+    random.seed()
+    numpy.random.seed()
+    torch.seed()
+    try:
+        yield
+    finally:
+        os.chdir(saved["cwd"])
+        sys.argv[:] = saved["argv"]
+        os.environ.clear()
+        os.environ.update(saved["env"])
+        sys.path[:] = saved["path"]
+        for s, handler in saved["signals"].items():
+            signal.signal(s, handler)
+        random.setstate(saved["rng"][0])
+        numpy.random.set_state(saved["rng"][1])
+        torch.set_rng_state(saved["rng"][2])
+        torch.set_num_threads(saved["threads"])
+        torch.use_deterministic_algorithms(saved["deterministic"][0], warn_only=saved["deterministic"][1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved["cudnn"]
+        torch.set_float32_matmul_precision(saved["matmul"])
+        _fresh_hydra()
+        handlers, level = saved["root_logger"]
+        for handler in logging.root.handlers[:]:  # Hydra's job log file and console
+            if handler not in handlers:
+                logging.root.removeHandler(handler)
+                handler.close()
+        logging.root.setLevel(level)
+        # loguru: the sinks the command added wrote to its files and to the captured stderr
+        logger.remove()
+        getattr(log, "_sinks", set()).clear()
+        logger.add(sys.__stderr__, level="INFO", format=log.CONSOLE_FORMAT)
+
+
 def run_dirs(cwd: Path) -> list[Path]:
     return sorted(p for p in (cwd / "outputs").glob("*/*") if p.is_dir())
 
@@ -77,7 +224,7 @@ def trained_run(tmp_path_factory) -> Path:
     """One tiny finished training run, shared by the tests that only read what it wrote."""
     cwd = tmp_path_factory.mktemp("trained")
     tree = make_tree(cwd / "tiny")
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", "optimizer.lr=0.01", cwd=cwd)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "optimizer.lr=0.01", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = run_dirs(cwd)
     return run

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, cli, make_tree, run_dirs
+from conftest import TINY, cli_here, make_tree, run_dirs
 from torchvision import transforms as v1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -210,6 +210,7 @@ def test_settings_resolve_per_device_cache_and_pipeline():
         ImageFolderData(".", {}, batch_size=4, device_augment="yes")
 
 
+@pytest.mark.slow
 def test_a_run_with_device_augment_trains_and_resumes_bit_exactly(tmp_path):
     """data.cache=memory data.device_augment=true on CPU, the imagenet preset at 32 px: a 2-epoch run
     equals a 1-epoch run resumed for a second epoch (the resume takes the setting it started with)."""
@@ -220,13 +221,13 @@ def test_a_run_with_device_augment_trains_and_resumes_bit_exactly(tmp_path):
     for epochs in (2, 1):
         cwd = tmp_path / f"e{epochs}"
         cwd.mkdir()
-        result = cli("imgcls.train", *args, f"trainer.epochs={epochs}", cwd=cwd)
+        result = cli_here("imgcls.train", *args, f"trainer.epochs={epochs}", cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
         (runs[epochs],) = run_dirs(cwd)
     assert "device augment True" in (runs[2] / "summary.txt").read_text()
     last = runs[1] / "weights" / "last.pt"
     assert torch.load(last, weights_only=True)["device_augment"] is True
-    result = cli("imgcls.train", f"resume={last}", "trainer.epochs=2", cwd=tmp_path / "e1")
+    result = cli_here("imgcls.train", f"resume={last}", "trainer.epochs=2", cwd=tmp_path / "e1")
     assert result.returncode == 0, result.stderr[-3000:]
     a = torch.load(runs[2] / "weights" / "last.pt", weights_only=True)
     b = torch.load(last, weights_only=True)

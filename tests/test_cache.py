@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, cli, make_tree, run_dirs
+from conftest import TINY, cli_here, make_tree, run_dirs
 from torch.utils.data import Dataset
 
 from imgcls.data import DataError, DataRecord, ImageFolderData, make_dataset
@@ -63,6 +63,7 @@ def _metrics(run: Path) -> list[dict]:
         ]
 
 
+@pytest.mark.slow
 def test_a_run_gives_the_same_results_with_and_without_the_cache(tmp_path):
     tree = make_tree(tmp_path / "tree", counts={"train": 8, "val": 4})
     runs = {}
@@ -70,7 +71,7 @@ def test_a_run_gives_the_same_results_with_and_without_the_cache(tmp_path):
         cwd = tmp_path / mode
         cwd.mkdir()
         args = [*TINY, f"data.root={tree}", "deterministic=true", "data.num_workers=2", f"data.cache={mode}"]
-        result = cli("imgcls.train", *args, cwd=cwd)
+        result = cli_here("imgcls.train", *args, cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
         (runs[mode],) = run_dirs(cwd)
     assert "image cache (memory): 24 images" in (runs["memory"] / "logs" / "train.log").read_text()

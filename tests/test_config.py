@@ -33,7 +33,10 @@ def test_groups_have_the_documented_options():
     assert {"digits", "imagenet"} <= set(options("transforms"))
 
 
-@pytest.mark.parametrize("group", ["data", "transforms", "model", "optimizer", "scheduler", "loss"])
+@pytest.mark.parametrize(
+    "group",
+    ["data", "transforms", pytest.param("model", marks=pytest.mark.slow), "optimizer", "scheduler", "loss"],
+)  # model builds every classifier, ViT-B and ConvNeXt among them
 def test_every_option_composes_and_builds(group: str, tmp_path: Path):
     for option in options(group):
         cfg = compose_train(f"{group}={option}", f"data.root={tmp_path}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, cli, make_tree, run_dirs
+from conftest import REPO, TINY, cli, cli_here, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from test_data_check import BAD, add_messy_files
@@ -44,6 +44,7 @@ def test_check_config_composes_and_builds_every_data_option(option):
         assert data.download["url"] == "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 
 
+@pytest.mark.slow
 def test_check_lists_every_bad_file_and_exits_2(tmp_path: Path, messy: Path):
     args = ["check", "data=imagefolder", f"data.root={messy}", "data.max_image_pixels=5000"]
     result = cli("imgcls.data", *args, cwd=tmp_path, timeout=120)
@@ -72,29 +73,29 @@ def test_check_in_skip_mode_passes_with_warnings_and_caches(tmp_path: Path, mess
         "data.max_image_pixels=5000",
         "data.on_bad_image=skip",
     ]
-    first = cli("imgcls.data", *args, cwd=tmp_path, timeout=120)
+    first = cli_here("imgcls.data", *args, cwd=tmp_path, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "train (train/): 29 images in 3 classes: cat 13, dog 8, fox 8" in first.stdout
     assert "skipped 4 unreadable file(s) (data.on_bad_image=skip): train/cat/" in first.stdout
     assert "ok: no errors" in first.stdout
-    second = cli("imgcls.data", *args, cwd=tmp_path, timeout=120)
+    second = cli_here("imgcls.data", *args, cwd=tmp_path, timeout=120)
     assert "(0 decoded, 57 from cache)" in second.stdout
 
 
 def test_check_without_its_verb_or_root_says_what_is_missing(tmp_path: Path):
-    result = cli("imgcls.data", "data.root=x", cwd=tmp_path, timeout=60)
+    result = cli_here("imgcls.data", "data.root=x", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "usage: python -m imgcls.data check" in result.stderr
-    result = cli("imgcls.data", "check", "data=imagefolder", cwd=tmp_path, timeout=60)
+    result = cli_here("imgcls.data", "check", "data=imagefolder", cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: data.root is required: set it on the command line, data.root=..." in result.stderr
-    result = cli("imgcls.data", "check", "--help", cwd=tmp_path, timeout=60)
+    result = cli_here("imgcls.data", "check", "--help", cwd=tmp_path, timeout=60)
     assert result.returncode == 0
     assert "python -m imgcls.data check is powered by Hydra" in result.stdout
     assert "data: digits, hymenoptera, imagefolder" in result.stdout
 
 
 def test_training_stops_before_the_model_on_bad_files(tmp_path: Path, messy: Path):
-    result = cli("imgcls.train", *TINY, f"data.root={messy}", "data.max_image_pixels=5000", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, f"data.root={messy}", "data.max_image_pixels=5000", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "4 file(s) cannot be used (set data.on_bad_image=skip to leave them out)" in result.stderr
     assert all(f"train/cat/{name}" in result.stderr for name in BAD)
@@ -103,11 +104,12 @@ def test_training_stops_before_the_model_on_bad_files(tmp_path: Path, messy: Pat
     assert not (run / "weights").exists()
 
 
+@pytest.mark.slow
 def test_training_in_skip_mode_completes_and_records_the_skips(tmp_path: Path, messy: Path):
     args = [*ONE_EPOCH, f"data.root={messy}", "data.max_image_pixels=5000", "data.on_bad_image=skip"]
-    check = cli("imgcls.data", "check", *args[:1], *args[-3:], cwd=tmp_path, timeout=120)
+    check = cli_here("imgcls.data", "check", *args[:1], *args[-3:], cwd=tmp_path, timeout=120)
     assert check.returncode == 0, check.stderr[-2000:]
-    result = cli("imgcls.train", *args, cwd=tmp_path)
+    result = cli_here("imgcls.train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = run_dirs(tmp_path)
     line = summary_value(run, "data check")
@@ -121,9 +123,10 @@ def test_training_in_skip_mode_completes_and_records_the_skips(tmp_path: Path, m
     assert state["data_split"] is None and not (run / "data_split.json").exists()
 
 
+@pytest.mark.slow
 def test_val_fraction_split_is_recorded_in_the_run_and_checkpoint(tmp_path: Path):
     tree = make_tree(tmp_path / "t", counts={"train": 10, "test": 2})
-    result = cli("imgcls.train", *ONE_EPOCH, f"data.root={tree}", "data.val_fraction=0.2", cwd=tmp_path)
+    result = cli_here("imgcls.train", *ONE_EPOCH, f"data.root={tree}", "data.val_fraction=0.2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = run_dirs(tmp_path)
     split = json.loads((run / "data_split.json").read_text())
@@ -135,17 +138,20 @@ def test_val_fraction_split_is_recorded_in_the_run_and_checkpoint(tmp_path: Path
     assert set(state["data_fingerprint"]["splits"]) == {"train", "val", "test"}
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_carved_split_and_warns_about_changed_data(tmp_path: Path):
     tree = make_tree(tmp_path / "t", counts={"train": 10})
     args = [*ONE_EPOCH, f"data.root={tree}", "data.val_fraction=0.2"]
-    assert cli("imgcls.train", *args, cwd=tmp_path).returncode == 0
+    assert cli_here("imgcls.train", *args, cwd=tmp_path).returncode == 0
     (run,) = run_dirs(tmp_path)
     split = json.loads((run / "data_split.json").read_text())
     # a new image arrives: a fresh carve might move it into val; the resumed run must not
     shutil.copy(tree / "train" / "cat" / "cat_000.jpg", tree / "train" / "cat" / "new.jpg")
     # and one is edited in place: same name, other pixels
     Image.new("RGB", (20, 16), (250, 0, 0)).save(tree / "train" / "cat" / "cat_001.jpg")
-    result = cli("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=tmp_path)
+    result = cli_here(
+        "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (
         "the data changed since the checkpoint: train: changed since the checkpoint (24 -> 24 files"

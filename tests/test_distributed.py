@@ -55,6 +55,7 @@ def ddp_run(tree, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_directory(ddp_run: Path):
     cwd = ddp_run.parents[2]
     assert run_dirs(cwd) == [ddp_run]
@@ -73,6 +74,7 @@ def test_two_processes_write_one_run_directory(ddp_run: Path):
     assert not any(k.startswith("module.") for k in state["model"]), "no DDP prefix in checkpoints"
 
 
+@pytest.mark.slow
 def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, tree: Path):
     from imgcls.config import build as b
     from imgcls.data.loaders import make_loader
@@ -96,6 +98,7 @@ def test_validation_equals_one_process_evaluating_the_checkpoint(ddp_run: Path, 
     assert single["val/loss"] == pytest.approx(best["history"][best["epoch"] - 1]["val/loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_run: Path):
     """Each rank recalibrates on its own share; the checkpoint holds their sums added, which is
     what one process gets from all the ranks' batches together."""
@@ -142,6 +145,7 @@ def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_r
     assert "BatchNorm recalibrated" in (ddp_run / "logs" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_in_one_process(ddp_run: Path, tmp_path: Path):
     import shutil
 
@@ -168,6 +172,7 @@ def rank_pid(agent: subprocess.Popen, rank: int) -> int:
     raise AssertionError("no worker found")
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_and_resume_under_ddp_is_exact(ddp_run, tree, tmp_path):
     agent = torchrun(
         *ARGS, f"data.root={tree}", "trainer.epochs=3", "trainer.log_all_ranks=true", cwd=tmp_path
@@ -191,6 +196,7 @@ def test_sigterm_on_one_rank_stops_all_and_resume_under_ddp_is_exact(ddp_run, tr
     assert_same_state(run, ddp_run)
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_on_cpu_is_a_clear_error(tree, tmp_path):
     rc, out = finish(
         torchrun(*ARGS, f"data.root={tree}", "trainer.epochs=1", "trainer.sync_batchnorm=true", cwd=tmp_path)
@@ -201,6 +207,7 @@ def test_sync_batchnorm_on_cpu_is_a_clear_error(tree, tmp_path):
     assert "status:         failed" in (run / "summary.txt").read_text()
 
 
+@pytest.mark.slow
 def test_bad_data_stops_every_rank_with_a_clear_message(tmp_path):
     rc, out = finish(torchrun(*ARGS, f"data.root={tmp_path / 'nope'}", "trainer.epochs=1", cwd=tmp_path))
     assert rc != 0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import cli, make_tree
+from conftest import cli, cli_here, make_tree
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 EVAL_FILES = [
@@ -61,7 +61,7 @@ def run_copy(trained_run: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def evaluated(run_copy: Path):
     """One default evaluation (best checkpoint, test split), read by several tests."""
-    result = cli("imgcls.evaluate", f"run_dir={run_copy}", cwd=run_copy.parent)
+    result = cli_here("imgcls.evaluate", f"run_dir={run_copy}", cwd=run_copy.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_copy / "eval" / "test-best", result
 
@@ -201,7 +201,7 @@ def test_tensorboard_holds_the_evaluation(evaluated, run_copy: Path):
 
 
 def test_val_accuracy_of_the_best_checkpoint_equals_training(run_copy: Path):
-    result = cli("imgcls.evaluate", f"run_dir={run_copy}", "split=val", cwd=run_copy.parent)
+    result = cli_here("imgcls.evaluate", f"run_dir={run_copy}", "split=val", cwd=run_copy.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_json(run_copy / "eval" / "val-best" / "metrics.json")
     best = torch.load(run_copy / "weights" / "best.pt", weights_only=True)
@@ -218,7 +218,7 @@ def test_val_accuracy_of_the_best_checkpoint_equals_training(run_copy: Path):
 
 def test_last_checkpoint_and_a_second_evaluation_get_their_own_folders(run_copy: Path):
     for _ in range(2):
-        result = cli(
+        result = cli_here(
             "imgcls.evaluate", f"run_dir={run_copy}", "checkpoint=last", "split=val", cwd=run_copy.parent
         )
         assert result.returncode == 0, result.stderr[-3000:]
@@ -234,7 +234,9 @@ def test_last_checkpoint_and_a_second_evaluation_get_their_own_folders(run_copy:
 def test_another_tree_with_the_same_classes(run_copy: Path, tmp_path: Path):
     # only a test/ split: evaluation needs no train/ or val/
     other = make_tree(tmp_path / "other", counts={"test": 2}, seed=7)
-    result = cli("imgcls.evaluate", f"run_dir={run_copy}", f"data.root={other}", "device=cpu", cwd=tmp_path)
+    result = cli_here(
+        "imgcls.evaluate", f"run_dir={run_copy}", f"data.root={other}", "device=cpu", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = run_copy / "eval" / "test-best_root-other"  # named for what it measured; device left out
     rows = read_csv(out / "predictions.csv")
@@ -251,7 +253,7 @@ def test_class_names_come_from_the_checkpoint_not_the_folder_order(evaluated, ru
     for key in ("fc.weight", "fc.bias"):
         state["model"][key] = state["model"][key][order].clone()
     torch.save(state, tmp_path / "permuted.pt")
-    result = cli(
+    result = cli_here(
         "imgcls.evaluate", f"run_dir={run_copy}", f"checkpoint={tmp_path / 'permuted.pt'}",
         f"out_dir={tmp_path / 'out'}", cwd=tmp_path,
     )  # fmt: skip
@@ -271,7 +273,7 @@ def test_class_folders_that_differ_are_listed(run_copy: Path, tmp_path: Path):
     tree = make_tree(tmp_path / "renamed", counts={"test": 1})
     (tree / "test" / "fox").rename(tree / "test" / "wolf")
     (tree / "test" / "owl").mkdir()
-    result = cli("imgcls.evaluate", f"run_dir={run_copy}", f"data.root={tree}", cwd=tmp_path)
+    result = cli_here("imgcls.evaluate", f"run_dir={run_copy}", f"data.root={tree}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
         f"error: {tree / 'test'}: the class folders differ from the checkpoint's 3 classes (cat, dog, fox): "
@@ -309,10 +311,20 @@ def test_class_folders_that_differ_are_listed(run_copy: Path, tmp_path: Path):
 def test_missing_paths_and_bad_keys_name_what_exists(run_copy: Path, tmp_path: Path, args, message):
     tree = make_tree(tmp_path / "nosplit", counts={"train": 1, "val": 1})
     fill = {"run": run_copy, "parent": run_copy.parent, "tree": tree}
-    result = cli("imgcls.evaluate", *(a.format(**fill) for a in args), cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.evaluate", *(a.format(**fill) for a in args), cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert message.format(**fill) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_real_process_exits_2_with_the_error_line(run_copy: Path, tmp_path: Path):
+    """The cases above run in-process; this one pins what the interpreter itself exits with."""
+    result = cli("imgcls.evaluate", f"run_dir={run_copy}", "split=holdout", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: split=holdout: the run's data has no such split; it has train, val, test" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_copy / "eval" / "holdout-best").exists()
 
 
 def test_help_is_instant_and_imports_no_torch(tmp_path: Path):
@@ -329,7 +341,7 @@ def cli_python(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_train_split_is_read_with_the_eval_pipeline_as_training_reports_it(run_copy: Path):
-    result = cli("imgcls.evaluate", f"run_dir={run_copy}", "split=train", cwd=run_copy.parent)
+    result = cli_here("imgcls.evaluate", f"run_dir={run_copy}", "split=train", cwd=run_copy.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_json(run_copy / "eval" / "train-best" / "metrics.json")
     summary = (run_copy / "summary.txt").read_text()

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from conftest import cli
+from conftest import cli, cli_here
 from odd_files import UNREADABLE, check_predictions, mixed_inputs
 
 from imgcls.config import build as b
@@ -46,8 +46,9 @@ def run(trained_run: Path, tmp_path_factory) -> Path:
     return dest
 
 
-def export(run: Path, *args: str) -> subprocess.CompletedProcess:
-    return cli("imgcls.export", f"run_dir={run}", *args, cwd=run.parent, timeout=300)
+def export(run: Path, *args: str, runner=None) -> subprocess.CompletedProcess:
+    """The export command, in-process unless `runner=cli` (a real process)."""
+    return (runner or cli_here)("imgcls.export", f"run_dir={run}", *args, cwd=run.parent, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,7 @@ def reference(run: Path, images: list[Path]) -> tuple[torch.Tensor, np.ndarray]:
         return batch, restored.model.eval()(restored.normalize(batch)).numpy()
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_and_documents_itself(run: Path, onnx_file):
     path, output = onnx_file
     # the check ran and says what it measured
@@ -99,6 +101,7 @@ def test_onnx_export_matches_pytorch_and_documents_itself(run: Path, onnx_file):
         np.testing.assert_allclose(got, logits[:n], atol=1e-4 * max(1, np.abs(logits).max()), rtol=0)
 
 
+@pytest.mark.slow
 def test_predict_runs_the_onnx_model_without_torch(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     tree = data_root(run)
@@ -114,7 +117,7 @@ def test_predict_runs_the_onnx_model_without_torch(run: Path, onnx_file, tmp_pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch imported: False" in result.stdout
-    torch_run = cli("imgcls.predict", f"run_dir={run}", f"inputs=[{tree / 'test'}]", f"out_dir={tmp_path / 'pt'}",
+    torch_run = cli_here("imgcls.predict", f"run_dir={run}", f"inputs=[{tree / 'test'}]", f"out_dir={tmp_path / 'pt'}",
                     cwd=tmp_path)  # fmt: skip
     assert torch_run.returncode == 0, torch_run.stderr[-3000:]
     onnx_rows, pt_rows = (
@@ -127,12 +130,13 @@ def test_predict_runs_the_onnx_model_without_torch(run: Path, onnx_file, tmp_pat
         assert abs(float(o["confidence"]) - float(p["confidence"])) < 1e-4
 
 
+@pytest.mark.slow
 def test_onnx_predict_lists_unreadable_inputs_and_predicts_the_rest(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     good = mixed_inputs(data_root(run), tmp_path / "in")
 
     def predict(inputs: list, out: str) -> subprocess.CompletedProcess:
-        return cli("imgcls.predict", f"onnx={path}", f"inputs=[{','.join(map(str, inputs))}]",
+        return cli_here("imgcls.predict", f"onnx={path}", f"inputs=[{','.join(map(str, inputs))}]",
                    f"out_dir={tmp_path / out}", cwd=tmp_path, timeout=120)  # fmt: skip
 
     result = predict([tmp_path / "in"], "mixed")
@@ -153,12 +157,13 @@ def corrupt(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_corrupt_or_mismatched_onnx_is_refused(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     image = next((data_root(run) / "test").glob("*/*.jpg"))
 
     def predict_with(model: Path) -> subprocess.CompletedProcess:
-        return cli("imgcls.predict", f"onnx={model}", f"inputs=[{image}]", f"out_dir={tmp_path / model.stem}",
+        return cli_here("imgcls.predict", f"onnx={model}", f"inputs=[{image}]", f"out_dir={tmp_path / model.stem}",
                    cwd=tmp_path, timeout=120)  # fmt: skip
 
     truncated = tmp_path / "truncated.onnx"
@@ -187,6 +192,7 @@ def test_corrupt_or_mismatched_onnx_is_refused(run: Path, onnx_file, tmp_path: P
         assert message in result.stderr and str(bad) in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_export_outside_the_tolerance_is_refused_and_the_previous_one_kept(run: Path, onnx_file):
     path, _ = onnx_file
     before = path.read_bytes()
@@ -198,6 +204,7 @@ def test_an_export_outside_the_tolerance_is_refused_and_the_previous_one_kept(ru
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_torchscript_and_safetensors_round_trip(run: Path):
     for fmt in ("torchscript", "safetensors"):
         result = export(run, f"format={fmt}", "checkpoint=last")
@@ -241,27 +248,29 @@ def test_torchscript_and_safetensors_round_trip(run: Path):
         read_safetensors(path)
 
 
+@pytest.mark.slow
 def test_bad_export_arguments(run: Path):
-    result = export(run, "format=tflite")
+    result = export(run, "format=tflite", runner=cli)  # the real exit code and error line
     assert (
         result.returncode == 2
         and "format=tflite: choose one of onnx, torchscript, safetensors" in result.stderr
     )
-    result = cli("imgcls.export", "--help", cwd=run.parent)
+    result = cli_here("imgcls.export", "--help", cwd=run.parent)
     assert result.returncode == 0 and "format: onnx" in result.stdout
 
 
+@pytest.mark.slow
 def test_predict_needs_a_run_or_an_export_not_both(run: Path, onnx_file, tmp_path: Path):
     path, _ = onnx_file
     image = next((data_root(run) / "test").glob("*/*.jpg"))
-    result = cli("imgcls.predict", f"inputs=[{image}]", cwd=tmp_path)
+    result = cli_here("imgcls.predict", f"inputs=[{image}]", cwd=tmp_path)
     assert (
         result.returncode == 2
         and "run_dir is required: set it on the command line, run_dir=..." in result.stderr
     )
-    result = cli("imgcls.predict", f"run_dir={run}", f"onnx={path}", f"inputs=[{image}]", cwd=tmp_path)
+    result = cli_here("imgcls.predict", f"run_dir={run}", f"onnx={path}", f"inputs=[{image}]", cwd=tmp_path)
     assert result.returncode == 2 and "not both" in result.stderr
-    result = cli("imgcls.predict", f"onnx={path}", f"inputs=[{image}]", "device=cpu", cwd=tmp_path)
+    result = cli_here("imgcls.predict", f"onnx={path}", f"inputs=[{image}]", "device=cpu", cwd=tmp_path)
     assert (
         result.returncode == 2
         and "device=cpu: an exported model has no run config to override" in result.stderr

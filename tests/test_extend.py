@@ -109,6 +109,7 @@ def user_run(tmp_path_factory):
     return cwd, pkgs, conf, run
 
 
+@pytest.mark.slow
 def test_user_config_folder_shows_in_help(tmp_path):
     conf = user_conf(tmp_path / "myconf", tmp_path / "tree")
     helped = cli("imgcls.train", "--config-dir", str(conf), "--help", cwd=tmp_path, pythonpath=None)
@@ -118,6 +119,7 @@ def test_user_config_folder_shows_in_help(tmp_path):
     assert "shapes" in groups["data"] and "tiny" in groups["model"]
 
 
+@pytest.mark.slow
 def test_user_config_folder_on_hydras_search_path_composes(tmp_path):
     """hydra.searchpath instead of --config-dir (Hydra lists such a folder's options in --help
     only for --config-dir; composing works the same)."""
@@ -135,6 +137,7 @@ def test_user_config_folder_on_hydras_search_path_composes(tmp_path):
     assert f"root: {tmp_path / 'tree'}" in job.stdout and "size:\n    - 32" in job.stdout
 
 
+@pytest.mark.slow
 def test_user_model_trains_evaluates_predicts_exports_and_resumes(user_run):
     cwd, pkgs, _, run = user_run
     config = (run / "config.yaml").read_text()
@@ -162,6 +165,7 @@ def test_user_model_trains_evaluates_predicts_exports_and_resumes(user_run):
     assert re.search(r"^epoch: +2 of 2$", summary, re.M) and re.search(r"^resumed: ", summary, re.M)
 
 
+@pytest.mark.slow
 def test_a_run_naming_user_code_is_refused_where_the_user_does_not_trust_it(user_run, tmp_path):
     """The same run copied to a machine that has the module but does not trust it: refused."""
     cwd, _, _, run = user_run

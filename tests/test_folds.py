@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, cli, make_tree
+from conftest import TINY, cli_here, make_tree
 
 from imgcls.data import DataError, ImageFolderData
 from imgcls.data.splits import fold_of
@@ -176,7 +176,7 @@ def test_too_few_images_for_the_folds(tmp_path: Path):
 
 def test_a_bad_fold_stops_training_with_exit_code_2(tmp_path: Path):
     tree = make_tree(tmp_path / "t", counts={"train": 2, "val": 1})
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", "data.folds=5", "data.fold=5", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "data.folds=5", "data.fold=5", cwd=tmp_path)
     assert result.returncode == 2
     assert re.search(
         r"^error: .*data.fold=5 is out of range for data.folds=5: choose 0 to 4", result.stderr, re.M
@@ -193,7 +193,7 @@ def cv_sweep(tmp_path_factory) -> tuple[Path, Path, str]:
     cwd = tmp_path_factory.mktemp("cv")
     tree = make_tree(cwd / "tiny", counts={"train": 6, "val": 2})
     args = ["-m", *SWEEP_TINY, f"data.root={tree}", "optimizer.lr=0.01", "data.fold=0,1,2", "data.folds=3"]
-    result = cli("imgcls.train", *args, cwd=cwd)
+    result = cli_here("imgcls.train", *args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (cwd / "multirun").glob("*/*")
     return sweep_dir, tree, result.stdout
@@ -204,6 +204,7 @@ def best_val_acc(job: Path) -> float:
         return max(float(r["val/acc"]) for r in csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cv_sweep_writes_the_mean_and_std_of_the_folds(cv_sweep):
     sweep_dir, tree, stdout = cv_sweep
     jobs = sorted(sweep.job_dirs(sweep_dir))
@@ -243,22 +244,25 @@ def test_cv_sweep_writes_the_mean_and_std_of_the_folds(cv_sweep):
     # `python -m imgcls.sweep` rebuilds the table from the job directories alone
     written = (sweep_dir / "cv_summary.csv").read_text()
     (sweep_dir / "cv_summary.csv").unlink()
-    rebuilt = cli("imgcls.sweep", str(sweep_dir), cwd=sweep_dir)
+    rebuilt = cli_here("imgcls.sweep", str(sweep_dir), cwd=sweep_dir)
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
     assert (sweep_dir / "cv_summary.csv").read_text() == written
 
 
+@pytest.mark.slow
 def test_evaluate_and_resume_of_a_fold_see_the_same_val_files(cv_sweep):
     sweep_dir, tree, _ = cv_sweep
     job = sorted(sweep.job_dirs(sweep_dir))[1]
     split = json.loads((job / "data_split.json").read_text())
-    result = cli("imgcls.evaluate", f"run_dir={job}", "split=val", cwd=sweep_dir)
+    result = cli_here("imgcls.evaluate", f"run_dir={job}", "split=val", cwd=sweep_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (job / "eval" / "val-best" / "predictions.csv").read_text().splitlines()[1:]
     evaluated = sorted(Path(r.split(",")[0]).relative_to(tree).as_posix() for r in rows)
     assert evaluated == sorted(split["val"])  # fold 1, not the tree's val/ folder
 
-    result = cli("imgcls.train", f"resume={job / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=sweep_dir)
+    result = cli_here(
+        "imgcls.train", f"resume={job / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=sweep_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(job / "weights" / "last.pt", weights_only=True)["data_split"] == split
     assert json.loads((job / "data_split.json").read_text()) == split

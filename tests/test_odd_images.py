@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli, make_tree, run_dirs
+from conftest import TINY, cli_here, make_tree, run_dirs
 from odd_files import BAD, GOOD, HOSTILE, mutations, png, write_hostile
 from PIL import Image
 
@@ -141,7 +141,7 @@ def test_mutated_files_are_decoded_or_listed_in_both_modes(fuzz_tree: Path):
 def test_the_check_cli_lists_hostile_files_without_a_traceback_or_warnings(
     hostile_tree: Path, tmp_path: Path
 ):
-    result = cli(
+    result = cli_here(
         "imgcls.data", "check", "data=imagefolder", f"data.root={hostile_tree}",
         f"data.extensions=[{','.join(EXTENSIONS)}]", cwd=tmp_path,
     )  # fmt: skip
@@ -153,8 +153,9 @@ def test_the_check_cli_lists_hostile_files_without_a_traceback_or_warnings(
     assert "Warning" not in result.stderr  # Pillow's notes on odd files are not printed, per file or at all
 
 
+@pytest.mark.slow
 def test_training_in_skip_mode_trains_around_hostile_files(hostile_tree: Path, tmp_path: Path):
-    result = cli(
+    result = cli_here(
         "imgcls.train", *TINY, "trainer.epochs=1", f"data.root={hostile_tree}", "data.on_bad_image=skip",
         f"data.extensions=[{','.join(EXTENSIONS)}]", cwd=tmp_path,
     )  # fmt: skip
@@ -206,6 +207,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_training_stops_on_a_file_that_turned_hostile_and_exits(tmp_path: Path):
     """In a loader worker: the error comes back without the worker's traceback, and the process
     exits (workers ignore SIGTERM: the run used to print the error, then hang at exit)."""

@@ -54,6 +54,7 @@ def bare_venv(where: Path) -> Path:
     return where
 
 
+@pytest.mark.slow
 def test_a_checkout_on_pythonpath_alone_finds_its_configs(tmp_path):
     """`PYTHONPATH=src python -m imgcls.train` from a checkout that was never installed (how the
     benchmarks run): conf/ beside src/."""
@@ -87,6 +88,7 @@ def run_in(env: Path, cwd: Path, *args: str, timeout: float = 300, pythonpath: P
     return subprocess.run(args, cwd=cwd, env=clean, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_config(wheel: Path):
     import zipfile
 
@@ -101,6 +103,7 @@ def test_the_wheel_ships_every_config(wheel: Path):
         assert f"{command} = " in scripts
 
 
+@pytest.mark.slow
 def test_installed_wheel_trains_evaluates_and_helps_from_an_empty_folder(installed: Path, tmp_path: Path):
     where = run_in(
         installed,
@@ -144,6 +147,7 @@ def test_installed_wheel_trains_evaluates_and_helps_from_an_empty_folder(install
     assert pip_check.returncode == 0, pip_check.stdout + pip_check.stderr
 
 
+@pytest.mark.slow
 def test_train_shell_completion(installed: Path, tmp_path: Path):
     """Hydra's bash completion for the console script: `eval "$(imgcls-train -sc install=bash)"`
     installs it; completing `optimizer=` lists the options."""

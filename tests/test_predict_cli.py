@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli
+from conftest import cli, cli_here
 from odd_files import UNREADABLE, check_predictions, mixed_inputs
 
 
@@ -27,7 +27,7 @@ def test_predict_files_and_a_folder(trained_run: Path, tmp_path: Path):
     single = tree / "val" / "dog" / "dog_001.jpg"
     folder = tree / "test"
     out = tmp_path / "pred"
-    result = cli(
+    result = cli_here(
         "imgcls.predict", f"run_dir={trained_run}", f"inputs=[{single},{folder}]", "top_k=2",
         f"out_dir={out}", "console_rows=3", cwd=tmp_path,
     )  # fmt: skip
@@ -51,12 +51,12 @@ def test_predict_files_and_a_folder(trained_run: Path, tmp_path: Path):
 def test_predict_agrees_with_evaluate(trained_run: Path, tmp_path: Path):
     """The same images through predict and evaluate get the same classes and confidences."""
     tree = data_root(trained_run)
-    result = cli(
+    result = cli_here(
         "imgcls.predict", f"run_dir={trained_run}", f"inputs={tree / 'test'}", f"out_dir={tmp_path / 'p'}",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    result = cli("imgcls.evaluate", f"run_dir={trained_run}", f"out_dir={tmp_path / 'e'}", cwd=tmp_path)
+    result = cli_here("imgcls.evaluate", f"run_dir={trained_run}", f"out_dir={tmp_path / 'e'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     predicted = {
         r["path"]: (r["predicted"], r["confidence"]) for r in read_csv(tmp_path / "p" / "predictions.csv")
@@ -78,7 +78,7 @@ def test_predict_writes_into_the_run_by_default(trained_run: Path, tmp_path: Pat
         ignore=shutil.ignore_patterns("eval", "predict", "tensorboard"),
     )
     image = data_root(trained_run) / "train" / "fox" / "fox_000.jpg"
-    result = cli("imgcls.predict", f"run_dir={run}", f"inputs={image}", cwd=tmp_path)  # a plain string
+    result = cli_here("imgcls.predict", f"run_dir={run}", f"inputs={image}", cwd=tmp_path)  # a plain string
     assert result.returncode == 0, result.stderr[-3000:]
     (out,) = (run / "predict").iterdir()
     rows = read_csv(out / "predictions.csv")
@@ -100,20 +100,23 @@ def test_predict_writes_into_the_run_by_default(trained_run: Path, tmp_path: Pat
 def test_predict_bad_inputs_are_named(trained_run: Path, tmp_path: Path, inputs, message):
     (tmp_path / "empty").mkdir()
     fill = {"tree": data_root(trained_run), "empty": tmp_path / "empty"}
-    result = cli("imgcls.predict", f"run_dir={trained_run}", f"inputs={inputs.format(**fill)}", cwd=tmp_path)
+    result = cli_here(
+        "imgcls.predict", f"run_dir={trained_run}", f"inputs={inputs.format(**fill)}", cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert message.format(**fill) in result.stderr and "Traceback" not in result.stderr
     assert not (trained_run / "predict").exists()
 
 
+@pytest.mark.slow
 def test_predict_lists_unreadable_inputs_and_predicts_the_rest(trained_run: Path, tmp_path: Path):
     good = mixed_inputs(data_root(trained_run), tmp_path / "in")
-    result = cli(
+    result = cli_here(
         "imgcls.predict", f"run_dir={trained_run}", f"inputs=[{tmp_path / 'in'}]", f"out_dir={tmp_path / 'p'}",
         "top_k=2", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    alone = cli(
+    alone = cli_here(
         "imgcls.predict", f"run_dir={trained_run}", f"inputs=[{','.join(map(str, good))}]",
         f"out_dir={tmp_path / 'alone'}", "top_k=2", cwd=tmp_path,
     )  # fmt: skip

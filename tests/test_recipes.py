@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, cli, make_tree, run_dirs
+from conftest import TINY, cli_here, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
 from test_resume import assert_same_state, metrics, signal_when, start
 from torch import nn
@@ -77,7 +77,7 @@ def train_a_step(tree: Path, *overrides: str) -> dict[str, float]:
                 "convnext_tiny",
             ]
         ],
-        ["model=vit_b_16", "transforms=basic"],
+        pytest.param(["model=vit_b_16", "transforms=basic"], marks=pytest.mark.slow),  # ViT-B: 86M parameters
         *[
             [f"scheduler={s}", "transforms=digits"]
             for s in ["multistep", "cosine", "onecycle", "plateau", "none"]
@@ -173,10 +173,11 @@ def test_pretrained_name_offline_says_where_to_put_the_file(tmp_path):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_says_why(tree, tmp_path):
     # lr=0: the weights never move; the recalibrated BatchNorm statistics still differ a little
     # from epoch to epoch (other batches), hence a min_delta no such wobble reaches
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=6", "optimizer.lr=0",
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=6", "optimizer.lr=0",
                  "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=0.5", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = run_dirs(tmp_path)
@@ -186,8 +187,9 @@ def test_early_stopping_stops_and_says_why(tree, tmp_path):
     assert len(metrics(run)) == 3
 
 
+@pytest.mark.slow
 def test_ema_and_top_k_checkpoints_appear_and_load(tree, tmp_path):
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=3", "trainer.ema_decay=0.5",
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=3", "trainer.ema_decay=0.5",
                  "trainer.keep_top_k=2", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = run_dirs(tmp_path)
@@ -208,8 +210,9 @@ def test_ema_and_top_k_checkpoints_appear_and_load(tree, tmp_path):
     assert best["best_acc"] == max(score.values())
 
 
+@pytest.mark.slow
 def test_lr_find_writes_its_plot_and_suggestion(tree, tmp_path):
-    result = cli("imgcls.lr_find", "data=imagefolder", f"data.root={tree}", "transforms=digits", "data.batch_size=4",
+    result = cli_here("imgcls.lr_find", "data=imagefolder", f"data.root={tree}", "transforms=digits", "data.batch_size=4",
                  "data.num_workers=0", "lr_find.num_iter=30", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = run_dirs(tmp_path)
@@ -222,6 +225,7 @@ def test_lr_find_writes_its_plot_and_suggestion(tree, tmp_path):
     assert 1e-7 <= lr <= 10 and f"use: python -m imgcls.train {suggestion}" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
     [
@@ -236,12 +240,12 @@ def test_resume_is_exact_with_each_scheduler_and_ema(tree, tmp_path, recipe):
     args = [*TINY, f"data.root={tree}", "deterministic=true", "trainer.log_every_n_steps=1", *recipe]
     (tmp_path / "ref").mkdir()
     (tmp_path / "cut").mkdir()
-    reference = cli("imgcls.train", *args, cwd=tmp_path / "ref")
+    reference = cli_here("imgcls.train", *args, cwd=tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr[-2000:]
     rc, err = signal_when(start(args, tmp_path / "cut"), "epoch 2/2 2/", signal.SIGTERM)
     assert rc == 143, err[-2000:]
     (run,) = run_dirs(tmp_path / "cut")
-    resumed = cli("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", cwd=tmp_path / "cut")
+    resumed = cli_here("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", cwd=tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_state(run, run_dirs(tmp_path / "ref")[0])
     if "trainer.ema_decay=0.9" in recipe:

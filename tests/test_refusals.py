@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli, make_tree, run_dirs
+from conftest import TINY, cli_here, make_tree, run_dirs
 from hydra import compose, initialize_config_dir
 
 from imgcls.cli import CONFIG_DIR
@@ -55,7 +55,7 @@ def test_a_finished_run_directory_is_refused_and_left_byte_identical(trained_run
     assert {".hydra/config.yaml", "logs/train.log", "weights/best.pt", "summary.txt"} <= set(before)
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in before)
     tree = make_tree(tmp_path / "tiny")
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", f"hydra.run.dir={run}", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert (
         f"error: hydra.run.dir={run} already holds a run (status completed); nothing was written"
@@ -67,6 +67,7 @@ def test_a_finished_run_directory_is_refused_and_left_byte_identical(trained_run
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_started_on_one_directory_one_wins(tmp_path: Path):
     tree = make_tree(tmp_path / "tiny", counts={"train": 2, "val": 1})
     run = tmp_path / "shared"
@@ -96,7 +97,7 @@ def test_a_claimed_directory_is_refused(tmp_path: Path):
     claim_run_dir(run)  # as a run that has just started there
     with pytest.raises(RunDirTaken, match="is taken by another run that started there"):
         claim_run_dir(run)
-    result = cli("imgcls.train", *TINY, "data.root=nowhere", f"hydra.run.dir={run}", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, "data.root=nowhere", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert (
         f"error: hydra.run.dir={run} is taken by another run that started there (claimed by pid"
@@ -158,12 +159,12 @@ def test_added_keys_that_nothing_reads_are_refused(overrides, message):
 
 
 def test_unread_key_is_refused_before_anything_is_written(tmp_path: Path):
-    result = cli("imgcls.train", "+optimzer.lr=0.1", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.train", "+optimzer.lr=0.1", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: +optimzer.lr: no such key; did you mean optimizer.lr?" in result.stderr
     assert "Traceback" not in result.stderr
     # a sweep is refused as a whole, before its first job
-    result = cli("imgcls.train", "-m", "+optimzer.lr=0.1,0.2", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.train", "-m", "+optimzer.lr=0.1,0.2", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: +optimzer.lr: no such key; did you mean optimizer.lr?" in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -181,7 +182,7 @@ def test_a_refused_resume_leaves_the_run_byte_identical(trained_run: Path, tmp_p
         (["optimizer.lr=0.3"], "optimizer.lr=0.3 would change the saved run"),
         ([], "the run already finished 2 of 2 epochs"),
     ]:
-        result = cli("imgcls.train", f"resume={last}", *args, cwd=tmp_path)
+        result = cli_here("imgcls.train", f"resume={last}", *args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr
         assert snapshot(run) == before, "no .hydra/resume-<time>/, no log lines, nothing"
@@ -192,7 +193,7 @@ def test_a_refused_resume_leaves_the_run_byte_identical(trained_run: Path, tmp_p
 
 def test_a_missing_digits_root_elsewhere_is_a_typo_not_a_place_to_write(tmp_path: Path):
     typo = tmp_path / "my_imagez"
-    result = cli("imgcls.train", f"data.root={typo}", "trainer.epochs=1", "device=cpu", cwd=tmp_path)
+    result = cli_here("imgcls.train", f"data.root={typo}", "trainer.epochs=1", "device=cpu", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: data.root='{typo}' does not exist." in result.stderr
     assert "add data=imagefolder" in result.stderr and "Traceback" not in result.stderr
@@ -245,7 +246,7 @@ def test_a_string_where_a_number_belongs_names_the_key(override, message, tmp_pa
 
 
 def test_a_string_learning_rate_fails_before_training_with_the_key(tmp_path: Path, tiny_tree: Path):
-    result = cli(
+    result = cli_here(
         "imgcls.train", *TINY, f"data.root={tiny_tree}", "optimizer.lr=abc", cwd=tmp_path, timeout=120
     )
     assert result.returncode == 2, result.stderr[-2000:]

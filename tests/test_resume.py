@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, make_tree, run_dirs
+from conftest import cli_here, make_tree, run_dirs
 
 EXACT = [
     "data=imagefolder", "transforms=digits", "data.batch_size=4", "trainer.epochs=3", "device=cpu",
@@ -79,12 +79,13 @@ def reference(tree: Path, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for workers in (0, 2):
         cwd = tmp_path_factory.mktemp(f"ref{workers}")
-        result = cli("imgcls.train", *EXACT, f"data.root={tree}", f"data.num_workers={workers}", cwd=cwd)
+        result = cli_here("imgcls.train", *EXACT, f"data.root={tree}", f"data.num_workers={workers}", cwd=cwd)
         assert result.returncode == 0, result.stderr[-2000:]
         (runs[workers],) = run_dirs(cwd)
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "signum", "code"), [(0, signal.SIGINT, 130), (2, signal.SIGTERM, 143)])
 def test_signal_stops_mid_epoch_and_resume_is_bit_exact(tree, reference, tmp_path, workers, signum, code):
     args = [*EXACT, f"data.root={tree}", f"data.num_workers={workers}"]
@@ -101,7 +102,7 @@ def test_signal_stops_mid_epoch_and_resume_is_bit_exact(tree, reference, tmp_pat
     assert len(metrics(run)) == 1
     assert not list((run / "weights").glob(".*tmp*"))
 
-    result = cli(
+    result = cli_here(
         "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", f"data.num_workers={workers}", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -124,6 +125,7 @@ def wait_for_line(proc: subprocess.Popen, marker: str) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_until_done(tree, reference, tmp_path):
     rng = random.Random(7)
     proc = start([*EXACT, f"data.root={tree}", "data.num_workers=0"], tmp_path)
@@ -153,6 +155,7 @@ def test_kill_9_at_random_moments_then_resume_until_done(tree, reference, tmp_pa
     assert_same_state(run, reference[0])
 
 
+@pytest.mark.slow
 def test_epochs_can_be_extended_and_other_overrides_are_refused(tree, reference, tmp_path):
     import shutil
 
@@ -160,14 +163,16 @@ def test_epochs_can_be_extended_and_other_overrides_are_refused(tree, reference,
     shutil.copytree(reference[0], run)
     last = run / "weights" / "last.pt"
     before = (run / "summary.txt").read_text()
-    refused = cli("imgcls.train", f"resume={last}", "model.name=resnet34", "optimizer.lr=0.1", cwd=tmp_path)
+    refused = cli_here(
+        "imgcls.train", f"resume={last}", "model.name=resnet34", "optimizer.lr=0.1", cwd=tmp_path
+    )
     assert refused.returncode == 2
     assert "model.name=resnet34, optimizer.lr=0.1 would change the saved run" in refused.stderr
-    done = cli("imgcls.train", f"resume={last}", cwd=tmp_path)
+    done = cli_here("imgcls.train", f"resume={last}", cwd=tmp_path)
     assert done.returncode == 2 and "already finished 3 of 3 epochs" in done.stderr
     assert (run / "summary.txt").read_text() == before, "a refused resume leaves the run as it was"
 
-    extended = cli("imgcls.train", f"resume={last}", "trainer.epochs=4", cwd=tmp_path)
+    extended = cli_here("imgcls.train", f"resume={last}", "trainer.epochs=4", cwd=tmp_path)
     assert extended.returncode == 0, extended.stderr[-2000:]
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 4 and len(metrics(run)) == 4 and metrics(run)[:3] == metrics(reference[0])
@@ -179,18 +184,22 @@ def test_epochs_can_be_extended_and_other_overrides_are_refused(tree, reference,
     assert [e.step for e in acc.Scalars("val/acc")] == [1, 2, 3, 4], "the curves continue"
 
 
+@pytest.mark.slow
 def test_cosine_horizon_is_rebuilt_with_a_warning(tree, tmp_path):
-    first = cli(
+    first = cli_here(
         "imgcls.train", *EXACT, f"data.root={tree}", "scheduler=cosine", "trainer.epochs=1", cwd=tmp_path
     )
     assert first.returncode == 0, first.stderr[-2000:]
     (run,) = run_dirs(tmp_path)
-    result = cli("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=tmp_path)
+    result = cli_here(
+        "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "the scheduler's horizon is rebuilt for the new trainer.epochs (epochs 1 -> 2)" in result.stderr
     assert torch.load(run / "weights" / "last.pt", weights_only=True)["scheduler"]["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_broken_checkpoints_are_clear_errors_never_a_fresh_start(tree, reference, tmp_path):
     good = (reference[0] / "weights" / "last.pt").read_bytes()
     cases = {
@@ -202,11 +211,11 @@ def test_broken_checkpoints_are_clear_errors_never_a_fresh_start(tree, reference
         path = tmp_path / "weights" / name
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(content)
-        result = cli("imgcls.train", f"resume={path}", cwd=tmp_path)
+        result = cli_here("imgcls.train", f"resume={path}", cwd=tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]
         assert f"checkpoint {path} is" in result.stderr and message in result.stderr
         assert not list(tmp_path.glob("outputs/*/*/weights")), "nothing trained"
-    missing = cli("imgcls.train", f"resume={tmp_path / 'nope.pt'}", cwd=tmp_path)
+    missing = cli_here("imgcls.train", f"resume={tmp_path / 'nope.pt'}", cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
@@ -219,14 +228,14 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "epoch": 1, "x": Evil()}, path)
-    result = cli("imgcls.train", f"resume={path}", cwd=tmp_path)
+    result = cli_here("imgcls.train", f"resume={path}", cwd=tmp_path)
     assert result.returncode == 2
     assert "refusing to load it (weights_only=True)" in result.stderr
     assert not marker.exists()
 
 
 def test_non_finite_loss_fails_with_finite_checkpoints(tree, tmp_path):
-    result = cli(
+    result = cli_here(
         "imgcls.train",
         *EXACT,
         f"data.root={tree}",

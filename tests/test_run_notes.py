@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import TINY, cli, run_dirs
+import pytest
+from conftest import TINY, cli_here, run_dirs
 from PIL import Image
 
 
@@ -32,9 +33,10 @@ def identical_tree(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_run_that_predicts_one_class_says_so_in_log_and_summary(tmp_path: Path):
     tree = identical_tree(tmp_path / "same")
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=1", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "trainer.epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = run_dirs(tmp_path)
     summary = (run / "summary.txt").read_text()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, cli, make_tree, run_dirs
+from conftest import TINY, cli, cli_here, make_tree, run_dirs
 from torch import nn
 
 from imgcls.cli import CONFIG_DIR
@@ -41,10 +41,11 @@ def test_auto_settings_per_device():
         resolve_channels_last("yes", CPU)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_each_precision_trains_and_writes_a_loadable_checkpoint(tmp_path, tiny_tree, precision):
     args = [*TINY, f"data.root={tiny_tree}", "trainer.epochs=1", f"trainer.precision={precision}"]
-    result = cli("imgcls.train", *args, cwd=tmp_path)
+    result = cli_here("imgcls.train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = run_dirs(tmp_path)
     summary = (run / "summary.txt").read_text()
@@ -100,16 +101,17 @@ def test_fp16_gradients_that_overflow_even_unscaled_are_divergence():
         )
 
 
+@pytest.mark.slow
 def test_fp16_loss_scale_resumes_exactly(tmp_path):
     tree = make_tree(tmp_path / "tree", counts={"train": 8, "val": 4})
     args = [*TINY, f"data.root={tree}", "trainer.precision=fp16", "deterministic=true"]
     ref_cwd, cwd = tmp_path / "ref", tmp_path / "cut"
     ref_cwd.mkdir(), cwd.mkdir()
-    assert cli("imgcls.train", *args, cwd=ref_cwd).returncode == 0
-    first = cli("imgcls.train", *args, "trainer.epochs=1", cwd=cwd)
+    assert cli_here("imgcls.train", *args, cwd=ref_cwd).returncode == 0
+    first = cli_here("imgcls.train", *args, "trainer.epochs=1", cwd=cwd)
     assert first.returncode == 0, first.stderr[-2000:]
     (run,) = run_dirs(cwd)
-    resumed = cli("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=cwd)
+    resumed = cli_here("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=2", cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (ref,) = run_dirs(ref_cwd)
     a = torch.load(ref / "weights" / "last.pt", weights_only=True)
@@ -164,6 +166,7 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_compile_trains_end_to_end_and_checkpoints_load_uncompiled(tmp_path, tiny_tree):
     # about 75 s on 2 busy cores, nearly all of it Inductor compiling ResNet18's forward and backward
     args = [*TINY, f"data.root={tiny_tree}", "trainer.epochs=1", "trainer.compile=true"]
@@ -178,7 +181,7 @@ def test_compile_trains_end_to_end_and_checkpoints_load_uncompiled(tmp_path, tin
 
 
 def test_a_bad_precision_stops_before_training(tmp_path, tiny_tree):
-    result = cli("imgcls.train", *TINY, f"data.root={tiny_tree}", "trainer.precision=fp8", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tiny_tree}", "trainer.precision=fp8", cwd=tmp_path)
     assert result.returncode == 2
     assert "trainer.precision='fp8' is not one of auto, fp32, bf16, fp16" in result.stderr
     (run,) = run_dirs(tmp_path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import TINY, cli, make_tree
+from conftest import TINY, cli, cli_here, make_tree
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -55,6 +55,7 @@ def hparams_sessions(sweep: Path) -> dict[str, dict[str, object]]:
     return sessions
 
 
+@pytest.mark.slow
 def test_grid_gives_a_run_directory_per_job_and_a_ranked_summary(tmp_path: Path):
     tree = make_tree(tmp_path / "tiny")
     args = ["-m", *SWEEP_TINY, f"data.root={tree}", "optimizer.lr=0.01,0.001", "data.batch_size=4,8"]
@@ -109,11 +110,12 @@ def test_grid_gives_a_run_directory_per_job_and_a_ranked_summary(tmp_path: Path)
         assert hp["data.batch_size"] == int(r["data.batch_size"]) and hp["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_grid(tmp_path: Path):
     tree = make_tree(tmp_path / "tiny")
     # lr=-1: torch refuses it when the optimizer is built, a ConfigError inside the job
     args = ["-m", *SWEEP_TINY, f"data.root={tree}", "optimizer.lr=0.01,-1,0.02"]
-    result = cli("imgcls.train", *args, cwd=tmp_path)
+    result = cli_here("imgcls.train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = sweep_dirs(tmp_path)
     failed, after = job_dirs(sweep)[1:]
@@ -128,6 +130,7 @@ def test_a_failing_job_does_not_stop_the_grid(tmp_path: Path):
     assert re.search(r"^3\s+1\s+failed\s+-\s+0/1\s+optimizer.lr=-1\s", result.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_parallel_launcher_runs_jobs_at_the_same_time(tmp_path: Path):
     from datetime import datetime
 
@@ -169,6 +172,7 @@ OPTUNA = ["-m", "hparams_search=optuna", "data.batch_size=choice(4,8)"]
 OPTUNA += [o for o in SWEEP_TINY if not o.startswith("data.batch_size=")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search", ["grid", "optuna"])
 def test_ctrl_c_stops_the_whole_sweep(tmp_path: Path, search: str):
     tree = make_tree(tmp_path / "tiny")
@@ -204,6 +208,7 @@ def test_ctrl_c_stops_the_whole_sweep(tmp_path: Path, search: str):
         assert trials[1].user_attrs["interrupted"] is True
 
 
+@pytest.mark.slow
 def test_optuna_search_stores_its_study_and_ranks_the_trials(tmp_path: Path):
     tree = make_tree(tmp_path / "tiny")
     args = [*OPTUNA, "hydra.sweeper.n_trials=3", f"data.root={tree}"]
@@ -229,6 +234,7 @@ def test_optuna_search_stores_its_study_and_ranks_the_trials(tmp_path: Path):
     assert results["best_value"] == best.value
 
 
+@pytest.mark.slow
 def test_killed_optuna_sweep_resumes_without_losing_or_rerunning_a_trial(tmp_path: Path):
     tree = make_tree(tmp_path / "tiny")
     args = [*OPTUNA, "hydra.sweeper.n_trials=3", f"data.root={tree}"]
@@ -263,11 +269,11 @@ def test_killed_optuna_sweep_resumes_without_losing_or_rerunning_a_trial(tmp_pat
     assert status_of(killed) == "running"  # what the killed process last wrote
 
     # the leaderboard can be rebuilt at any time; it sees the dead job for what it is
-    result = cli("imgcls.sweep", str(sweep), cwd=tmp_path)
+    result = cli_here("imgcls.sweep", str(sweep), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [r["status"] for r in read_summary(sweep)] == ["completed", "completed", "killed"]
 
-    result = cli("imgcls.train", *args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = cli_here("imgcls.train", *args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load_trials(sweep)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
@@ -285,6 +291,7 @@ def test_killed_optuna_sweep_resumes_without_losing_or_rerunning_a_trial(tmp_pat
     assert rows[-1]["run_dir"] == str(killed.resolve())
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_and_its_budget(tmp_path: Path):
     tree = make_tree(tmp_path / "tiny")
     db = tmp_path / "shared.db"
@@ -320,5 +327,5 @@ def test_leaderboard_cli_needs_a_sweep_directory(tmp_path: Path):
 
 
 def test_help_lists_the_search_options(tmp_path: Path):
-    result = cli("imgcls.train", "--help", cwd=tmp_path)
+    result = cli_here("imgcls.train", "--help", cwd=tmp_path)
     assert "hparams_search: grid, optuna, optuna_shared" in result.stdout

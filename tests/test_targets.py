@@ -289,6 +289,7 @@ def test_hydra_keys_that_fit_the_group_pass():
     check_targets({"scheduler": {}})  # scheduler=none
 
 
+@pytest.mark.slow
 def test_every_project_config_option_passes_and_uses_every_target_in_conf():
     from imgcls.config.build import plain
 

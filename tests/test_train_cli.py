@@ -1,4 +1,4 @@
-"""End-to-end: the real `python -m imgcls.train` in a subprocess, and what its run directory holds."""
+"""End-to-end: `python -m imgcls.train` (in-process, and in a subprocess where the process matters), and what its run directory holds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import HYMENOPTERA, TINY, cli, make_tree, run_dirs
+from conftest import HYMENOPTERA, TINY, cli, cli_here, make_tree, run_dirs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 EPOCH_KEYS = [
@@ -148,10 +148,11 @@ def test_log_file_has_the_epoch_lines(trained_run: Path):
     assert "epoch 1/2" in log and "epoch 2/2" in log and "done: best val acc" in log
 
 
+@pytest.mark.slow
 def test_same_seed_deterministic_runs_are_identical(tmp_path: Path, tiny_tree: Path):
     args = [*TINY, f"data.root={tiny_tree}", "deterministic=true", "seed=3", "trainer.epochs=1"]
     for _ in range(2):
-        result = cli("imgcls.train", *args, cwd=tmp_path)
+        result = cli_here("imgcls.train", *args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
     a, b = run_dirs(tmp_path)
     assert a != b, "two runs never share a directory"
@@ -161,14 +162,15 @@ def test_same_seed_deterministic_runs_are_identical(tmp_path: Path, tiny_tree: P
     wb = torch.load(b / "weights" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # a different seed trains differently
-    result = cli("imgcls.train", *args[:-2], "seed=4", "trainer.epochs=1", cwd=tmp_path)
+    result = cli_here("imgcls.train", *args[:-2], "seed=4", "trainer.epochs=1", cwd=tmp_path)
     assert result.returncode == 0
     wc = torch.load(run_dirs(tmp_path)[-1] / "weights" / "last.pt", weights_only=True)["model"]
     assert not torch.equal(wa["fc.weight"], wc["fc.weight"])
 
 
+@pytest.mark.slow
 def test_default_digits_data_is_written_once_and_trains(tmp_path: Path):
-    result = cli("imgcls.train", "trainer.epochs=4", "device=cpu", cwd=tmp_path)
+    result = cli_here("imgcls.train", "trainer.epochs=4", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     tree = tmp_path / "data" / "digits"
     counts = {s: len(list((tree / s).glob("*/*.png"))) for s in ["train", "val", "test"]}
@@ -180,10 +182,11 @@ def test_default_digits_data_is_written_once_and_trains(tmp_path: Path):
     assert float(summary_value(run, "test acc (best weights)").split()[0]) > 0.85
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data/hymenoptera_data")
 def test_hymenoptera_trains_past_its_stray_gif(tmp_path: Path):
     # transforms=digits (32 px) keeps this test fast; the data path is the real one
-    result = cli(
+    result = cli_here(
         "imgcls.train",
         "data=hymenoptera",
         f"data.root={HYMENOPTERA}",
@@ -206,7 +209,7 @@ def test_hymenoptera_trains_past_its_stray_gif(tmp_path: Path):
 
 
 def test_help_lists_groups_and_options(tmp_path: Path):
-    result = cli("imgcls.train", "--help", cwd=tmp_path)
+    result = cli_here("imgcls.train", "--help", cwd=tmp_path)
     assert result.returncode == 0
     for line in [
         "data: digits, hymenoptera, imagefolder",
@@ -229,7 +232,7 @@ def test_help_lists_groups_and_options(tmp_path: Path):
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, tiny_tree: Path, args, message):
-    result = cli("imgcls.train", *TINY, f"data.root={tiny_tree}", *args, cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tiny_tree}", *args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -238,6 +241,7 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, tiny_tree: Pa
     assert not (run / "weights").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_root_is_named(tmp_path: Path):
     result = cli("imgcls.train", "data=imagefolder", "trainer.epochs=1", cwd=tmp_path)
     assert result.returncode == 2
@@ -247,7 +251,7 @@ def test_missing_data_root_is_named(tmp_path: Path):
 
 
 def test_unknown_key_is_refused_by_hydra(tmp_path: Path):
-    result = cli("imgcls.train", "optimizer.lrr=0.1", cwd=tmp_path)
+    result = cli_here("imgcls.train", "optimizer.lrr=0.1", cwd=tmp_path)
     assert result.returncode == 1
     assert "Could not override 'optimizer.lrr'" in result.stderr
     assert not (tmp_path / "outputs").exists()
@@ -256,10 +260,10 @@ def test_unknown_key_is_refused_by_hydra(tmp_path: Path):
 def test_missing_split_and_class_are_named(tmp_path: Path):
     tree = make_tree(tmp_path / "t", counts={"train": 3, "val": 2})
     shutil.rmtree(tree / "val" / "dog")
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", cwd=tmp_path)
     assert result.returncode == 2
     assert f"{tree / 'val'}: missing class folder(s) dog" in result.stderr
     shutil.rmtree(tree / "val")
-    result = cli("imgcls.train", *TINY, f"data.root={tree}", cwd=tmp_path)
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", cwd=tmp_path)
     assert result.returncode == 2
     assert "missing split folder(s) val/; found train/" in result.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY, cli, run_dirs
+from conftest import TINY, cli_here, run_dirs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,7 +82,7 @@ def two_runs(trained_run: Path, tmp_path_factory) -> list[Path]:
     """The shared tiny run and a second one with another seed, side by side in one folder."""
     cwd = tmp_path_factory.mktemp("ensemble")
     root = yaml.safe_load((trained_run / "config.yaml").read_text())["data"]["root"]
-    result = cli("imgcls.train", *TINY, f"data.root={root}", "optimizer.lr=0.01", "seed=3", cwd=cwd)
+    result = cli_here("imgcls.train", *TINY, f"data.root={root}", "optimizer.lr=0.01", "seed=3", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     (second,) = run_dirs(cwd)
     first = second.parent / trained_run.name
@@ -93,11 +93,12 @@ def two_runs(trained_run: Path, tmp_path_factory) -> list[Path]:
 
 
 def evaluate(*args: str, cwd: Path) -> Path:
-    result = cli("imgcls.evaluate", *args, cwd=cwd)
+    result = cli_here("imgcls.evaluate", *args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
+@pytest.mark.slow
 def test_ensemble_averages_its_members_sample_by_sample(two_runs: list[Path], tmp_path: Path):
     a, b = two_runs
     for run in two_runs:
@@ -125,6 +126,7 @@ def test_ensemble_averages_its_members_sample_by_sample(two_runs: list[Path], tm
     assert read_csv(out / "members.csv")[-1]["run_dir"] == "ensemble"
 
 
+@pytest.mark.slow
 def test_ensemble_of_runs_with_other_classes_is_refused(two_runs: list[Path], tmp_path: Path):
     """A run trained on cat, dog, wolf (its own tree has those folders) next to one on cat, dog, fox."""
     a, b = two_runs
@@ -139,12 +141,13 @@ def test_ensemble_of_runs_with_other_classes_is_refused(two_runs: list[Path], tm
     state = torch.load(other / "weights" / "best.pt", weights_only=True)
     state["class_names"] = ["cat", "dog", "wolf"]
     torch.save(state, other / "weights" / "best.pt")
-    result = cli("imgcls.evaluate", f"run_dirs=[{a},{other}]", cwd=tmp_path)
+    result = cli_here("imgcls.evaluate", f"run_dirs=[{a},{other}]", cwd=tmp_path)
     assert result.returncode == 2 and "an ensemble needs runs trained on the same classes" in result.stderr
-    result = cli("imgcls.evaluate", f"run_dirs=[{a}]", cwd=tmp_path)
+    result = cli_here("imgcls.evaluate", f"run_dirs=[{a}]", cwd=tmp_path)
     assert result.returncode == 2 and "an ensemble needs a list of at least two runs" in result.stderr
 
 
+@pytest.mark.slow
 def test_tta_evaluation_reports_itself_and_the_numbers_without_it(trained_run: Path, tmp_path: Path):
     run = tmp_path / trained_run.name
     shutil.copytree(trained_run, run, copy_function=os.link, ignore=shutil.ignore_patterns("eval", "predict"))
@@ -162,7 +165,7 @@ def test_tta_evaluation_reports_itself_and_the_numbers_without_it(trained_run: P
     assert [r["path"] for r in rows] == [
         r["path"] for r in read_csv(run / "eval" / "test-best" / "predictions.csv")
     ]
-    result = cli("imgcls.evaluate", f"run_dir={run}", "tta=true", "tta_views=[rotate]", cwd=tmp_path)
+    result = cli_here("imgcls.evaluate", f"run_dir={run}", "tta=true", "tta_views=[rotate]", cwd=tmp_path)
     assert (
         result.returncode == 2
         and "tta_views: rotate unknown; choose from hflip, vflip, crops" in result.stderr

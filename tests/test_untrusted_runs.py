@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli
+from conftest import cli_here
 
 from imgcls.config.build import check_targets
 from imgcls.errors import ConfigError
@@ -90,7 +90,7 @@ def test_evaluate_refuses_injected_targets_in_config_yaml(trained_run: Path, tmp
     run = untrusted_run(trained_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     message = inject(run, name, marker)
-    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {run / 'config.yaml'}: {message}" in result.stderr
     assert "Refusing to build anything from this config." in result.stderr
@@ -108,7 +108,7 @@ def test_predict_refuses_injected_targets(trained_run: Path, tmp_path: Path):
             "*/*.jpg"
         )
     )
-    result = cli("imgcls.predict", f"run_dir={run}", f"inputs=[{image}]", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.predict", f"run_dir={run}", f"inputs=[{image}]", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
     assert not marker.exists() and not (run / "predict").exists()
 
@@ -126,7 +126,7 @@ def test_injected_targets_in_the_checkpoint_config_are_refused(
     state["config"]["loss"] = {"_target_": "os.system", "_args_": [shell(marker)]}
     (run / "weights" / "best.pt").unlink()  # a hard link: write a new file, keep the shared one
     torch.save(state, run / "weights" / "best.pt")
-    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
         f"{run / 'weights' / 'best.pt'} (its config): loss._target_='os.system' is not allowed"
@@ -137,7 +137,9 @@ def test_injected_targets_in_the_checkpoint_config_are_refused(
 
 def test_a_target_given_on_the_command_line_is_checked_too(trained_run: Path, tmp_path: Path):
     run = untrusted_run(trained_run, tmp_path / "run")
-    result = cli("imgcls.evaluate", f"run_dir={run}", "loss._target_=os.system", cwd=tmp_path, timeout=120)
+    result = cli_here(
+        "imgcls.evaluate", f"run_dir={run}", "loss._target_=os.system", cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 2
     assert "the config with the overrides: loss._target_='os.system' is not allowed" in result.stderr
 
@@ -160,7 +162,7 @@ def test_check_targets_refuses_and_names_the_key(target):
 def test_a_config_yaml_that_is_not_yaml_is_named(trained_run: Path, tmp_path: Path):
     run = untrusted_run(trained_run, tmp_path / "run")
     (run / "config.yaml").write_text("data: [unclosed\n")
-    result = cli("imgcls.evaluate", f"run_dir={run}", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.evaluate", f"run_dir={run}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and f"error: {run / 'config.yaml'} is not valid YAML" in result.stderr
 
 
@@ -210,7 +212,7 @@ def test_evaluate_refuses_fetch_tree_in_a_transform_slot(trained_run: Path, tmp_
     run, site, marker = poisoned_run(
         trained_run, tmp_path, lambda c, site, m: c["transforms"].update(test=[fetch_tree_node(site, m)])
     )
-    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
         f"error: {run / 'config.yaml'}: transforms.test[0]._target_='imgcls.data.download.fetch_tree' "
@@ -228,7 +230,7 @@ def test_predict_refuses_fetch_tree_in_a_transform_slot(trained_run: Path, tmp_p
     )
     tree = Path(yaml.safe_load((trained_run / "config.yaml").read_text())["data"]["root"])
     image = next((tree / "val").glob("*/*.jpg"))
-    result = cli("imgcls.predict", f"run_dir={run}", f"inputs=[{image}]", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.predict", f"run_dir={run}", f"inputs=[{image}]", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
         "error: " in result.stderr
@@ -258,7 +260,7 @@ def test_evaluate_never_downloads_what_a_run_config_names(trained_run: Path, tmp
         config["data"]["download"] = {"url": sitecustomize_url(marker), "archive_folder": "sitecustomize"}
 
     run, site, marker = poisoned_run(trained_run, tmp_path, place)
-    result = cli("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
+    result = cli_here("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path, timeout=120)
     assert_download_refused(result, site, marker)
 
 
@@ -289,7 +291,7 @@ def test_resume_never_downloads_what_a_checkpoint_config_names(trained_run: Path
         if state.get(key):
             state[key]["data"].update(root=str(site / "sitecustomize"), download=download)
     torch.save(state, run / "weights" / "last.pt")
-    result = cli(
+    result = cli_here(
         "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=3", cwd=tmp_path, timeout=120
     )
     assert_download_refused(result, site, marker)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import TINY, cli, run_dirs
+from conftest import TINY, cli_here, run_dirs
 
 from imgcls.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from imgcls.config.build import build_model
@@ -113,7 +113,7 @@ def test_a_checkpoint_holding_objects_is_refused_without_torchs_advice(tmp_path:
 
 def test_train_with_weights_that_are_not_weights_only_exits_2(tmp_path: Path, tiny_tree: Path):
     path = write("custom object", tmp_path)
-    result = cli(
+    result = cli_here(
         "imgcls.train", *TINY, f"data.root={tiny_tree}", f"model.weights={path}", cwd=tmp_path, timeout=120
     )
     assert result.returncode == 2, result.stderr[-3000:]
