@@ -105,10 +105,20 @@ def main(root: Path) -> None:
             if target != name and not name.startswith(target + "."):
                 # a package importing its own modules (or a module its parent) is not a cycle edge
                 graph[name].add(target)
-            private += [f"{name} imports {target}.{n}" for n in imported if n.startswith("_") and not n.startswith("__")]
-        for node in ast.walk(tree):  # private names of other libraries (loguru's logger._core, hydra._internal)
+            private += [
+                f"{name} imports {target}.{n}"
+                for n in imported
+                if n.startswith("_") and not n.startswith("__")
+            ]
+        for node in ast.walk(
+            tree
+        ):  # private names of other libraries (loguru's logger._core, hydra._internal)
             if isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                if node.module != "__future__" and any(part.startswith("_") for part in node.module.split(".")) and node.module.split(".")[0] != "imgcls":
+                if (
+                    node.module != "__future__"
+                    and any(part.startswith("_") for part in node.module.split("."))
+                    and node.module.split(".")[0] != "imgcls"
+                ):
                     private.append(f"{name} imports from {node.module}")
             if isinstance(node, ast.Attribute) and node.attr in ("_core",):
                 private.append(f"{name} uses .{node.attr}")
@@ -123,7 +133,9 @@ def main(root: Path) -> None:
     print("most parameters:")
     for n_params, length, qual in sorted(((p, n, q) for n, p, q in functions), reverse=True)[:5]:
         print(f"  {n_params:>4} params {length:>4} lines  {qual}")
-    print(f"functions over 50 lines: {sum(1 for f in functions if f[0] > 50)}; over 80: {sum(1 for f in functions if f[0] > 80)}")
+    print(
+        f"functions over 50 lines: {sum(1 for f in functions if f[0] > 50)}; over 80: {sum(1 for f in functions if f[0] > 80)}"
+    )
     found = cycles(graph)
     print(f"import cycles: {len(found)}")
     for comp in found:

@@ -67,20 +67,17 @@ def write_run_page(run_dir: Path, history: list[dict[str, float]] | None = None)
         h.section(
             "confusion",
             "Confusion matrices (best weights)",
-            h.figures((run_dir / "plots" / f"confusion_matrix_{s}.png", s) for s in SPLITS),
+            h.figures(((run_dir / "plots" / f"confusion_matrix_{s}.png", s) for s in SPLITS), small=True),
         ),
         _reports(run_dir),
         _data_check(fields, run_dir),
         h.section(
             "setup",
             "Setup",
-            h.table(
-                ["", ""],
-                (
-                    (k, v)
-                    for k, v in fields.items()
-                    if k not in (*STATUS_KEYS, *RESULT_KEYS) and "acc (best weights)" not in k
-                ),
+            h.fields(
+                (k, v)
+                for k, v in fields.items()
+                if k not in (*STATUS_KEYS, *RESULT_KEYS) and "acc (best weights)" not in k
             ),
         ),
         h.section("config", "Config", f"<pre>{h.esc(config)}</pre>" if config else ""),
@@ -97,9 +94,7 @@ def _status(fields: dict[str, str], notes: list[str], error: str, run_dir: Path)
     rows = [(k, fields[k]) for k in STATUS_KEYS if k in fields and k != "status"]
     rows += [(k, fields[k]) for k in RESULT_KEYS if k in fields]
     rows += [("note", n) for n in notes]
-    body = f'<p>status: <span class="status {h.esc(status)}">{h.esc(status)}</span></p>' + h.table(
-        ["", ""], rows
-    )
+    body = f'<p>status: <span class="status {h.esc(status)}">{h.esc(status)}</span></p>' + h.fields(rows)
     if error or status in ("failed", "interrupted"):
         last = run_dir / "weights" / "last.pt"
         advice = (
