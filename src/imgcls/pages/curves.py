@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only; never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from imgcls.pages.html import number  # noqa: E402
+
 PANELS = (  # (title, y label, [(metric key, label)])
     ("loss", "loss", [("train/loss", "train"), ("val/loss", "val")]),
     (
@@ -43,7 +45,7 @@ def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     for ax, (title, ylabel, series) in zip(axes, PANELS, strict=True):
         for key, label in series:
-            points = [(int(r["epoch"]), float(r[key])) for r in rows if _number(r.get(key))]
+            points = [(int(r["epoch"]), float(r[key])) for r in rows if number(r.get(key)) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
         if best is not None:
@@ -80,13 +82,6 @@ def described_epochs(path: Path) -> list[int]:
     return [int(e) for e in listed.split(",") if e]
 
 
-def _number(value: object) -> bool:
-    try:
-        return value is not None and value == value and float(value) == float(value)  # not NaN
-    except (TypeError, ValueError):
-        return False
-
-
 def _spans_decades(rows: Sequence[Mapping[str, float]]) -> bool:
-    lrs = [float(r["lr"]) for r in rows if _number(r.get("lr")) and float(r["lr"]) > 0]
+    lrs = [float(r["lr"]) for r in rows if number(r.get("lr")) is not None and float(r["lr"]) > 0]
     return len(lrs) > 1 and max(lrs) / min(lrs) >= 100
