@@ -102,3 +102,22 @@ def test_evaluation_relabels_a_copy_and_leaves_the_scan_alone(tmp_path: Path):
     }
     alone = labelled_record(data, "test", names)
     assert alone.splits == ["test"] and set(alone.samples["test"]) == set(checked.samples["test"])
+
+
+def test_a_jobs_loader_workers_stop_when_the_job_ends(tmp_path: Path):
+    """stop_workers (called by every command at the end of its job) stops a loader's persistent
+    workers while the loader is still referenced, instead of leaving them to the garbage collector."""
+    import multiprocessing
+
+    from imgcls.data.loaders import stop_workers
+
+    data = options(make_tree(tmp_path / "tree", counts={"train": 4, "val": 1, "test": 1}), num_workers=2)
+    loader = make_loader(data, data.scan(), "train", None, train=True)
+    before = {c.pid for c in multiprocessing.active_children()}
+    assert len(list(loader)) == 3
+    workers = [c for c in multiprocessing.active_children() if c.daemon and c.pid not in before]
+    assert len(workers) == 2, "two persistent workers outlive the epoch"
+    stop_workers()
+    assert not any(w.is_alive() for w in workers)
+    assert len(list(loader)) == 3, "the loader still works: it starts new workers"
+    stop_workers()

@@ -98,7 +98,10 @@ def run_command(
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     @functools.wraps(task)  # Hydra names the job after the command's module, as it always has
     def job(cfg) -> Any:
-        result.append(_reported(lambda: task(cfg)))
+        try:
+            result.append(_reported(lambda: task(cfg)))
+        finally:
+            _stop_loader_workers()
         return result[-1]  # a sweep's objective (imgcls.train's best val accuracy)
 
     with _command_line(prog or sys.argv[0], argv):
@@ -155,6 +158,13 @@ def _reported(run: Callable[[], Any]) -> Any:
         # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
         print(f"interrupted: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+def _stop_loader_workers() -> None:
+    """The job's DataLoader workers end with the job (a sweep runs the next job in this process)."""
+    loaders = sys.modules.get("imgcls.data.loaders")  # commands that built no loader import no torch
+    if loaders is not None:
+        loaders.stop_workers()
 
 
 def _in_sweep() -> bool:

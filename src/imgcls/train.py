@@ -26,7 +26,7 @@ def run(
     `record(run_dir)` writes a resume's record once the resume is accepted."""
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.training import distributed
-    from imgcls.training.recorder import NullRecorder, RunRecorder, outcome
+    from imgcls.training.recorder import NullRecorder, RunRecorder, outcome, record_refused_config
     from imgcls.training.resume import config_to_run
 
     # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
@@ -47,11 +47,7 @@ def run(
         if not OmegaConf.is_config(cfg) or cfg.get("resume") or not d.main:
             teardown_logging(log_ids)
             raise  # a refused resume leaves the saved run's summary as it was
-        # a fresh run says in its summary why it failed, with the config as asked for
-        config, ckpt = OmegaConf.to_container(cfg, resolve=False), None
-        recorder = RunRecorder(run_dir, config, config["trainer"]["epochs"], info={})
-        recorder.finish("failed", error=str(sys.exc_info()[1]))
-        recorder.close()
+        record_refused_config(run_dir, OmegaConf.to_container(cfg, resolve=False), str(sys.exc_info()[1]))
         teardown_logging(log_ids)
         raise
     if d.main:
@@ -84,7 +80,7 @@ def train_run(
     from imgcls.evaluation.final import report_best_weights
     from imgcls.training import distributed
     from imgcls.training.loop import FitHooks, fit
-    from imgcls.training.recorder import atomic_write_text
+    from imgcls.training.recorder import atomic_write_text, log_setup
     from imgcls.training.resume import remove_stale_temp_files, resume_into
     from imgcls.training.run import build_run, describe
     from imgcls.training.signals import stop_on_signals
@@ -103,12 +99,7 @@ def train_run(
     if ckpt and d.main:
         remove_stale_temp_files(run_dir / "weights")
     recorder.info.update(describe(run))
-    if "bn recalibration" in recorder.info:
-        logger.info(recorder.info["bn recalibration"])
-    logger.info(f"device {recorder.info['device']} | model {recorder.info['model']}")
-    logger.info(f"data {recorder.info['data']}")
-    if "val split" in recorder.info:
-        logger.info(f"val split: {recorder.info['val split']}")
+    log_setup(recorder.info)
 
     def started(seconds: float) -> None:
         recorder.info["startup"] = f"{seconds:.1f} s from process start to the first training step"

@@ -63,6 +63,25 @@ def outcome(recorder):
         raise
 
 
+def record_refused_config(run_dir: Path, config: dict[str, Any], error: str) -> None:
+    """A fresh run whose config was refused still says so in its summary, with the config as asked."""
+    recorder = RunRecorder(run_dir, config, config["trainer"]["epochs"], info={})
+    recorder.finish("failed", error=error)
+    recorder.close()
+
+
+def log_setup(info: dict[str, str]) -> None:
+    """The setup lines of the summary, in the log too: what runs where, on what data."""
+    from loguru import logger
+
+    if "bn recalibration" in info:
+        logger.info(info["bn recalibration"])
+    logger.info(f"device {info['device']} | model {info['model']}")
+    logger.info(f"data {info['data']}")
+    if "val split" in info:
+        logger.info(f"val split: {info['val split']}")
+
+
 class NullRecorder:
     """What ranks other than 0 get under torchrun: they train in step and write nothing."""
 
