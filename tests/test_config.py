@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return compose(config_name="train", overrides=list(overrides))
 
 

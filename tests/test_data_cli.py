@@ -34,7 +34,7 @@ def summary_value(run: Path, key: str) -> str:
 
 @pytest.mark.parametrize("option", ["digits", "hymenoptera", "imagefolder"])
 def test_check_config_composes_and_builds_every_data_option(option):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "conf")):
         cfg = compose("check", [f"data={option}", "data.root=somewhere"])
     data = build_data(cfg.data)
     assert data.on_bad_image == "error" and data.max_pixels == 89_478_485 and data.val_fraction is None

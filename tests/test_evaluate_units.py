@@ -105,7 +105,7 @@ def test_overrides_compose_inside_an_entrys_hydra_and_give_it_back():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         entry = GlobalHydra.instance().hydra
         assert apply_overrides(CONFIG, ["device=cpu"], "c.yaml")["device"] == "cpu"
         assert GlobalHydra.instance().hydra is entry

@@ -35,7 +35,7 @@ def train_a_step(tree: Path, *overrides: str) -> dict[str, float]:
     (batches of 2 at 32 px leave EfficientNet's 1x1 maps normalized over two values: gradients of
     1e8 and, for about 3 initializations in 100, a NaN at the second step)."""
     torch.manual_seed(0)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(config_name="train", overrides=["data=imagefolder", f"data.root={tree}", "data.batch_size=4",
                                                       "data.num_workers=0", *overrides])  # fmt: skip
     config = b.plain(cfg)

@@ -33,12 +33,12 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return compose(config_name="train", overrides=list(overrides))
 
 
 def check(*overrides: str) -> None:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
         from imgcls.config.preflight import check_added_keys
 

@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 
 def compose_train(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return b.plain(compose(config_name="train", overrides=["device=cpu", *overrides]))
 
 

@@ -18,13 +18,18 @@ from imgcls.sweeps import gpu_slots
 
 
 def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def plugin(node):
+    """A sweeper or launcher built as Hydra 1.4 builds it: its own _target_ only, nested nodes as config."""
+    return instantiate(node, _recursive_=False, _execution_whitelist_=node._target_)
 
 
 def test_hparams_search_options_compose_and_build(tmp_path: Path, monkeypatch):
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    from optuna.distributions import CategoricalDistribution, LogUniformDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     assert sorted(p.stem for p in (Path(CONFIG_DIR) / "hparams_search").glob("*.yaml")) == [
         "grid",
@@ -32,34 +37,34 @@ def test_hparams_search_options_compose_and_build(tmp_path: Path, monkeypatch):
         "optuna_shared",
     ]
     grid = compose_train("hydra.sweep.dir=x")
-    assert instantiate(grid.hydra.sweeper).__class__.__name__ == "GridSweeper"
+    assert plugin(grid.hydra.sweeper).__class__.__name__ == "GridSweeper"
 
     cfg = compose_train("hparams_search=optuna", f"hydra.sweep.dir={tmp_path}")
-    sweeper = instantiate(cfg.hydra.sweeper).sweeper
+    sweeper = plugin(cfg.hydra.sweeper).sweeper
     assert type(sweeper).__name__ == "ResumableImpl"
     assert sweeper.direction == "maximize" and sweeper.n_trials == 20 and sweeper.max_failure_rate == 1.0
     assert sweeper.storage == f"sqlite:///{tmp_path}/optuna.db" and sweeper.study_name == "imgcls"
     assert isinstance(sweeper.sampler, optuna.samplers.TPESampler)
-    space, fixed = create_params_from_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
-    assert space["optimizer.lr"] == LogUniformDistribution(1e-4, 1e-1) and not fixed
+    space, fixed, _ = create_params_from_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+    assert space["optimizer.lr"] == FloatDistribution(1e-4, 1e-1, log=True) and not fixed
     assert space["data.batch_size"] == CategoricalDistribution([16, 32, 64])
 
     monkeypatch.setenv("IMGCLS_OPTUNA_STORAGE", "postgresql://u:p@db/optuna")
     monkeypatch.setenv("IMGCLS_OPTUNA_STUDY", "lr_bs")
-    shared = instantiate(compose_train("hparams_search=optuna_shared").hydra.sweeper).sweeper
+    shared = plugin(compose_train("hparams_search=optuna_shared").hydra.sweeper).sweeper
     assert (shared.storage, shared.study_name) == ("postgresql://u:p@db/optuna", "lr_bs")
     assert shared.direction == "maximize"
     assert compose_train("hparams_search=optuna_shared").hydra.sweeper.sampler.seed is None
     monkeypatch.delenv("IMGCLS_OPTUNA_STORAGE")
     with pytest.raises(Exception, match="IMGCLS_OPTUNA_STORAGE"):
-        instantiate(compose_train("hparams_search=optuna_shared").hydra.sweeper)
+        plugin(compose_train("hparams_search=optuna_shared").hydra.sweeper)
 
 
 def test_launcher_options_compose_and_build():
-    parallel = instantiate(compose_train("hydra/launcher=parallel", "hydra.sweep.dir=x").hydra.launcher)
+    parallel = plugin(compose_train("hydra/launcher=parallel", "hydra.sweep.dir=x").hydra.launcher)
     assert type(parallel).__name__ == "JoblibLauncher" and parallel.joblib["n_jobs"] == 2
     cfg = compose_train("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.sweep.dir=s")
-    slurm = instantiate(cfg.hydra.launcher)
+    slurm = plugin(cfg.hydra.launcher)
     assert type(slurm).__name__ == "SlurmLauncher"
     assert slurm.params["gpus_per_node"] == 1 and slurm.params["partition"] == "gpu"
     assert slurm.params["submitit_folder"] == "s/.submitit/%j"
@@ -135,3 +140,20 @@ def test_job_directory_names_shorten_sampled_floats():
     assert run_label("optimizer.weight_decay=2.9380279387035334e-05") == "weight_decay-2.93803e-05"
     for kept in ["lr=0.01", "lr=1e-05", "lr=-1", "seed=123456789012", "name=abc.defghijklmnop"]:
         assert run_label(kept) == kept.replace("=", "-")
+
+
+def test_a_study_an_older_optuna_wrote_is_refused_with_the_upgrade_command(tmp_path: Path, capsys):
+    import sqlite3
+
+    from hydra_plugins.imgcls_sweepers import _optuna
+
+    db, storage = tmp_path / "optuna.db", f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="imgcls", storage=storage)
+    with sqlite3.connect(db) as con:  # the schema version optuna 2.10 (imgcls's sweeps before Hydra 1.4) left
+        con.execute("UPDATE alembic_version SET version_num = 'v2.6.0.a'")
+    with pytest.raises(SystemExit) as exit_:
+        _optuna._open_study("imgcls", storage, None, ["maximize"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: hydra.sweeper.storage={storage}: The runtime optuna version")
+    assert f"`optuna storage upgrade --storage {storage}`" in err

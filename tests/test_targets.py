@@ -299,7 +299,7 @@ def test_every_project_config_option_passes_and_uses_every_target_in_conf():
         for p in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))
     ]
     used = set()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         for option in options:
             config = plain(compose(config_name="train", overrides=[option, "data.root=/tmp/unused"]))
             check_targets(config)
@@ -335,7 +335,7 @@ def test_a_run_saved_before_the_packages_reads_back_under_todays_names():
 
     for old, new in RENAMED.items():
         assert locate(new).__name__ == old.rpartition(".")[2]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose("train", overrides=["loss=focal"])
     from omegaconf import OmegaConf
 

@@ -222,11 +222,12 @@ def _composing(config: dict) -> Iterator[Callable]:
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
-    ConfigStore.instance().store(name=_SAVED_RUN, node=config)
+    # replace: an earlier command in this process stored its own run under the same name
+    ConfigStore.instance().store(name=_SAVED_RUN, node=config, replace=True)
     entry = GlobalHydra.instance().hydra
     GlobalHydra.instance().clear()
     try:
-        with initialize(version_base="1.3", config_path=None, job_name="saved_run"):
+        with initialize(config_path=None, job_name="saved_run"):
             yield compose
     finally:
         GlobalHydra.instance().clear()

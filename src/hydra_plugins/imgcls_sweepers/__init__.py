@@ -71,7 +71,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
       more trials (without raising) once a batch fails more than that fraction.
     """
 
-    def __init__(self, **kwargs: Any) -> None:  # the keys of hydra/sweeper/optuna, as Hydra passes them
-        from hydra_plugins.imgcls_sweepers._optuna import ResumableImpl  # optuna loads only when used
+    def __init__(self, sampler: Any, **kwargs: Any) -> None:  # the keys of hydra/sweeper/optuna
+        from hydra_plugins.imgcls_sweepers._optuna import ResumableImpl, build_sampler  # optuna loads here
 
-        self.sweeper = ResumableImpl(**kwargs)
+        self.sweeper = ResumableImpl(sampler=build_sampler(sampler), **kwargs)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.utils import JobStatus
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
@@ -21,6 +23,16 @@ from imgcls.sweeps.summary import next_job_num, pid_alive
 log = logging.getLogger(__name__)
 # trials that never ran to an end: they do not count towards n_trials
 NOT_COUNTED = ("killed", "interrupted", "over_budget")
+# what hydra/sweeper/sampler may build: the two prefixes hydra-optuna-sweeper's own sweeper trusts
+SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
+
+
+def build_sampler(node: Any) -> Any:
+    """The sampler that hydra.sweeper.sampler configures. Hydra 1.4 instantiates a sweeper without
+    building its nested nodes, so the sweeper builds its sampler, through an execution whitelist."""
+    if OmegaConf.is_config(node) or isinstance(node, dict):
+        return instantiate(node, _execution_whitelist_=SAMPLER_TARGETS)
+    return node  # built already (a sampler object passed in by Python code)
 
 
 def _counted(trial: Any) -> bool:
@@ -30,9 +42,10 @@ def _counted(trial: Any) -> bool:
 class ResumableImpl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         self._process_searchspace_config()
-        space, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
-        if self.search_space_distributions:
-            space = {**self.search_space_distributions, **space}
+        # fixed_overrides: deletions such as ~key, passed to every job as they are
+        space, fixed, fixed_overrides = create_params_from_overrides(
+            self._parse_sweeper_params_config() + list(arguments)
+        )
         for name in fixed:
             space.pop(name, None)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -61,7 +74,7 @@ class ResumableImpl(OptunaSweeperImpl):
             batch = _within_budget(study, [study.ask() for _ in range(min(self.n_jobs, left))], self.n_trials)
             if not batch:
                 continue
-            overrides = self._configure_trials(batch, space, fixed)
+            overrides = self._configure_trials(batch, space, fixed, fixed_overrides)
             first = next_job_num(sweep_dir)
             for i, trial in enumerate(batch):
                 trial.set_user_attr("host", host)
@@ -115,7 +128,28 @@ def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) ->
                 raise
             log.warning(f"opening the study failed ({exc.orig}); retrying")
             time.sleep(1 + attempt)
+        except RuntimeError as exc:
+            if "optuna storage upgrade" not in str(exc):
+                raise
+            _exit_old_schema(storage, str(exc))
     raise AssertionError("unreachable")
+
+
+def _exit_old_schema(storage: Any, reason: str) -> None:
+    """`error: ...` and exit 2 for a study database an older Optuna wrote (imgcls sweeps before the
+    move to Hydra 1.4 used optuna 2.10): Optuna 4/5 opens it once `optuna storage upgrade` ran."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(str(storage)).render_as_string(
+        hide_password=True
+    )  # a shared database's password stays out
+    reason = reason.split(". Please")[0]  # "The runtime optuna version ... (set up by optuna 2.10.1)"
+    print(
+        f"error: hydra.sweeper.storage={url}: {reason}. Upgrade it once with `optuna storage upgrade "
+        f"--storage {url}` (back the database up first), then run the same command again",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def _within_budget(study: Any, asked: list[Any], n_trials: int) -> list[Any]:

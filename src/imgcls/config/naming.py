@@ -202,4 +202,4 @@ def register_resolvers() -> None:
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn, use_cache=True)
+            OmegaConf.register_resolver(name, fn, use_cache=True)  # OmegaConf 2.4 name
