@@ -102,7 +102,10 @@ def build_run(
     and, for a resume (`ckpt`), the checkpoint's split and classes; the states are restored by
     resume.resume_into. Otherwise the model of the config with `weights` = (checkpoint state,
     its path), on the device and in the memory format training used."""
+    from loguru import logger
+
     from imgcls.config import build as b
+    from imgcls.timm_models import with_pretrained_input
     from imgcls.training.engine import resolve_device
     from imgcls.training.seeding import configure_determinism, seed_everything
 
@@ -117,6 +120,10 @@ def build_run(
     if trainer.get("num_threads"):
         torch.set_num_threads(int(trainer["num_threads"]))
     amp, channels_last = resolve_speed(trainer, device, train)
+    # a timm model with pretrained weights: their input size, mean and std (config_to_run applied it already)
+    config, pretrained_input = with_pretrained_input(config)
+    if pretrained_input:
+        logger.info(f"input: {pretrained_input}")
     pipelines, normalize = b.build_transforms(config["transforms"])
     place = Placement(
         device, normalize.to(device), channels_last, amp, dist, int(trainer.get("log_every_n_steps", 50))
@@ -126,6 +133,8 @@ def build_run(
         model = _restored_model(config, state, path, place)
         return Run(config, place, model, pipelines, list(state["class_names"]))
     parts = _build_data(config, pipelines, place, ckpt, split_file)
+    if pretrained_input:
+        parts.info["input"] = pretrained_input
     return _build_training(config, place, pipelines, parts)
 
 

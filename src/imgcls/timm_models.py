@@ -1,0 +1,286 @@
+"""timm classifiers by name (`model=timm`): head sized to the data, timm's pretrained weights and input config."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from imgcls.errors import ConfigError
+
+TARGET = "imgcls.timm_models.create_model"  # the model node's _target_, as conf/model/timm.yaml spells it
+INSTALL = 'pip install "imgcls[timm]" (or pip install timm)'
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model=timm needs the timm package: {INSTALL}") from None
+    return timm
+
+
+def check_name(name: str) -> None:
+    """ConfigError with the closest timm names when `name` (an architecture, optionally with a
+    pretrained tag: resnet18.a1_in1k) is not one timm creates."""
+    timm = _timm()
+    arch, _, tag = str(name).partition(".")
+    known = timm.is_model(arch) and (not tag or name in timm.list_pretrained(arch))
+    if not known:
+        names = timm.list_models() + timm.list_pretrained()
+        close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.6)
+        hint = f"closest: {', '.join(close)}" if close else "none of timm's names is close"
+        raise ConfigError(
+            f"model.name={name!r} is not a timm model ({hint}). timm {timm.__version__} has "
+            f'{len(timm.list_models())} architectures; list them with python -c "import timm; '
+            f"print(timm.list_models('*{arch[:6]}*'))\", pretrained tags with timm.list_pretrained()."
+        )
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    weights: str | None = None,
+    freeze_backbone: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """timm.create_model(name, num_classes=...), its head sized to the data's classes.
+
+    `weights`: None trains from scratch; `pretrained` loads timm's pretrained weights of `name`
+    (its tag picks them: resnet18.a1_in1k) through timm's own loading, from the Hugging Face cache
+    when they are there, else downloaded by timm; a path loads that file (.safetensors, or a
+    .pth/.pt state dict read weights-only) as timm's pretrained file (pretrained_cfg_overlay=
+    dict(file=...)). Either way timm drops the pretrained head when num_classes differs.
+    `freeze_backbone`: only the classifier head's parameters train. Other keys go to the model."""
+    timm = _timm()
+    check_name(name)
+    if weights is None:
+        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    elif weights == "pretrained":
+        model = _pretrained(timm, name, num_classes, kwargs)
+    else:
+        path = Path(weights)
+        saved = _read_weights_file(path)
+        try:
+            model = timm.create_model(
+                name,
+                pretrained=True,
+                pretrained_cfg_overlay={"file": str(path)},
+                num_classes=num_classes,
+                **kwargs,
+            )
+        except RuntimeError as exc:  # load_state_dict's missing / unexpected keys, size mismatches
+            raise ConfigError(_misfit(path, name, str(exc).splitlines()[0])) from None
+        _check_fit(model, saved, path, name)
+    if freeze_backbone:
+        head = _head(model)
+        for param_name, param in model.named_parameters():
+            param.requires_grad = param_name.startswith(head + ".")
+    return model
+
+
+def _head(model: nn.Module) -> str:
+    """The classifier's module name: timm's pretrained config names it (fc, head.fc, classifier)."""
+    from imgcls.models import head_name
+
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    modules = dict(model.named_modules())
+    return named if isinstance(named, str) and named in modules else head_name(model)
+
+
+def _read_weights_file(path: Path) -> dict:
+    """The tensors of a weights file, read safely (safetensors, or torch.load(weights_only=True));
+    from a checkpoint dict, the entry timm's load_state_dict picks."""
+    from imgcls.checkpoint import Unloadable, load_weights_only
+
+    if not path.is_file():
+        raise ConfigError(
+            f"model.weights={path}: not a file. Give model.weights=pretrained (timm's weights of model.name), "
+            "or a .safetensors or .pth file of the same architecture."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"model.weights={path}: not a safetensors file ({exc})") from None
+    try:
+        state = load_weights_only(path)
+    except Unloadable as exc:
+        kind = "holds more than tensors and plain values" if exc.objects else "is not a PyTorch weights file"
+        raise ConfigError(
+            f"model.weights={path}: {kind} ({exc.detail}); imgcls loads only weights-only files. "
+            "Re-save the weights alone: torch.save(model.state_dict(), path), or use .safetensors."
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.weights={path}: holds a {type(state).__name__}, not a state dict")
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's order (use_ema=True)
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _misfit(path: Path, name: str, detail: str) -> str:
+    return (
+        f"model.weights={path}: does not fit timm's {name} ({detail}). Was it saved from another "
+        "architecture? Set model.name to the one it was saved from."
+    )
+
+
+def _check_fit(model: nn.Module, saved: dict, path: Path, name: str) -> None:
+    """timm loads a file leniently once it drops a head of another size (strict=False): a file of
+    another architecture would load nothing and say so only in a log line. Every tensor but the
+    head's must come from the file."""
+    head = _head(model) + "."
+    own = model.state_dict()
+    problems = [
+        k for k, v in own.items() if not k.startswith(head) and (k not in saved or saved[k].shape != v.shape)
+    ]
+    if problems:
+        detail = f"{len(problems)} of its {len(own)} tensors are missing or of another shape, e.g. {', '.join(problems[:3])}"
+        raise ConfigError(_misfit(path, name, detail))
+
+
+def _pretrained(timm, name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm's pretrained weights of `name`: the cached file when there is one (no network needed,
+    no retries offline), else timm's own download; failing that, what to fetch and where it goes."""
+    cfg = _pretrained_cfg(name)
+    if cfg is None:
+        tags = timm.list_pretrained(name.partition(".")[0])
+        raise ConfigError(
+            f"model.weights=pretrained: timm has no pretrained weights for {name}"
+            + (f"; pretrained tags: {', '.join(tags[:8])}" if tags else "; set model.weights=null")
+        )
+    cached = _cached_file(cfg)
+    overlay = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay, **kwargs)
+    except TypeError:
+        raise  # a model argument it does not take: build.complete names the key
+    except Exception as exc:  # no network, no cache: LocalEntryNotFoundError, URLError, ...
+        raise ConfigError(_fetch_advice(name, cfg, exc)) from None
+
+
+def _pretrained_cfg(name: str) -> dict | None:
+    """timm's pretrained config of `name` (its default tag when it has none), None without weights."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)  # a name without a tag: its default tag's
+    cfg = cfg.to_dict() if cfg is not None else None
+    return cfg if cfg and (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")) else None
+
+
+def _cached_file(cfg: dict) -> str | None:
+    """The weights file already in the Hugging Face cache (the same file timm would load)."""
+    if not cfg.get("hf_hub_id") or cfg.get("custom_load"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = cfg["hf_hub_id"].partition("@")
+    names = (
+        [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+    )
+    for filename in names:
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _fetch_advice(name: str, cfg: dict, exc: Exception) -> str:
+    why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    head = f"model.weights=pretrained: cannot get timm's pretrained weights of {name} ({why})."
+    local = "or give a file of them: model.weights=/path/to/model.safetensors (or a .pth state dict)."
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import constants
+
+        repo = cfg["hf_hub_id"].partition("@")[0]
+        filename = cfg.get("hf_hub_filename") or "model.safetensors"
+        return (
+            f"{head} They are {filename} of the Hugging Face repo {repo}, kept in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} (HF_HOME or HF_HUB_CACHE moves it). On a machine with internet run "
+            f"`hf download {repo} {filename}` and copy that cache folder here (imgcls then loads it from "
+            f"there without the network), {local}"
+        )
+    import torch
+
+    url = cfg.get("url") or "?"
+    where = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return f"{head} Download {url} on a machine with internet and put it at {where} (TORCH_HOME moves it), {local}"
+
+
+def pretrained_input(model: dict) -> dict | None:
+    """timm's input config of the pretrained weights a model node loads ({input_size: (3, H, W),
+    crop_pct, mean, std, ...}, timm.data.resolve_data_config), or None: not a timm node, or no weights."""
+    if not isinstance(model, dict) or model.get("_target_") != TARGET or model.get("weights") is None:
+        return None
+    check_name(model["name"])
+    cfg = _pretrained_cfg(str(model["name"]))
+    if cfg is None:
+        return None  # create_model says that there are no weights
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(pretrained_cfg=cfg)
+
+
+CROPS = ("RandomResizedCrop", "CenterCrop", "RandomCrop")  # each outputs exactly its size
+SIZED = ("Resize", *CROPS)
+
+
+def with_pretrained_input(config: dict) -> tuple[dict, str | None]:
+    """The config with its transforms sized and normalized as timm's pretrained config says (for
+    a timm model with weights), and a line saying so; else the config as it is and None.
+
+    Each split keeps its own pipeline (augmentations stay): a Resize followed by a crop resizes to
+    size / crop_pct (timm's eval resize), the last resize or crop gives the model's input size, a
+    pipeline without either gets a Resize to it first; normalize takes timm's mean and std.
+    Applying it twice changes nothing, so a saved config reads back the same."""
+    data = pretrained_input(config.get("model"))
+    if data is None:
+        return config, None
+    _, height, width = data["input_size"]
+    crop_pct = float(data.get("crop_pct") or 1.0)
+    scale = [math.floor(height / crop_pct), math.floor(width / crop_pct)]
+    transforms = dict(config["transforms"])
+    for split in ("train", "val", "test"):
+        if transforms.get(split) is not None:
+            transforms[split] = _sized(transforms[split], (height, width), scale)
+    transforms["normalize"] = {
+        "mean": [float(m) for m in data["mean"]],
+        "std": [float(s) for s in data["std"]],
+    }
+    line = (
+        f"{height}x{width} px, mean {transforms['normalize']['mean']}, std {transforms['normalize']['std']}, "
+        f"crop_pct {crop_pct} (a Resize before a crop: {_size(scale)}): timm's pretrained config of "
+        f"{config['model']['name']}; the transforms' sizes and normalize follow it"
+    )
+    return {**config, "transforms": transforms}, line
+
+
+def _size(hw) -> int | list[int]:
+    """An int where square (a crop's size, a Resize of the shorter side), else [height, width]."""
+    return hw[0] if hw[0] == hw[1] else list(hw)
+
+
+def _sized(nodes: list, hw: tuple[int, int], scale: list[int]) -> list:
+    kinds = [str(n.get("_target_", "")).rpartition(".")[2] if isinstance(n, dict) else "" for n in nodes]
+    sized = [i for i, kind in enumerate(kinds) if kind in SIZED]
+    if not sized:
+        return [{"_target_": "torchvision.transforms.v2.Resize", "size": list(hw), "antialias": True}, *nodes]
+    out = list(nodes)
+    for i in sized:
+        last = i == sized[-1]
+        if kinds[i] in CROPS:
+            size = _size(hw)
+        elif last:
+            size = list(hw)  # a Resize alone must give both sides
+        else:
+            size = _size(scale) if any(kinds[j] in CROPS for j in sized if j > i) else list(hw)
+        out[i] = {**nodes[i], "size": size}
+    return out
