@@ -16,7 +16,7 @@ import yaml
 from conftest import TINY, cli, cli_here, make_tree, run_dirs
 from test_resume import assert_same_state
 
-timm = pytest.importorskip("timm")
+timm = pytest.importorskip("timm", minversion="1.0.11")  # its tiny test models came in 1.0.11
 
 from imgcls.errors import ConfigError  # noqa: E402
 from imgcls.timm_models import create_model, with_pretrained_input  # noqa: E402
@@ -175,6 +175,11 @@ def test_the_run_states_its_input_and_evaluate_predict_export_use_it(timm_run, t
         saved["transforms"]["train"][0]["size"] == [160, 160]
         and saved["transforms"]["normalize"]["std"] == [0.5] * 3
     )
+
+    # a run's checkpoint is a weights file too (timm's loader picks its "model" entry)
+    best = torch.load(timm_run / "weights" / "best.pt", weights_only=True)["model"]
+    model = create_model(NAME, num_classes=2, weights=str(timm_run / "weights" / "best.pt"))
+    assert torch.equal(model.state_dict()["conv1.0.weight"], best["conv1.0.weight"])
 
     result = cli_here("imgcls.evaluate", f"run_dir={timm_run}", f"out_dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from imgcls.errors import ConfigError
@@ -64,16 +67,17 @@ def create_model(
     else:
         path = Path(weights)
         saved = _read_weights_file(path)
-        try:
-            model = timm.create_model(
-                name,
-                pretrained=True,
-                pretrained_cfg_overlay={"file": str(path)},
-                num_classes=num_classes,
-                **kwargs,
-            )
-        except RuntimeError as exc:  # load_state_dict's missing / unexpected keys, size mismatches
-            raise ConfigError(_misfit(path, name, str(exc).splitlines()[0])) from None
+        with _as_safetensors(path, saved) as file:
+            try:
+                model = timm.create_model(
+                    name,
+                    pretrained=True,
+                    pretrained_cfg_overlay={"file": file},
+                    num_classes=num_classes,
+                    **kwargs,
+                )
+            except RuntimeError as exc:  # load_state_dict's missing / unexpected keys, size mismatches
+                raise ConfigError(_misfit(path, name, str(exc).splitlines()[0])) from None
         _check_fit(model, saved, path, name)
     if freeze_backbone:
         head = _head(model)
@@ -124,6 +128,25 @@ def _read_weights_file(path: Path) -> dict:
             state = state[key]
             break
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _as_safetensors(path: Path, saved: dict):
+    """The file for timm to load: a .safetensors file as it is; the tensors of a .pth file, already
+    read weights-only, as a temporary .safetensors file, because timm before 1.0.2x reads a .pth
+    file with torch.load(weights_only=False)."""
+    if path.suffix == ".safetensors":
+        yield str(path)
+        return
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="imgcls-weights-") as folder:
+        file = Path(folder) / (path.stem + ".safetensors")
+        tensors = {
+            k: v.detach().clone().contiguous() for k, v in saved.items() if isinstance(v, torch.Tensor)
+        }
+        save_file(tensors, str(file))  # clones: safetensors refuses tensors that share memory (tied weights)
+        yield str(file)
 
 
 def _misfit(path: Path, name: str, detail: str) -> str:
@@ -208,8 +231,6 @@ def _fetch_advice(name: str, cfg: dict, exc: Exception) -> str:
             f"`hf download {repo} {filename}` and copy that cache folder here (imgcls then loads it from "
             f"there without the network), {local}"
         )
-    import torch
-
     url = cfg.get("url") or "?"
     where = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     return f"{head} Download {url} on a machine with internet and put it at {where} (TORCH_HOME moves it), {local}"
