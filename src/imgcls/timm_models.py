@@ -65,24 +65,29 @@ def create_model(
     elif weights == "pretrained":
         model = _pretrained(timm, name, num_classes, kwargs)
     else:
-        path = Path(weights)
-        saved = _read_weights_file(path)
-        with _as_safetensors(path, saved) as file:
-            try:
-                model = timm.create_model(
-                    name,
-                    pretrained=True,
-                    pretrained_cfg_overlay={"file": file},
-                    num_classes=num_classes,
-                    **kwargs,
-                )
-            except RuntimeError as exc:  # load_state_dict's missing / unexpected keys, size mismatches
-                raise ConfigError(_misfit(path, name, str(exc).splitlines()[0])) from None
-        _check_fit(model, saved, path, name)
+        model = _from_file(timm, name, Path(weights), num_classes, kwargs)
     if freeze_backbone:
         head = _head(model)
         for param_name, param in model.named_parameters():
             param.requires_grad = param_name.startswith(head + ".")
+    return model
+
+
+def _from_file(timm, name: str, path: Path, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm.create_model(pretrained=True) with the weights of `path` as timm's pretrained file."""
+    saved = _read_weights_file(path)
+    with _as_safetensors(path, saved) as file:
+        try:
+            model = timm.create_model(
+                name,
+                pretrained=True,
+                pretrained_cfg_overlay={"file": file},
+                num_classes=num_classes,
+                **kwargs,
+            )
+        except RuntimeError as exc:  # load_state_dict's missing / unexpected keys, size mismatches
+            raise ConfigError(_misfit(path, name, str(exc).splitlines()[0])) from None
+    _check_fit(model, saved, path, name)
     return model
 
 
@@ -133,7 +138,7 @@ def _read_weights_file(path: Path) -> dict:
 @contextlib.contextmanager
 def _as_safetensors(path: Path, saved: dict):
     """The file for timm to load: a .safetensors file as it is; the tensors of a .pth file, already
-    read weights-only, as a temporary .safetensors file, because timm before 1.0.2x reads a .pth
+    read weights-only, as a temporary .safetensors file: timm 1.0.9 to 1.0.19 (at least) read a .pth
     file with torch.load(weights_only=False)."""
     if path.suffix == ".safetensors":
         yield str(path)
@@ -181,9 +186,10 @@ def _pretrained(timm, name: str, num_classes: int, kwargs: dict) -> nn.Module:
             + (f"; pretrained tags: {', '.join(tags[:8])}" if tags else "; set model.weights=null")
         )
     cached = _cached_file(cfg)
-    overlay = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
+    if cached:  # read as a local file is: a pytorch_model.bin weights-only too
+        return _from_file(timm, name, Path(cached), num_classes, kwargs)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay, **kwargs)
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except TypeError:
         raise  # a model argument it does not take: build.complete names the key
     except Exception as exc:  # no network, no cache: LocalEntryNotFoundError, URLError, ...
