@@ -245,9 +245,11 @@ def _fetch_advice(name: str, cfg: dict, exc: Exception) -> str:
 def pretrained_input(model: dict) -> dict | None:
     """timm's input config of the pretrained weights a model node loads ({input_size: (3, H, W),
     crop_pct, mean, std, ...}, timm.data.resolve_data_config), or None: not a timm node, or no weights."""
-    if not isinstance(model, dict) or model.get("_target_") != TARGET or model.get("weights") is None:
+    if not isinstance(model, dict) or model.get("_target_") != TARGET:
         return None
-    check_name(model["name"])
+    check_name(model["name"])  # a misspelt name is refused here, before the data check reads the files
+    if model.get("weights") is None:
+        return None
     cfg = _pretrained_cfg(str(model["name"]))
     if cfg is None:
         return None  # create_model says that there are no weights
