@@ -99,6 +99,13 @@ def test_bad_weights_files_are_named(tmp_path):
             create_model(NAME, num_classes=3, weights=str(tmp_path / file))
 
 
+def test_a_model_without_pretrained_weights_says_so():
+    with pytest.raises(
+        ConfigError, match="^model.weights=pretrained: timm has no pretrained weights for test_mambaout"
+    ):
+        create_model("test_mambaout", num_classes=3, weights="pretrained")
+
+
 def test_pretrained_comes_from_the_hugging_face_cache_without_network(weights_file, tmp_path, monkeypatch):
     """The layout huggingface_hub writes (refs/main -> snapshots/<commit>/model.safetensors)."""
     from huggingface_hub import constants
@@ -140,8 +147,8 @@ def test_pretrained_input_replaces_sizes_and_normalize_once():
     assert with_pretrained_input(digits)[0]["transforms"]["val"][0]["size"] == [160, 160]
 
 
-def test_unknown_name_lists_close_matches(tiny_tree, tmp_path):
-    result = cli_here("imgcls.train", *TINY, f"data.root={tiny_tree}", "model=timm", "model.name=convnext_nanoo",
+def test_unknown_name_lists_close_matches(tree, tmp_path):
+    result = cli_here("imgcls.train", *TINY, f"data.root={tree}", "model=timm", "model.name=convnext_nanoo",
                       cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2
     assert "error: model.name='convnext_nanoo' is not a timm model (closest: convnext_nano" in result.stderr
@@ -150,11 +157,11 @@ def test_unknown_name_lists_close_matches(tiny_tree, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_pretrained_says_what_to_fetch_and_where(tiny_tree, tmp_path, monkeypatch):
+def test_offline_pretrained_says_what_to_fetch_and_where(tree, tmp_path, monkeypatch):
     """A real process: HF_HUB_OFFLINE and HF_HOME are read when huggingface_hub is imported."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = cli("imgcls.train", *ONE, f"data.root={tiny_tree}", "model.weights=pretrained", cwd=tmp_path)
+    result = cli("imgcls.train", *ONE, f"data.root={tree}", "model.weights=pretrained", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(
@@ -169,7 +176,11 @@ def test_offline_pretrained_says_what_to_fetch_and_where(tiny_tree, tmp_path, mo
 
 def test_the_run_states_its_input_and_evaluate_predict_export_use_it(timm_run, tree, tmp_path):
     line = "160x160 px, mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], crop_pct 0.95"
-    assert f"input:          {line}" in (timm_run / "summary.txt").read_text()
+    summary = (timm_run / "summary.txt").read_text()
+    assert (
+        f"input:          {line}" in summary
+        and f"model:          {NAME} (timm), 372,979 parameters" in summary
+    )
     assert f"input: {line}" in (timm_run / "logs" / "train.log").read_text()
     saved = yaml.safe_load((timm_run / "config.yaml").read_text())
     assert (
@@ -224,12 +235,10 @@ def test_resume_is_bit_exact(timm_run, tree, weights_file, tmp_path):
     assert_same_state(run, timm_run)
 
 
-def test_lr_find_and_a_grid_sweep(tiny_tree, tmp_path):
-    result = cli_here("imgcls.lr_find", *ONE, f"data.root={tiny_tree}", "lr_find.num_iter=5", cwd=tmp_path)
+def test_lr_find_and_a_grid_sweep(tree, tmp_path):
+    result = cli_here("imgcls.lr_find", *ONE, f"data.root={tree}", "lr_find.num_iter=5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = cli_here(
-        "imgcls.train", "-m", *ONE, f"data.root={tiny_tree}", "optimizer.lr=0.01,0.02", cwd=tmp_path
-    )
+    result = cli_here("imgcls.train", "-m", *ONE, f"data.root={tree}", "optimizer.lr=0.01,0.02", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     with open(sweep / "sweep_summary.csv", newline="") as f:
@@ -237,10 +246,10 @@ def test_lr_find_and_a_grid_sweep(tiny_tree, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_trains_a_timm_model(tiny_tree, tmp_path):
+def test_torchrun_trains_a_timm_model(tree, tmp_path):
     from test_distributed import finish, torchrun
 
-    rc, out = finish(torchrun(*ONE, f"data.root={tiny_tree}", cwd=tmp_path))
+    rc, out = finish(torchrun(*ONE, f"data.root={tree}", cwd=tmp_path))
     assert rc == 0, out[-3000:]
     (run,) = run_dirs(tmp_path)
     assert "status:         completed" in (run / "summary.txt").read_text()

@@ -304,6 +304,7 @@ def _build_training(config: dict, place: Placement, pipelines: dict, parts: _Dat
 def describe(run: Run) -> dict[str, str]:
     """The summary's lines about what the run is: device, model, data, settings, batch."""
     from imgcls.models import count_parameters
+    from imgcls.timm_models import TARGET as TIMM
     from imgcls.training.batchnorm import batchnorm_layers
 
     config, trainer, device = run.config, run.trainer, run.device
@@ -314,8 +315,8 @@ def describe(run: Run) -> dict[str, str]:
     accum, batch = run.recipe.grad_accum_steps, run.batch_size
     lines = {
         "device": where,
-        "model": f"{config['model'].get('name', config['model']['_target_'])}, "
-        f"{count_parameters(run.model):,} parameters",
+        "model": f"{config['model'].get('name', config['model']['_target_'])}"
+        f"{' (timm)' if config['model'].get('_target_') == TIMM else ''}, {count_parameters(run.model):,} parameters",
         **run.info,
         "settings": f"precision {run.amp.name}, channels_last {run.channels_last}, "
         f"compile {bool(trainer.get('compile'))}, {run.loading}",
