@@ -193,7 +193,11 @@ def test_the_run_states_its_input_and_evaluate_predict_export_use_it(timm_run, t
     model = create_model(NAME, num_classes=2, weights=str(timm_run / "weights" / "best.pt"))
     assert torch.equal(model.state_dict()["conv1.0.weight"], best["conv1.0.weight"])
 
-    result = cli_here("imgcls.evaluate", f"run_dir={timm_run}", f"out_dir={tmp_path / 'eval'}", cwd=tmp_path)
+    # the checkpoint holds every weight: the pretrained file (moved away here) is not needed
+    gone = f"model.weights={tmp_path / 'moved.safetensors'}"
+    result = cli_here(
+        "imgcls.evaluate", f"run_dir={timm_run}", f"out_dir={tmp_path / 'eval'}", gone, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     result = cli_here("imgcls.predict", f"run_dir={timm_run}", f"inputs=[{tree / 'test'}]",
                       f"out_dir={tmp_path / 'pred'}", cwd=tmp_path)  # fmt: skip

@@ -91,6 +91,15 @@ def _from_file(timm, name: str, path: Path, num_classes: int, kwargs: dict) -> n
     return model
 
 
+def architecture_only(model: dict) -> dict:
+    """A timm model node without its weights: timm builds the same modules either way (the tag,
+    not `pretrained`, picks the pretrained config), for a checkpoint's weights to be loaded into.
+    Any other node as it is (a torchvision constructor may take other arguments with weights)."""
+    if isinstance(model, dict) and model.get("_target_") == TARGET and model.get("weights") is not None:
+        return {**model, "weights": None}
+    return model
+
+
 def _head(model: nn.Module) -> str:
     """The classifier's module name: timm's pretrained config names it (fc, head.fc, classifier)."""
     from imgcls.models import head_name

@@ -141,8 +141,10 @@ def build_run(
 def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
     from imgcls.checkpoint import CheckpointError
     from imgcls.config import build as b
+    from imgcls.timm_models import architecture_only
 
-    model = b.build_model(config["model"], num_classes=len(state["class_names"]))
+    # the checkpoint holds every weight: a timm run evaluates without its pretrained file or the network
+    model = b.build_model(architecture_only(config["model"]), num_classes=len(state["class_names"]))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
