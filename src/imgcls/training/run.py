@@ -135,7 +135,7 @@ def build_run(
     parts = _build_data(config, pipelines, place, ckpt, split_file)
     if pretrained_input:
         parts.info["input"] = pretrained_input
-    return _build_training(config, place, pipelines, parts)
+    return _build_training(config, place, pipelines, parts, resumed=bool(ckpt))
 
 
 def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
@@ -253,13 +253,18 @@ def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | No
     )  # fmt: skip
 
 
-def _build_training(config: dict, place: Placement, pipelines: dict, parts: _DataParts) -> Run:
+def _build_training(
+    config: dict, place: Placement, pipelines: dict, parts: _DataParts, resumed: bool = False
+) -> Run:
     from imgcls.config import build as b
+    from imgcls.timm_models import architecture_only
     from imgcls.training.recipes import build_mix, make_ema, scheduler_interval
     from imgcls.training.speed import compile_model
 
     trainer, d = config["trainer"], place.d
-    model = b.build_model(config["model"], num_classes=len(parts.class_names))
+    # a resume restores every weight: a timm run resumes without its pretrained file or the network
+    node = architecture_only(config["model"]) if resumed else config["model"]
+    model = b.build_model(node, num_classes=len(parts.class_names))
     if d.enabled and trainer.get("sync_batchnorm"):
         if place.device.type != "cuda":
             raise ConfigError(
