@@ -105,7 +105,7 @@ def build_run(
     from loguru import logger
 
     from imgcls.config import build as b
-    from imgcls.timm_models import with_pretrained_input
+    from imgcls.timm_input import with_pretrained_input
     from imgcls.training.engine import resolve_device
     from imgcls.training.seeding import configure_determinism, seed_everything
 
