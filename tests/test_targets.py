@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -18,6 +19,10 @@ from imgcls.errors import ConfigError
 
 # where the registry allows outside classes, and where the project's own targets live
 NAMESPACES = ["imgcls", "torch.optim", "torch.nn", "torchvision.transforms", "torchvision.datasets"]
+if importlib.util.find_spec(
+    "timm"
+):  # the timm extra: all of timm is walked, and only imgcls's builder admitted
+    NAMESPACES.append("timm")
 # each group's slot in a run's config
 SLOT = {
     "data": lambda node: {"data": node},
@@ -92,7 +97,10 @@ def test_every_class_and_function_in_the_allowed_namespaces_is_registered_or_ref
         "imgcls.data.folder.ImageFolderData",
         "imgcls.data.digits.DigitsData",
     }
-    assert [o.__qualname__ for o in allowed["model"]] == ["create_model"]
+    assert {f"{o.__module__}.{o.__qualname__}" for o in allowed["model"]} == {
+        "imgcls.models.create_model",
+        "imgcls.timm_models.create_model",
+    }
     # outside: classes only, of the group's kind
     torch_nn, torch_optim = importlib.import_module("torch.nn"), importlib.import_module("torch.optim")
     from torchvision.transforms import v2
@@ -117,6 +125,8 @@ PATH_ARGUMENTS = {
     "imgcls.data.digits.DigitsData": {"root", "split_file", "download", "cache_dir"},
     # weights: a file read with torch.load(weights_only=True), or a torchvision weights name
     "imgcls.models.create_model": {"weights"},
+    # weights: `pretrained` (timm's own download into the Hugging Face cache) or a file, read only
+    "imgcls.timm_models.create_model": {"weights"},
 }
 # a parameter named for a path: log_dir, split_file, root, weights (not class_weights: a list)
 PATHLIKE = re.compile(r"(^|_)(path|file|filename|dir|root|url|download|save|load|folder)(_|$)|^weights$")
@@ -156,6 +166,14 @@ WRITERS = [
     "torchvision.transforms.Resize",  # v1: not a v2 Transform
     "torchvision.transforms.v2.functional.resize",  # a function
     "torchvision.transforms.v2",  # a module
+    # timm: only through imgcls.timm_models.create_model; its own builder downloads, its helpers write
+    "timm.create_model",
+    "timm.models.create_model",
+    "timm.models.load_checkpoint",
+    "timm.models.push_to_hf_hub",
+    "timm.models.save_for_hf",
+    "timm.utils.CheckpointSaver",
+    "timm.utils.update_summary",
     "torch.optim.optimizer.torch.os.system",  # spelled inside torch.optim
     "imgcls.data.folder.os.system",
     "builtins.eval",

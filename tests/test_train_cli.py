@@ -215,7 +215,7 @@ def test_help_lists_groups_and_options(tmp_path: Path):
         "data: digits, hymenoptera, imagefolder",
         "optimizer: adam, adamw, sgd",
         "scheduler: cosine, multistep, none, onecycle, plateau, step",
-        "model: convnext_tiny, efficientnet_b0, mobilenet_v3_large, mobilenet_v3_small, resnet18, resnet50, vit_b_16",
+        "model: convnext_tiny, efficientnet_b0, mobilenet_v3_large, mobilenet_v3_small, resnet18, resnet50, timm, vit_b_16",
         "loss: cross_entropy",
     ]:
         assert line in result.stdout

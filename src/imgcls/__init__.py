@@ -12,8 +12,9 @@ Where things live:
 - `deploy/`: the export formats, written and read back;
 - `sweeps/`: leaderboards and cross-validation around Hydra's multirun;
 - `pages/`: training curves and the report.html of a run, an evaluation and a sweep;
-- beside them: `checkpoint` (the checkpoint format), `models` (classifiers), `runs` (a finished
-  run read back), `errors` and `log`.
+- beside them: `checkpoint` (the checkpoint format), `models` (classifiers), `timm_models` (timm's,
+  with the `timm` extra) and `timm_input` (the input their pretrained weights expect), `runs` (a
+  finished run read back), `errors` and `log`.
 
 Lower layers never import higher ones: errors/log/checkpoint, pages < config, data < training <
 evaluation, deploy, sweeps < the entries.

@@ -46,7 +46,9 @@ GROUPS: dict[str, Group] = {
     ),
     "model": Group(
         "a classifier",
-        targets=("imgcls.models.create_model",),
+        # timm's models through imgcls's own builder only: nothing of timm itself (its checkpoint
+        # savers and hub uploaders write files) is a target
+        targets=("imgcls.models.create_model", "imgcls.timm_models.create_model"),
         partial=True,
     ),
     "loss": Group(

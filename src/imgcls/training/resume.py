@@ -165,6 +165,7 @@ def config_to_run(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, d
     (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
     from imgcls.checkpoint import load_checkpoint
     from imgcls.config import build as b
+    from imgcls.timm_input import with_pretrained_input
 
     try:
         config = b.plain(cfg)
@@ -178,11 +179,13 @@ def config_to_run(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, d
     b.check_number_keys(config)
     b.check_targets(config)  # before check_numbers imports them to read their signatures
     b.check_numbers(config)
+    # the transforms a timm model's pretrained weights ask for, in the run's config.yaml and checkpoints
     if not config.get("resume"):
         return (
-            config,
+            with_pretrained_input(config)[0],
             OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else config,
             None,
         )
     ckpt = load_checkpoint(config["resume"])
-    return *resume_config(ckpt, cfg, overrides, config["resume"]), ckpt
+    config, unresolved = resume_config(ckpt, cfg, overrides, config["resume"])
+    return with_pretrained_input(config)[0], unresolved, ckpt

@@ -102,7 +102,10 @@ def build_run(
     and, for a resume (`ckpt`), the checkpoint's split and classes; the states are restored by
     resume.resume_into. Otherwise the model of the config with `weights` = (checkpoint state,
     its path), on the device and in the memory format training used."""
+    from loguru import logger
+
     from imgcls.config import build as b
+    from imgcls.timm_input import with_pretrained_input
     from imgcls.training.engine import resolve_device
     from imgcls.training.seeding import configure_determinism, seed_everything
 
@@ -117,6 +120,10 @@ def build_run(
     if trainer.get("num_threads"):
         torch.set_num_threads(int(trainer["num_threads"]))
     amp, channels_last = resolve_speed(trainer, device, train)
+    # a timm model with pretrained weights: their input size, mean and std (config_to_run applied it already)
+    config, pretrained_input = with_pretrained_input(config)
+    if pretrained_input:
+        logger.info(f"input: {pretrained_input}")
     pipelines, normalize = b.build_transforms(config["transforms"])
     place = Placement(
         device, normalize.to(device), channels_last, amp, dist, int(trainer.get("log_every_n_steps", 50))
@@ -126,14 +133,18 @@ def build_run(
         model = _restored_model(config, state, path, place)
         return Run(config, place, model, pipelines, list(state["class_names"]))
     parts = _build_data(config, pipelines, place, ckpt, split_file)
-    return _build_training(config, place, pipelines, parts)
+    if pretrained_input:
+        parts.info["input"] = pretrained_input
+    return _build_training(config, place, pipelines, parts, resumed=bool(ckpt))
 
 
 def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
     from imgcls.checkpoint import CheckpointError
     from imgcls.config import build as b
+    from imgcls.timm_models import architecture_only
 
-    model = b.build_model(config["model"], num_classes=len(state["class_names"]))
+    # the checkpoint holds every weight: a timm run evaluates without its pretrained file or the network
+    model = b.build_model(architecture_only(config["model"]), num_classes=len(state["class_names"]))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -242,13 +253,18 @@ def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | No
     )  # fmt: skip
 
 
-def _build_training(config: dict, place: Placement, pipelines: dict, parts: _DataParts) -> Run:
+def _build_training(
+    config: dict, place: Placement, pipelines: dict, parts: _DataParts, resumed: bool = False
+) -> Run:
     from imgcls.config import build as b
+    from imgcls.timm_models import architecture_only
     from imgcls.training.recipes import build_mix, make_ema, scheduler_interval
     from imgcls.training.speed import compile_model
 
     trainer, d = config["trainer"], place.d
-    model = b.build_model(config["model"], num_classes=len(parts.class_names))
+    # a resume restores every weight: a timm run resumes without its pretrained file or the network
+    node = architecture_only(config["model"]) if resumed else config["model"]
+    model = b.build_model(node, num_classes=len(parts.class_names))
     if d.enabled and trainer.get("sync_batchnorm"):
         if place.device.type != "cuda":
             raise ConfigError(
@@ -295,6 +311,7 @@ def _build_training(config: dict, place: Placement, pipelines: dict, parts: _Dat
 def describe(run: Run) -> dict[str, str]:
     """The summary's lines about what the run is: device, model, data, settings, batch."""
     from imgcls.models import count_parameters
+    from imgcls.timm_models import TARGET as TIMM
     from imgcls.training.batchnorm import batchnorm_layers
 
     config, trainer, device = run.config, run.trainer, run.device
@@ -305,8 +322,8 @@ def describe(run: Run) -> dict[str, str]:
     accum, batch = run.recipe.grad_accum_steps, run.batch_size
     lines = {
         "device": where,
-        "model": f"{config['model'].get('name', config['model']['_target_'])}, "
-        f"{count_parameters(run.model):,} parameters",
+        "model": f"{config['model'].get('name', config['model']['_target_'])}"
+        f"{' (timm)' if config['model'].get('_target_') == TIMM else ''}, {count_parameters(run.model):,} parameters",
         **run.info,
         "settings": f"precision {run.amp.name}, channels_last {run.channels_last}, "
         f"compile {bool(trainer.get('compile'))}, {run.loading}",
