@@ -37,8 +37,8 @@ def open_client(uri: str):
             f"tracking=mlflow needs the mlflow package ({exc}): pip install 'imgcls[mlflow]' "
             "(or pip install mlflow-skinny), or leave tracking unset"
         ) from None
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
         raise ConfigError(
