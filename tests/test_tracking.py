@@ -141,11 +141,15 @@ def test_a_store_that_cannot_open_is_an_error_before_the_run(tree: Path, tmp_pat
     assert not (run_dir / "weights").exists()  # nothing was trained
 
 
-def test_grid_sweep_jobs_are_children_of_one_parent_with_the_leaderboard(
-    tree: Path, store: str, tmp_path: Path, monkeypatch
+@pytest.mark.slow
+def test_parallel_grid_jobs_are_children_of_one_parent_with_the_leaderboard(
+    tree: Path, tmp_path: Path, monkeypatch
 ):
+    """Two jobs at once in worker processes, on a new store: one parent, the tables created once."""
+    store = f"sqlite:///{tmp_path / 'sweeps.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the environment points at the store
     args = ["-m", *ONE_EPOCH, f"data.root={tree}", "tracking=mlflow", "tracking.experiment=sweep"]
+    args += ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     result = cli_here("imgcls.train", *args, "optimizer.lr=0.01,0.02", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")

@@ -38,14 +38,29 @@ def open_client(uri: str):
             "(or pip install mlflow-skinny), or leave tracking unset"
         ) from None
     try:
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)
+        with _first_open(uri):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # creates a new store's tables
     except Exception as exc:
         raise ConfigError(
             f"tracking.uri={uri}: MLflow cannot open this store ({type(exc).__name__}: {exc}); "
             "give tracking.uri=sqlite:///<file>.db, a server's http(s)://host:port, or set MLFLOW_TRACKING_URI"
         ) from None
     return client
+
+
+@contextlib.contextmanager
+def _first_open(uri: str) -> Iterator[None]:
+    """One process at a time opens a SQLite store: parallel sweep jobs that each create the tables of
+    a new store collide ("table ... already exists"). The lock is flock on the database file itself
+    (SQLite locks with fcntl, which flock does not touch on Linux); an empty file is an empty database."""
+    path = Path(uri.split("?")[0][len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    if path is None or not path.parent.is_dir():
+        yield
+        return
+    with open(path, "a") as db:
+        fcntl.flock(db, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def experiment_id(client, name: str) -> str:
