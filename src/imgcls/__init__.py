@@ -13,9 +13,9 @@ Where things live:
 - `sweeps/`: leaderboards and cross-validation around Hydra's multirun;
 - `pages/`: training curves and the report.html of a run, an evaluation and a sweep;
 - beside them: `checkpoint` (the checkpoint format), `models` (classifiers), `runs` (a finished
-  run read back), `errors` and `log`.
+  run read back), `tracking` (MLflow, for tracking=mlflow), `errors` and `log`.
 
-Lower layers never import higher ones: errors/log/checkpoint, pages < config, data < training <
+Lower layers never import higher ones: errors/log/checkpoint/tracking, pages < config, data < training <
 evaluation, deploy, sweeps < the entries.
 """
 

@@ -22,11 +22,12 @@ def end_parent(sweep_dir: Path, status: str) -> None:
     if parent is None:
         return
     client = open_client(parent["tracking_uri"])
-    for name in LEADERBOARD:
-        if (sweep_dir / name).is_file():
-            client.log_artifact(parent["run_id"], str(sweep_dir / name))
+    uploaded = [name for name in LEADERBOARD if (sweep_dir / name).is_file()]
+    for name in uploaded:
+        client.log_artifact(parent["run_id"], str(sweep_dir / name))
     client.set_terminated(parent["run_id"], status)
-    logger.info(f"mlflow: sweep parent run {parent['run_id']} {status.lower()} with the leaderboard")
+    files = f", with {', '.join(uploaded)}" if uploaded else ""
+    logger.info(f"mlflow: sweep parent run {parent['run_id']} {status.lower()}{files}")
 
 
 class SweepParentRun(Callback):
