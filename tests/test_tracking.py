@@ -141,6 +141,14 @@ def test_a_store_that_cannot_open_is_an_error_before_the_run(tree: Path, tmp_pat
     assert not (run_dir / "weights").exists()  # nothing was trained
 
 
+def test_without_the_package_the_error_says_what_to_install(tree: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # what `import` meets without mlflow
+    result = cli_here("imgcls.train", *ONE_EPOCH, f"data.root={tree}", "tracking=mlflow", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: tracking=mlflow needs the mlflow package" in result.stderr
+    assert "pip install 'imgcls[mlflow]'" in result.stderr
+
+
 @pytest.mark.slow
 def test_parallel_grid_jobs_are_children_of_one_parent_with_the_leaderboard(
     tree: Path, tmp_path: Path, monkeypatch

@@ -21,15 +21,19 @@ PARENT_FILE = "mlflow_parent.json"  # in a sweep's directory: the parent run its
 REPORT_GLOBS = ("logs/classification_report_*.txt", "plots/confusion_matrix_*.png")
 
 
-def tracking_uri(uri: str | None) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store in the current folder: MLflow 3
-    puts its own default there too, and has frozen the ./mlruns file store."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def tracking_uri(uri: str | None) -> tuple[str, str]:
+    """The store and where it came from: tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite
+    store in the current folder (MLflow 3's own default; it has frozen the ./mlruns file store)."""
+    if uri:
+        return uri, "tracking.uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}", "the default store"
 
 
-def open_client(uri: str):
+def open_client(uri: str, source: str = "tracking.uri"):
     """An MlflowClient on the store, opened now: a missing package or a store that cannot be
-    opened is the user's error, before the run is built."""
+    opened is the user's error, before the run is built. `source` names where `uri` came from."""
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
@@ -43,7 +47,7 @@ def open_client(uri: str):
             client.search_experiments(max_results=1)  # creates a new store's tables
     except Exception as exc:
         raise ConfigError(
-            f"tracking.uri={uri}: MLflow cannot open this store ({type(exc).__name__}: {exc}); "
+            f"{source}={uri}: MLflow cannot open this store ({type(exc).__name__}: {exc}); "
             "give tracking.uri=sqlite:///<file>.db, a server's http(s)://host:port, or set MLFLOW_TRACKING_URI"
         ) from None
     return client
@@ -85,7 +89,11 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
             out.update(flat_params(value, f"{name}."))
             continue
         text = (
-            "null" if value is None else json.dumps(value) if isinstance(value, list | dict) else str(value)
+            "null"
+            if value is None
+            else json.dumps(value, default=str)
+            if isinstance(value, list | dict)
+            else str(value)
         )
         if len(text) > MAX_PARAM_VAL_LENGTH:
             text = text[: MAX_PARAM_VAL_LENGTH - 30] + f"... ({len(text)} chars, cut)"
@@ -152,8 +160,8 @@ class MlflowTracker(NullTracker):
         self._warned = False
 
     def start(self, config: dict, ckpt: dict | None) -> str:
-        uri = tracking_uri(self.settings.get("uri"))
-        self.client = client = open_client(uri)
+        uri, source = tracking_uri(self.settings.get("uri"))
+        self.client = client = open_client(uri, source)
         resumed = (ckpt or {}).get(RUN_ID_KEY)
         if resumed:
             self.run_id = self._continue(resumed, uri, flat_params(config))

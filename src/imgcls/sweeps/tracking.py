@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from loguru import logger
 
-from imgcls.tracking import open_client, read_parent
+from imgcls.tracking import PARENT_FILE, open_client, read_parent
 
 # what imgcls.sweeps.summary writes at the sweep's end (the ones that exist are uploaded)
 LEADERBOARD = ("sweep_summary.csv", "cv_summary.csv", "sweep_objective.png", "report.html")
@@ -21,7 +21,7 @@ def end_parent(sweep_dir: Path, status: str) -> None:
     parent = read_parent(sweep_dir)
     if parent is None:
         return
-    client = open_client(parent["tracking_uri"])
+    client = open_client(parent["tracking_uri"], f"{PARENT_FILE} tracking_uri")
     uploaded = [name for name in LEADERBOARD if (sweep_dir / name).is_file()]
     for name in uploaded:
         client.log_artifact(parent["run_id"], str(sweep_dir / name))
