@@ -88,23 +88,23 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             out.update(flat_params(value, f"{name}."))
             continue
-        text = (
-            "null"
-            if value is None
-            else json.dumps(value, default=str)
-            if isinstance(value, list | dict)
-            else str(value)
-        )
+        text = _param_text(value)
         if len(text) > MAX_PARAM_VAL_LENGTH:
             text = text[: MAX_PARAM_VAL_LENGTH - 30] + f"... ({len(text)} chars, cut)"
         out[name[:MAX_ENTITY_KEY_LENGTH]] = text
     return out
 
 
+def _param_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    return json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
+
+
 def sweep_parent(client, experiment: str, sweep_dir: Path) -> str:
     """The id of the sweep's parent run, created by the first job that asks: the file lock makes
-    parallel jobs (and workers of a shared Optuna study) agree on one. Its id, store and experiment go
-    to <sweep_dir>/mlflow_parent.json, where the sweep's end reads them."""
+    parallel jobs (and workers of a shared Optuna study) agree on one. Its id and store go to
+    <sweep_dir>/mlflow_parent.json, where the sweep's end reads them."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record = sweep_dir / PARENT_FILE
     with open(sweep_dir / f".{PARENT_FILE}.lock", "w") as lock:
