@@ -14,9 +14,9 @@ Where things live:
 - `pages/`: training curves and the report.html of a run, an evaluation and a sweep;
 - beside them: `checkpoint` (the checkpoint format), `models` (classifiers), `timm_models` (timm's,
   with the `timm` extra) and `timm_input` (the input their pretrained weights expect), `runs` (a
-  finished run read back), `errors` and `log`.
+  finished run read back), `tracking` (MLflow, for tracking=mlflow), `errors` and `log`.
 
-Lower layers never import higher ones: errors/log/checkpoint, pages < config, data < training <
+Lower layers never import higher ones: errors/log/checkpoint/tracking, pages < config, data < training <
 evaluation, deploy, sweeps < the entries.
 """
 

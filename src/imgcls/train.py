@@ -21,13 +21,17 @@ def run(
     run_dir: Path,
     overrides: list[str] = (),
     record: Callable[[Path], None] | None = None,
+    sweep_dir: Path | None = None,
 ) -> float:
     """Train the composed config in run_dir. Heavy imports live here so --help stays instant.
-    `record(run_dir)` writes a resume's record once the resume is accepted."""
+    `record(run_dir)` writes a resume's record once the resume is accepted; `sweep_dir` is set for
+    a job of a -m sweep (a tracked job is nested under the sweep's parent run)."""
     from imgcls.log import setup_logging, teardown_logging
+    from imgcls.tracking import NullTracker, make_tracker
     from imgcls.training import distributed
     from imgcls.training.recorder import NullRecorder, RunRecorder, outcome, record_refused_config
     from imgcls.training.resume import config_to_run
+    from imgcls.training.signals import RunInterrupted
 
     # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
     d, device_spec = distributed.init(str(cfg.get("device") or "auto"))
@@ -62,9 +66,11 @@ def run(
         )  # fmt: skip
     else:
         recorder = NullRecorder()
+    tracker = make_tracker(config.get("tracking"), run_dir, sweep_dir) if d.main else NullTracker()
     try:
-        with outcome(recorder):
-            return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec)
+        # the tracker ends its run after the recorder has written the final summary.txt
+        with tracker.ended(interrupted=(RunInterrupted, KeyboardInterrupt)), outcome(recorder):
+            return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec, tracker)
     finally:
         recorder.close()
         teardown_logging(log_ids)
@@ -72,7 +78,7 @@ def run(
 
 
 def train_run(
-    config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None, d, device_spec: str
+    config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None, d, device_spec: str, tracker
 ) -> float:
     """Build the run from the plain config, restore the checkpoint if any, fit, report."""
     from loguru import logger
@@ -89,6 +95,7 @@ def train_run(
     logger.info(f"run directory: {run_dir}")
     if ckpt:
         logger.info(f"resuming {config['resume']}: epoch {ckpt['epoch']} done, step {ckpt.get('step', 0)}")
+    tracked = tracker.start(config, ckpt)  # before the run is built: a store that cannot open stops here
     run = build_run(
         config, d, train=True, device_spec=device_spec if d.enabled else None, ckpt=ckpt,
         split_file=run_dir / "data_split.json",
@@ -99,22 +106,33 @@ def train_run(
     if ckpt and d.main:
         remove_stale_temp_files(run_dir / "weights")
     recorder.info.update(describe(run))
+    if tracked:
+        recorder.info["mlflow"] = tracked
     log_setup(recorder.info)
 
     def started(seconds: float) -> None:
         recorder.info["startup"] = f"{seconds:.1f} s from process start to the first training step"
         logger.info(f"first training step after {seconds:.1f} s (from process start)")
 
+    def on_epoch(metrics: dict[str, float], history: list[dict[str, float]]) -> None:
+        recorder.log_epoch(metrics, history)
+        tracker.log_epoch(metrics)
+
     with stop_on_signals() as stop:
         hooks = FitHooks(
-            on_epoch=recorder.log_epoch, on_step=FirstStep(recorder.heartbeat, started), should_stop=stop.requested,
-            # the unresolved config keeps interpolations live for a later resume (${trainer.epochs})
-            checkpoint_extra={"config_unresolved": unresolved, "run_started": recorder.started.isoformat()},
+            on_epoch=on_epoch, on_step=FirstStep(recorder.heartbeat, started), should_stop=stop.requested,
+            # the unresolved config keeps interpolations live for a later resume (${trainer.epochs});
+            # a tracked run adds its MLflow run id, which a resume continues
+            checkpoint_extra={
+                "config_unresolved": unresolved, "run_started": recorder.started.isoformat(),
+                **tracker.checkpoint_entries(),
+            },
         )  # fmt: skip
         result = fit(run, state, run_dir / "weights", hooks)
         distributed.barrier(d)  # rank 0 has written best.pt before anyone reads it
         final = report_best_weights(run, run_dir, recorder, result["best_epoch"])
     recorder.finish("completed", final, note=result["stopped_early"])
+    tracker.log_final(final)
     logger.info(
         f"done: best val acc {result['best_acc']:.4f} at epoch {result['best_epoch']}; "
         f"finished {datetime.now():%H:%M:%S}; results in {run_dir}"
@@ -145,7 +163,10 @@ def job(cfg: DictConfig) -> float:
         ]:  # fmt: skip
             (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
-    return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record)
+    from hydra.types import RunMode
+
+    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record, sweep_dir)
 
 
 if __name__ == "__main__":
