@@ -33,7 +33,8 @@ _FLAGS_WITH_VALUE |= {"--cfg", "-c", "--package", "-p", "--info", "-i", "--exper
 # the hydra.callbacks that conf/train.yaml names, for Hydra's execution whitelist (Hydra 1.4 warns
 # about, and 1.5 refuses, a config-named target that trusted code did not list)
 CALLBACKS = (
-    "imgcls.config.preflight.BeforeRun", "imgcls.sweeps.summary.SweepSummary", "imgcls.sweeps.gpu_slots.OneGpuPerJob",
+    "imgcls.config.preflight.BeforeRun", "imgcls.sweeps.tracking.SweepParentRun", "imgcls.sweeps.summary.SweepSummary",
+    "imgcls.sweeps.gpu_slots.OneGpuPerJob",
 )  # fmt: skip
 
 
