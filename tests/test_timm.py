@@ -129,7 +129,7 @@ def test_pretrained_input_replaces_sizes_and_normalize_once():
     from imgcls.cli import CONFIG_DIR
     from imgcls.config.build import plain
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         config = plain(
             compose("train", ["data=imagefolder", "model=timm", f"model.name={NAME}", "data.root=x"])
         )

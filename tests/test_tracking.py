@@ -54,7 +54,7 @@ def test_without_tracking_nothing_changes():
 
     from imgcls.cli import CONFIG_DIR
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         assert "tracking" not in compose(config_name="train")  # config.yaml and summary.txt as before
         assert dict(compose(config_name="train", overrides=["tracking=mlflow"]).tracking) == {
             "uri": None, "experiment": "imgcls", "log_checkpoint": False,

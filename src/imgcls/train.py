@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -149,23 +150,14 @@ def main() -> None:
 def job(cfg: DictConfig) -> float:
     """One training run as Hydra's job: its directory and overrides come from HydraConfig."""
     from hydra.core.hydra_config import HydraConfig
-
-    from imgcls.config.naming import resume_record_dir
-
-    hc = HydraConfig.get()
-
-    def record(run_dir: Path) -> None:
-        """What Hydra writes to .hydra/ for a new run, for an accepted resume."""
-        folder = resume_record_dir(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, node in [
-            ("config.yaml", cfg), ("hydra.yaml", HydraConfig.instance().cfg), ("overrides.yaml", hc.overrides.task),
-        ]:  # fmt: skip
-            (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
-
     from hydra.types import RunMode
 
+    from imgcls.config.naming import write_resume_record
+
+    hc = HydraConfig.get()
+    nodes = {"config": cfg, "hydra": HydraConfig.instance().cfg, "overrides": hc.overrides.task}
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    record = functools.partial(write_resume_record, nodes=nodes)
     return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record, sweep_dir)
 
 

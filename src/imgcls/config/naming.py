@@ -8,6 +8,7 @@ import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -191,6 +192,16 @@ def hydra_subdir(resume: str | None) -> str | None:
 def resume_record_dir(run_dir: Path) -> Path:
     """`.hydra/resume-<time>`: a resume's record beside the original run's, never over it."""
     return Path(run_dir) / ".hydra" / f"resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+
+
+def write_resume_record(run_dir: Path, nodes: dict[str, Any]) -> None:
+    """What Hydra writes to .hydra/ for a new run (config, hydra, overrides), for an accepted resume."""
+    from omegaconf import OmegaConf
+
+    folder = resume_record_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, node in nodes.items():
+        (folder / f"{name}.yaml").write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
 
 def register_resolvers() -> None:
