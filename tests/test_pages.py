@@ -26,8 +26,10 @@ def _row(epoch: int, acc: float) -> dict[str, float]:
             "val/acc": acc, "val/acc_ema": acc + 0.01, "lr": 0.1 / epoch}  # fmt: skip
 
 
-def test_curves_are_redrawn_after_every_epoch_and_continue_across_a_resume(tmp_path):
+def test_curves_are_redrawn_after_an_epoch_and_continue_across_a_resume(tmp_path, monkeypatch):
+    """After an epoch when the last redraw is PAGE_EVERY_S old (0 here: every epoch), and at the end."""
     config = {"trainer": {"epochs": 4}}
+    monkeypatch.setattr(RunRecorder, "PAGE_EVERY_S", 0.0)
     recorder = RunRecorder(tmp_path, config, 4, info={"model": "resnet18"})
     curves = tmp_path / "plots" / "curves.png"
     history, seen = [], []
@@ -54,8 +56,13 @@ def test_curves_are_redrawn_after_every_epoch_and_continue_across_a_resume(tmp_p
     assert described_epochs(curves) == [1, 2, 3]
     with Image.open(curves) as image:
         assert image.text["Description"].endswith("best epoch 3")
+    monkeypatch.setattr(RunRecorder, "PAGE_EVERY_S", 3600.0)  # a short epoch: drawn when the run ends
+    history = [*history, _row(4, 0.7)]
+    resumed.log_epoch(history[-1], history)
+    assert described_epochs(curves) == [1, 2, 3]
     resumed.finish("completed")
     resumed.close()
+    assert described_epochs(curves) == [1, 2, 3, 4]
     fields, _, error, _ = parse_summary((tmp_path / "summary.txt").read_text())
     assert fields["status"] == "completed" and not error
     assert 'id="why"' not in (tmp_path / "report.html").read_text()

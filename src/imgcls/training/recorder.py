@@ -115,6 +115,9 @@ class RunRecorder:
     """
 
     HEARTBEAT_S = 30.0  # how often a long epoch refreshes the summary's heartbeat
+    # how often the curves and report.html are redrawn after an epoch (always when the run ends):
+    # a redraw costs about 0.5 s of matplotlib, nothing beside a real epoch, most of a tiny one
+    PAGE_EVERY_S = 10.0
 
     def __init__(
         self,
@@ -142,6 +145,7 @@ class RunRecorder:
         self.error: str | None = None
         self.notes: list[str] = []  # `note:` lines: early stopping, a model that predicts one class
         self._beat = 0.0
+        self._page = time.monotonic()
         purge = len(self.history) + 1 if history is not None else None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         if history is not None:
@@ -166,7 +170,9 @@ class RunRecorder:
         self.history = list(history)
         self.write_metrics()
         self.write_summary()
-        write_page(write_run_page, self.run_dir, self.history)  # curves.png and report.html
+        if time.monotonic() - self._page >= self.PAGE_EVERY_S:
+            self._page = time.monotonic()
+            write_page(write_run_page, self.run_dir, self.history)  # curves.png and report.html
 
     def write_metrics(self) -> None:
         """metrics.csv: one row per epoch, every key a column (rewritten whole, so it stays rectangular)."""
