@@ -225,14 +225,14 @@ def test_torchscript_and_safetensors_round_trip(run: Path):
         torch.testing.assert_close(scripted(batch), expected, rtol=1e-5, atol=1e-5)
     weights, meta = read_safetensors(run / "export" / "last.safetensors")
     assert (
-        meta["config"]["model"]["name"] == "resnet18"
+        meta["config"]["model"]["name"] == "shufflenet_v2_x0_5"  # TINY_MODEL
         and meta["preprocessing"]["normalize"]["in_model"] is False
     )
     assert weights.keys() == state["model"].keys()
     assert all(
         torch.equal(weights[k], state["model"][k]) for k in weights
     )  # the checkpoint's weights, exactly
-    model = create_model("resnet18", num_classes=3)
+    model = create_model("shufflenet_v2_x0_5", num_classes=3)
     model.load_state_dict(weights)
     _, normalize = b.build_transforms(meta["config"]["transforms"])
     with torch.inference_mode():

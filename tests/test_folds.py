@@ -210,7 +210,7 @@ def test_cv_sweep_writes_the_mean_and_std_of_the_folds(cv_sweep):
     jobs = sorted(sweep.job_dirs(sweep_dir))
     # one readable directory per fold
     assert [re.sub(r"^\d+_", "", j.name) for j in jobs] == [
-        f"batch_size-4_data-imagefolder_epochs-1_fold-{k}_folds-3_lr-0.01_root-tiny_transforms-digits"
+        f"batch_size-4_data-imagefolder_epochs-1_fold-{k}_folds-3_lr-0.01_name-shufflenet_v2_x0_5_root-tiny_transforms-digits"
         for k in range(3)
     ]
     scores = [best_val_acc(j) for j in jobs]

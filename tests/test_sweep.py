@@ -66,7 +66,7 @@ def test_grid_gives_a_run_directory_per_job_and_a_ranked_summary(tmp_path: Path)
     # numbered in launch order, named from the overrides that differ
     assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1", "2", "3"]
     assert {re.sub(r"^\d+_", "", j.name) for j in jobs} == {
-        f"batch_size-{b}_data-imagefolder_epochs-1_lr-{lr}_root-tiny_transforms-digits"
+        f"batch_size-{b}_data-imagefolder_epochs-1_lr-{lr}_name-shufflenet_v2_x0_5_root-tiny_transforms-digits"
         for b in (4, 8)
         for lr in ("0.01", "0.001")
     }
