@@ -12,7 +12,6 @@ matplotlib.use("Agg")  # files only; never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
 
 
@@ -32,8 +31,9 @@ def confusion(targets: Sequence[int], preds: Sequence[int], num_classes: int) ->
 
 
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, normalized: bool = False):
-    """A seaborn heatmap with class names on both axes and the counts in the cells; normalized:
+    """A heatmap with class names on both axes and the counts in the cells; normalized:
     each row divided by its true class's count, so the diagonal is the per-class recall.
+    (Plain matplotlib: seaborn's heatmap is an imshow, a colorbar and the counts; one dependency fewer.)
 
     Names are drawn in a font that has their characters (plots.label_font); when no installed
     font has them, the axes show class indices and write_class_index puts the names beside."""
@@ -41,8 +41,7 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
 
     n = len(class_names)
     font = label_font(class_names)
-    # seaborn measures the labels while it lays them out: in another font than the one that has
-    # their characters ("Glyph missing"), so a special font's names go in once it is done
+    # the labels are laid out in the default font: a special font's names go in once it is done
     index = [str(i) for i in range(n)]
     names = [short_label(c) for c in class_names]  # full names: classification reports, class_index.txt
     ticks = names if font == "" else index
@@ -53,19 +52,21 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
     side = 4 + 0.45 * n if n <= 40 else min(0.16 * n, 64)
     label_size = 10 if n <= 40 else max(4.0, min(8.0, 72 * side / n * 0.75))
     fig, ax = plt.subplots(figsize=(side + 1.5 + 0.06 * max(map(len, names), default=0), side))
-    sns.heatmap(
-        cm,
-        annot=n <= 40,  # past ~40 classes the numbers no longer fit their cells
-        fmt=".2f" if normalized else "d",
-        cmap="Blues",
-        vmin=0 if normalized else None,
-        vmax=1 if normalized else None,
-        xticklabels=ticks,
-        yticklabels=ticks,
-        cbar=True,
-        square=True,
-        ax=ax,
-    )
+    low, high = (0.0, 1.0) if normalized else (float(cm.min(initial=0)), float(cm.max(initial=1)))
+    image = ax.imshow(cm, cmap="Blues", vmin=low, vmax=high, interpolation="nearest")
+    fig.colorbar(image, ax=ax)
+    if n <= 40:  # past ~40 classes the numbers no longer fit their cells
+        for (i, j), value in np.ndenumerate(cm):
+            dark = (value - low) > 0.6 * (high - low)  # white on the dark end of Blues, as seaborn did
+            text = f"{value:.2f}" if normalized else f"{int(value)}"
+            ax.text(
+                j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=label_size
+            )
+    ax.set_xticks(range(n), ticks, rotation=90 if max(map(len, ticks), default=0) > 2 else 0)
+    ax.set_yticks(range(n), ticks)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if font:
         ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 2 else 0)
         ax.set_yticklabels(names, rotation=0)
