@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tree, run_dirs
+from conftest import TINY_MODEL, make_tree, run_dirs
 from test_resume import assert_same_state, metrics
 
 ARGS = [
-    "data=imagefolder", "transforms=digits", "data.batch_size=4", "device=cpu", "deterministic=true",
+    "data=imagefolder", "transforms=digits", TINY_MODEL, "data.batch_size=4", "device=cpu", "deterministic=true",
     "seed=5", "data.num_workers=0", "trainer.log_every_n_steps=1",
 ]  # fmt: skip
 

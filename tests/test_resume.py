@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_here, make_tree, run_dirs
+from conftest import TINY_MODEL, cli_here, make_tree, run_dirs
 
 EXACT = [
-    "data=imagefolder", "transforms=digits", "data.batch_size=4", "trainer.epochs=3", "device=cpu",
+    "data=imagefolder", "transforms=digits", TINY_MODEL, "data.batch_size=4", "trainer.epochs=3", "device=cpu",
     "deterministic=true", "seed=11", "trainer.log_every_n_steps=1",
     "trainer.bn_recalibration.batches=5",  # on by default; 5 of the 12 batches, drawn from (seed, epoch)
 ]  # fmt: skip
