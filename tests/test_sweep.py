@@ -190,9 +190,10 @@ def test_ctrl_c_stops_the_whole_sweep(tmp_path: Path, search: str):
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            if list(tmp_path.glob("multirun/*/*/1_*/summary.txt")):  # the second job is training
+            logs = list(tmp_path.glob("multirun/*/*/1_*/logs/train.log"))
+            if logs and "first training step" in logs[0].read_text():  # the second job is training
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(timeout=120) != 0
     finally:
