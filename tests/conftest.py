@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
 # a 0.34M-parameter ShuffleNetV2 at 32 px on a few dozen images: a run takes seconds on 2 cores. The
 # default ResNet18 (11M parameters) cost 40% more per tiny run, most of it 45 MB checkpoints; the
-# tests that pin the default model (the default digits run, the run directory, the wheel) keep it.
+# tests that pin the default model (the default digits run, the wheel, compile) keep it.
 TINY_MODEL = "model.name=shufflenet_v2_x0_5"
 TINY = [
     "data=imagefolder",

@@ -169,3 +169,27 @@ def test_digits_refuses_a_folder_it_did_not_write(tmp_path: Path):
         data.prepare()
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
     assert not (tmp_path / "mine" / MARKER).exists()
+
+
+def test_a_stopped_run_holds_its_signal_handler_until_it_has_said_how_it_ended():
+    """A second, impatient signal while a stopped run writes its summary is logged, never fatal;
+    release_signals() (train.run's last step) puts the handlers from before the run back."""
+    import signal
+
+    from imgcls.training.signals import release_signals, stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as stop:
+        pass
+    assert signal.getsignal(signal.SIGTERM) is before, "a run that was not stopped restores at once"
+    try:
+        with stop_on_signals() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.requested() == signal.SIGTERM
+        held = signal.getsignal(signal.SIGTERM)
+        assert held is not before and held is not signal.SIG_DFL
+        signal.raise_signal(signal.SIGTERM)  # the impatient second one: handled, the test goes on
+        assert stop.requested() == signal.SIGTERM
+    finally:
+        release_signals()
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is not held

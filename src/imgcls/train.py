@@ -32,7 +32,7 @@ def run(
     from imgcls.training import distributed
     from imgcls.training.recorder import NullRecorder, RunRecorder, outcome, record_refused_config
     from imgcls.training.resume import config_to_run
-    from imgcls.training.signals import RunInterrupted
+    from imgcls.training.signals import RunInterrupted, release_signals
 
     # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
     d, device_spec = distributed.init(str(cfg.get("device") or "auto"))
@@ -76,6 +76,7 @@ def run(
         recorder.close()
         teardown_logging(log_ids)
         distributed.shutdown()
+        release_signals()  # a stopped run held its signal handler until its summary was written
 
 
 def train_run(

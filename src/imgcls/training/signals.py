@@ -55,10 +55,25 @@ def stop_on_signals() -> Iterator[StopFlag]:
     try:
         yield flag
     finally:
-        # a stopped run keeps its handler: the process ends with 128 + n once the summary and the
-        # logs are written, and an impatient second signal meanwhile is logged, never fatal (with
-        # the previous handler restored, a second SIGTERM 50 ms after the first killed a run whose
-        # small checkpoint was already saved, before its summary said `interrupted`)
         if flag.signum is None:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            _restore(previous)
+        else:
+            # a stopped run keeps its handler until release_signals(), once its summary and logs are
+            # written: an impatient second signal meanwhile is logged, never fatal (with the previous
+            # handler restored here, a second SIGTERM 50 ms after the first killed a run whose small
+            # checkpoint was already saved, before its summary said `interrupted`)
+            _held.update(previous)
+
+
+_held: dict = {}  # the handlers a stopped run holds back until release_signals()
+
+
+def release_signals() -> None:
+    """The handlers from before a stopped run, back: the run has said how it ended."""
+    _restore(dict(_held))
+    _held.clear()
+
+
+def _restore(handlers: dict) -> None:
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
