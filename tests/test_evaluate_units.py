@@ -165,3 +165,48 @@ def test_predictions_table_lists_the_first_rows_or_all():
     assert predictions_table(rows, 1, 2).row_count == 2
     assert "first 2 of 5" in predictions_table(rows, 1, 2).title
     assert predictions_table(rows, 1, -1).row_count == 5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reports_and_scores_are_scikit_learns(seed):
+    """imgcls computes its reports with numpy (scikit-learn's metrics cost a second of start-up in
+    every process); scikit-learn itself is the oracle: the same text, byte for byte, and the same
+    scores, with classes never predicted, classes absent from the targets and long names."""
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+    from imgcls.evaluation.metrics import per_class_scores
+    from imgcls.evaluation.scores import confusion, report_text
+
+    rng = np.random.default_rng(seed)
+    n_classes = int(rng.integers(2, 9))
+    names = [f"class_{i}" + "x" * int(rng.integers(0, 20)) for i in range(n_classes)]
+    targets = rng.integers(0, n_classes - (seed % 2), size=int(rng.integers(1, 200)))  # odd seeds: one absent
+    preds = np.where(
+        rng.random(len(targets)) < 0.6, targets, rng.integers(0, max(1, n_classes - 1), len(targets))
+    )
+    labels = list(range(n_classes))
+
+    assert report_text(targets, preds, names) == classification_report(
+        targets, preds, labels=labels, target_names=names, digits=4, zero_division=0
+    )
+    assert (confusion(targets, preds, n_classes) == confusion_matrix(targets, preds, labels=labels)).all()
+    ours = per_class_scores(targets, preds, names)
+    p, r, f, s = precision_recall_fscore_support(targets, preds, labels=labels, zero_division=0)
+    for i, name in enumerate(names):
+        assert ours["classes"][name] == pytest.approx(
+            {"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]}, abs=1e-12
+        )
+    for average in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(
+            targets, preds, labels=labels, average=average, zero_division=0
+        )
+        assert ours[f"{average} avg"] == pytest.approx(
+            {"precision": ap, "recall": ar, "f1": af, "support": len(targets)}, abs=1e-12
+        )
+
+
+def test_reports_refuse_a_class_index_outside_the_names():
+    from imgcls.evaluation.scores import confusion
+
+    with pytest.raises(ValueError, match="outside 0..2"):
+        confusion([0, 1, 3], [0, 1, 2], 3)

@@ -160,7 +160,8 @@ def report(
 def _write_files(out: Path, split: str, p, paths: list[str], class_names: list[str], summary: dict) -> dict:
     """predictions.csv, classification_report.txt/.json and metrics.json; returns the per-class scores."""
     from imgcls.evaluation import metrics as m
-    from imgcls.evaluation.reports import prediction_rows, report_text, topk_indices, write_csv
+    from imgcls.evaluation.reports import prediction_rows, topk_indices, write_csv
+    from imgcls.evaluation.scores import report_text
 
     k = summary["top_k"]
     write_csv(
@@ -185,7 +186,8 @@ def _write_figures(
 
     from imgcls.evaluation import metrics as m
     from imgcls.evaluation.plots import error_grid_figure, reliability_figure, save_figure, write_class_index
-    from imgcls.evaluation.reports import confusion, confusion_figure
+    from imgcls.evaluation.reports import confusion_figure
+    from imgcls.evaluation.scores import confusion
 
     confidence = p.confidence
     cm = confusion(p.targets, p.preds, len(class_names))

@@ -52,23 +52,22 @@ def summary(split: str, p: Predictions, k: int, n_bins: int) -> dict[str, float]
 def per_class_scores(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> dict:
     """Precision, recall, F1 and support per class, with macro and weighted averages, keyed so that
     no class name can collide with an average (a class may be called "accuracy")."""
-    from sklearn.metrics import precision_recall_fscore_support
+    from imgcls.evaluation.scores import class_scores, confusion
 
-    labels = list(range(len(class_names)))
-    p, r, f, s = precision_recall_fscore_support(targets, preds, labels=labels, zero_division=0)
+    s = class_scores(confusion(targets, preds, len(class_names)))
 
     def row(i_p, i_r, i_f, i_s) -> dict:
         return {"precision": float(i_p), "recall": float(i_r), "f1": float(i_f), "support": int(i_s)}
 
     out = {
-        "classes": {name: row(p[i], r[i], f[i], s[i]) for i, name in enumerate(class_names)},
+        "classes": {
+            name: row(s.precision[i], s.recall[i], s.f1[i], s.support[i])
+            for i, name in enumerate(class_names)
+        },
         "accuracy": float((targets == preds).mean()) if len(targets) else 0.0,
     }
     for average in ("macro", "weighted"):
-        ap, ar, af, _ = precision_recall_fscore_support(
-            targets, preds, labels=labels, average=average, zero_division=0
-        )
-        out[f"{average} avg"] = row(ap, ar, af, s.sum())
+        out[f"{average} avg"] = row(*s.average(weighted=average == "weighted"), s.support.sum())
     return out
 
 

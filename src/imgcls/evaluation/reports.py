@@ -12,22 +12,8 @@ matplotlib.use("Agg")  # files only; never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
 
-
-def report_text(targets: Sequence[int], preds: Sequence[int], class_names: Sequence[str]) -> str:
-    return classification_report(
-        targets,
-        preds,
-        labels=list(range(len(class_names))),
-        target_names=list(class_names),
-        digits=4,
-        zero_division=0,
-    )
-
-
-def confusion(targets: Sequence[int], preds: Sequence[int], num_classes: int) -> np.ndarray:
-    return confusion_matrix(targets, preds, labels=list(range(num_classes)))
+from imgcls.evaluation.scores import confusion, report_text  # noqa: E402
 
 
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, normalized: bool = False):
