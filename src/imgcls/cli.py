@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import importlib.resources
 import re
 import sys
@@ -93,6 +95,7 @@ def run_command(
     Ctrl-C exits 130, and a training stopped by a signal 128 + its number."""
     import hydra
 
+    _quick_exit()
     argv = list(sys.argv[1:] if argv is None else argv)
     if config_name is None:
         return _reported(lambda: task(argv))
@@ -113,6 +116,18 @@ def run_command(
     with _command_line(prog or sys.argv[0], argv):
         job()
     return result[-1] if result else None
+
+
+def _quick_exit() -> None:
+    """Freeze the garbage collector once every atexit handler has run: the interpreter's last
+    collections then skip the objects torch and its compiler stack created at import, which every
+    command pays for at exit (0.95 s of a 3.4 s `import torch, torchvision` process; 0.2 s frozen,
+    2-core VM). Nothing is lost: every module is still torn down and every object freed as its
+    references go; only cycles still alive at exit stay uncollected, and a command has closed what
+    holds data (logs, TensorBoard, checkpoints, trackers) before it returns."""
+    if not getattr(_quick_exit, "registered", False):
+        atexit.register(gc.freeze)  # registered first, so run last
+        _quick_exit.registered = True
 
 
 def _over_run(task: Callable[[dict, list[str]], Any], overrides: list[str]) -> Callable[[Any], Any]:
