@@ -34,9 +34,14 @@ DATASETS = {
     },
     "digits": {"imgcls": [], "batch": 64, "classes": 10, "tree": None, "img_size": 32},
 }  # fmt: skip
-ROWS = {
-    "imgcls, recalibration on (default)": [],
-    "imgcls, recalibration off": ["trainer.bn_recalibration.enabled=false"],
+ROWS = {  # --rows key: (label, overrides)
+    "on": ("imgcls, recalibration on (default)", []),
+    "off": ("imgcls, recalibration off", ["trainer.bn_recalibration.enabled=false"]),
+    # the same weights as the two rows above (recalibration changes no weight), other statistics:
+    "two": ("imgcls, recalibration over 2 batches", ["trainer.bn_recalibration.batches=2"]),
+    "train": ("imgcls, recalibration, train transforms", ["trainer.bn_recalibration.transforms=train"]),
+    # timm's learning rate for this batch (lr_base 0.1 x 32/256); recalibration on
+    "lr": ("imgcls, optimizer.lr=0.0125", ["optimizer.lr=0.0125"]),
 }
 
 
@@ -77,6 +82,7 @@ def timm_row(
         raise SystemExit(f"timm {' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     with open(out / "run" / "summary.csv") as f:
         accs = [float(r["eval_top1"]) / 100 for r in csv.DictReader(f)]
+    print(f"    val acc per epoch {' '.join(f'{a:.3f}' for a in accs)}", flush=True)
     return {"best": max(accs), "final": accs[-1], "recal_s": 0.0, "train_s": 0.0,
             "wall_s": time.perf_counter() - start}  # fmt: skip
 
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="Hymenoptera's crop size (imgcls and timm)")
     parser.add_argument("--timm-train-py", type=Path, help="timm's train.py (not in timm's pip package)")
     parser.add_argument("--timm-python", type=Path, help="a Python with timm installed, to run it")
+    parser.add_argument("--rows", default="on,off", help=f"imgcls rows, of: {','.join(ROWS)}")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     DATASETS["hymenoptera"]["img_size"] = args.size
@@ -117,18 +124,16 @@ def main() -> None:
         for dataset in args.datasets.split(","):
             digits_tree = None
             results: dict[str, list[dict]] = {}
-            for name, extra in ROWS.items():
-                for seed in seeds:
-                    r = imgcls_row(
-                        dataset, extra, seed, args.epochs, tmp / f"{dataset}-{len(results)}-{seed}"
-                    )
+            for seed in seeds:  # every row of a seed before the next seed: a cut-short run still pairs them
+                for key in args.rows.split(","):
+                    name, extra = ROWS[key]
+                    r = imgcls_row(dataset, extra, seed, args.epochs, tmp / f"{dataset}-{key}-{seed}")
                     digits_tree = digits_tree or r["run"].parents[2] / "data" / "digits"
                     results.setdefault(name, []).append(r)
                     print(f"  {dataset} {name} seed {seed}: best {r['best']:.4f} final {r['final']:.4f} "
                           f"recal {r['recal_s']:.1f} s train {r['train_s']:.1f} s/epoch", flush=True)  # fmt: skip
-            if args.timm_train_py and args.timm_python:
-                tree = DATASETS[dataset]["tree"] or digits_tree
-                for seed in seeds:
+                if args.timm_train_py and args.timm_python:
+                    tree = DATASETS[dataset]["tree"] or digits_tree
                     r = timm_row(dataset, tree, seed, args.epochs, args.timm_train_py, args.timm_python,
                                  tmp / f"timm-{dataset}-{seed}")  # fmt: skip
                     results.setdefault("timm train.py defaults", []).append(r)
