@@ -345,7 +345,8 @@ def _targets(node):
 def test_a_run_saved_before_the_packages_reads_back_under_todays_names():
     """Runs written by the first layout name imgcls.digits.DigitsData, imgcls.losses.FocalLoss, ...:
     each old name maps to a registered target, and a saved config with them passes the check."""
-    from imgcls.config.targets import RENAMED, current_names, locate
+    from imgcls.config.renamed import RENAMED, current_names
+    from imgcls.config.targets import locate
 
     for old, new in RENAMED.items():
         assert locate(new).__name__ == old.rpartition(".")[2]

@@ -96,7 +96,8 @@ def find_checkpoint(run: Path, spec: str) -> Path:
 
 def _checked(config: Any, source: str) -> dict:
     """The config with today's names of renamed project targets, every `_target_` checked."""
-    from imgcls.config.targets import check_targets, current_names
+    from imgcls.config.renamed import current_names
+    from imgcls.config.targets import check_targets
 
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: not a config (a mapping of keys), got {type(config).__name__}")

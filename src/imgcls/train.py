@@ -34,18 +34,7 @@ def run(
     from imgcls.training.resume import config_to_run
     from imgcls.training.signals import RunInterrupted, release_signals
 
-    # under torchrun every rank runs this; rank 0 names the run directory and alone writes to it
-    d, device_spec = distributed.init(str(cfg.get("device") or "auto"))
-    if not d.main and Path(run_dir).name.startswith("imgcls-rank"):
-        Path(run_dir).rmdir()  # the placeholder naming.run_dir gave Hydra on this rank
-    run_dir = Path(distributed.broadcast(str(run_dir), d))
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # a resume logs into the run once accepted: a refused one leaves the run as it was
-        log_ids = setup_logging(None if cfg.get("resume") else run_dir / "logs" / "train.log")
-    else:
-        log_all = bool((cfg.get("trainer") or {}).get("log_all_ranks"))
-        log_ids = setup_logging(None, level="INFO" if log_all else "ERROR", prefix=f"[rank {d.rank}] ")
+    d, device_spec, run_dir, log_ids = distributed.enter(cfg, Path(run_dir))
     try:
         config, unresolved, ckpt = config_to_run(cfg, list(overrides))
     except UserError:

@@ -1,7 +1,7 @@
 """Training: the run builder, the epoch loop and everything it steps.
 
 Owns: building a run for every command (`run.build_run`: device, precision, memory format, model,
-data and loaders; optimizer, schedule, loss and recipe when training), the loop (`loop.fit`), one
+data and loaders (`run_data`); optimizer, schedule, loss and recipe when training), the loop (`loop.fit`), one
 epoch of training and of validation (`engine`), recipes beside the loop (accumulation, clipping,
 mixup/cutmix, EMA, warmup-cosine schedule: `recipes`), losses, BatchNorm recalibration
 (`batchnorm`), precision and compile settings (`speed`), torchrun support (`distributed`), seeding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,26 @@ def init(device_spec: str) -> tuple[Dist, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local), device_spec
+
+
+def enter(cfg: Any, run_dir: Path) -> tuple[Dist, str, Path, list[int]]:
+    """A training process's start: (its Dist, device spec, the run directory, its log handler ids).
+    Under torchrun every rank runs this; rank 0 names the run directory and alone writes to it and
+    logs into it (a resume once it is accepted: a refused one leaves the run as it was); the other
+    ranks log errors only, or everything with trainer.log_all_ranks."""
+    from imgcls.log import setup_logging
+
+    d, device_spec = init(str(cfg.get("device") or "auto"))
+    if not d.main and run_dir.name.startswith("imgcls-rank"):
+        run_dir.rmdir()  # the placeholder naming.run_dir gave Hydra on this rank
+    run_dir = Path(broadcast(str(run_dir), d))
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_ids = setup_logging(None if cfg.get("resume") else run_dir / "logs" / "train.log")
+    else:
+        log_all = bool((cfg.get("trainer") or {}).get("log_all_ranks"))
+        log_ids = setup_logging(None, level="INFO" if log_all else "ERROR", prefix=f"[rank {d.rank}] ")
+    return d, device_spec, run_dir, log_ids
 
 
 def shutdown() -> None:

@@ -31,7 +31,7 @@ def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], pat
     Interpolations stay live (the checkpoint keeps the unresolved config too), so a scheduler
     horizon written as ${trainer.epochs} follows an extended trainer.epochs."""
     refused = []
-    from imgcls.config.targets import current_names
+    from imgcls.config.renamed import current_names
 
     base = OmegaConf.create(current_names(ckpt.get("config_unresolved") or ckpt["config"]))
     for override in overrides:

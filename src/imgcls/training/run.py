@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from imgcls.training.distributed import SINGLE, Dist
 from imgcls.training.engine import Placement
 from imgcls.training.recipes import Recipe
 from imgcls.training.speed import FP32, Precision
+
+if TYPE_CHECKING:
+    from imgcls.training.run_data import DataParts
 
 
 @dataclass
@@ -107,6 +110,7 @@ def build_run(
     from imgcls.config import build as b
     from imgcls.timm_input import with_pretrained_input
     from imgcls.training.engine import resolve_device
+    from imgcls.training.run_data import build_data
     from imgcls.training.seeding import configure_determinism, seed_everything
 
     trainer = config.get("trainer") or {}
@@ -132,7 +136,7 @@ def build_run(
         state, path = weights
         model = _restored_model(config, state, path, place)
         return Run(config, place, model, pipelines, list(state["class_names"]))
-    parts = _build_data(config, pipelines, place, ckpt, split_file)
+    parts = build_data(config, pipelines, place, ckpt, split_file)
     if pretrained_input:
         parts.info["input"] = pretrained_input
     return _build_training(config, place, pipelines, parts, resumed=bool(ckpt))
@@ -161,100 +165,8 @@ def _placed(model: nn.Module, place: Placement) -> nn.Module:
     )
 
 
-@dataclass
-class _DataParts:
-    data: Any
-    record: Any
-    class_names: list[str]
-    loaders: dict[str, Any]
-    eval_loader: Callable[[str], Any]
-    class_counts: list[int]
-    recalibration: Any
-    info: dict[str, str]
-    loading: str
-    batch_size: int
-    checkpoint_entries: dict[str, Any]
-
-
-def _build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | None, split_file) -> _DataParts:
-    """Every use of the data object while a training run is built: checked, split, loaded."""
-    from loguru import logger
-
-    from imgcls.config import build as b
-    from imgcls.data.augment import resolve as resolve_augment
-    from imgcls.data.loaders import make_loader
-    from imgcls.data.splits import describe
-    from imgcls.training import distributed
-    from imgcls.training.batchnorm import build_recalibration
-    from imgcls.training.losses import class_counts
-    from imgcls.training.resume import check_classes
-
-    d, device = place.d, place.device
-    data = b.build_data(config["data"])
-    recorded = ckpt.get("data_split") if ckpt else None  # a carved val split or fold: the same files
-    # rank 0 writes, downloads and caches for the others; a resume's config comes from a checkpoint,
-    # maybe someone else's: it neither downloads nor writes the data set (see ImageFolderData.prepare)
-    record = distributed.rank0_first(lambda: data.scan(fetch=not ckpt, recorded_split=recorded), d)
-    if ckpt:
-        check_classes(ckpt["class_names"], list(record.class_names), record.root)
-        for change in record.changes_since(ckpt):  # same classes, other files: resume, but say so
-            logger.warning(f"the data changed since the checkpoint: {change}")
-    for warning in record.report.warnings:  # the data check's findings; errors stopped the scan
-        logger.warning(warning)
-    if d.main and split_file is not None:
-        record.write_split(split_file)  # only when data.val_fraction or data.folds drew val
-    shard = {
-        "seed": int(config["seed"]),
-        "pin_memory": device.type == "cuda",
-        "rank": d.rank,
-        "world": d.world,
-    }
-    crop = resolve_augment(
-        data.device_augment, pipelines["train"], cached=data.cache != "none", device=device,
-        resumed=bool(ckpt.get("device_augment")) if ckpt else None,
-    )  # fmt: skip
-    train_collate = crop.collate if crop is not None else None  # None: the default stacking
-    train_transform = crop if crop is not None else pipelines["train"]
-    loaders = {
-        "train": make_loader(
-            data, record, "train", train_transform, train=True, collate_fn=train_collate, **shard
-        )
-    }
-    for split in record.splits:
-        if split != "train":
-            loaders[split] = make_loader(data, record, split, pipelines[split], train=False, **shard)
-
-    def eval_loader(split: str):
-        pipeline = pipelines["val"] if split == "train" else pipelines[split]
-        return make_loader(data, record, split, pipeline, train=False, **shard)
-
-    trainer = config["trainer"]
-    recalibration = build_recalibration(
-        trainer.get("bn_recalibration"), data, record, pipelines, shard, device, place.normalize,
-        channels_last=place.channels_last, amp=place.amp, d=d,
-    )  # fmt: skip
-    sizes = ", ".join(f"{s} {len(v)}" for s, v in record.samples.items())
-    info = {
-        "data": f"{record.root}: {len(record.class_names)} classes; {sizes} images",
-        **({"val split": describe(record.carved)} if record.carved else {}),  # "fold 2 of 5 of train, ..."
-        "classes": ", ".join(record.class_names),
-        "data check": record.report.summary_line(),
-    }
-    loading = f"{data.num_workers} loader worker(s), device augment {crop is not None}"
-    counts = class_counts(record.samples["train"], len(record.class_names))
-    entries = {
-        "class_counts": counts,  # of train/: class-weighted losses are rebuilt from them
-        "device_augment": crop is not None,  # what data.device_augment=auto resolved to, for a resume
-        **record.checkpoint_entries(),  # data fingerprint, carved val split
-    }
-    return _DataParts(
-        data, record, list(record.class_names), loaders, eval_loader, counts, recalibration, info, loading, data.batch_size,
-        entries,
-    )  # fmt: skip
-
-
 def _build_training(
-    config: dict, place: Placement, pipelines: dict, parts: _DataParts, resumed: bool = False
+    config: dict, place: Placement, pipelines: dict, parts: DataParts, resumed: bool = False
 ) -> Run:
     from imgcls.config import build as b
     from imgcls.timm_models import architecture_only
