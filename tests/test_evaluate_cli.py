@@ -59,18 +59,21 @@ def run_copy(trained_run: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def evaluated(run_copy: Path):
-    """One default evaluation (best checkpoint, test split), read by several tests."""
-    result = cli_here("imgcls.evaluate", f"run_dir={run_copy}", cwd=run_copy.parent)
+def evaluated(trained_run: Path, tmp_path_factory):
+    """One default evaluation (best checkpoint, test split), read by several tests, in a copy of
+    its own: the other tests' evaluations write into run_copy in whatever order xdist runs them."""
+    run = copy_run(trained_run, tmp_path_factory.mktemp("evaluated") / trained_run.name)
+    result = cli_here("imgcls.evaluate", f"run_dir={run}", cwd=run.parent)
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_copy / "eval" / "test-best", result
+    return run / "eval" / "test-best", result
 
 
-def test_evaluation_folder_holds_every_file(evaluated, run_copy: Path):
+def test_evaluation_folder_holds_every_file(evaluated):
     out, _ = evaluated
-    assert sorted(p.name for p in (run_copy / "eval").iterdir()) == ["test-best"]
+    run = out.parents[1]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["test-best"]
     # nothing outside the run: no outputs/<date>/ or .hydra/ in the working directory
-    assert [p.name for p in run_copy.parent.iterdir()] == [run_copy.name]
+    assert [p.name for p in run.parent.iterdir()] == [run.name]
     for name in EVAL_FILES:
         assert (out / name).is_file(), name
     for name in [

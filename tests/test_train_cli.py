@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import HYMENOPTERA, TINY, cli, cli_here, make_tree, run_dirs
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 EPOCH_KEYS = [
@@ -138,6 +141,13 @@ def test_tensorboard_holds_scalars_images_and_text(trained_run: Path):
     rows = read_metrics(trained_run)
     assert [e.value for e in acc.Scalars("val/acc")] == pytest.approx([r["val/acc"] for r in rows])
     assert {f"confusion_matrix/{s}" for s in ["train", "val", "test"]} <= set(tags["images"])
+    # TensorBoard shows the saved PNG's pixels (the figure is drawn once, for the file)
+    (shown,) = acc.Images("confusion_matrix/val")
+    with (
+        Image.open(io.BytesIO(shown.encoded_image_string)) as tb,
+        Image.open(trained_run / "plots" / "confusion_matrix_val.png") as png,
+    ):
+        assert np.array_equal(np.asarray(tb.convert("RGB")), np.asarray(png.convert("RGB")))
     texts = {t for t in tags["tensors"] if t.startswith("classification_report/")}
     assert texts == {f"classification_report/{s}/text_summary" for s in ["train", "val", "test"]}
     report = acc.Tensors("classification_report/val/text_summary")[0].tensor_proto.string_val[0].decode()

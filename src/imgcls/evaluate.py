@@ -217,8 +217,7 @@ def _write_figures(
             writer.add_scalar(key, value, epoch)
         write_class_index(out, class_names)  # only when no font draws the names
         for name, fig in figures.items():
-            save_figure(fig, out / f"{name}.png")
-            writer.add_figure(f"{name}/{split}", fig, global_step=epoch, close=False)
+            save_figure(fig, out / f"{name}.png", writer, f"{name}/{split}", epoch)
             plt.close(fig)
         text = (out / "classification_report.txt").read_text()
         # four leading spaces per line make TensorBoard's markdown keep the table's columns

@@ -87,10 +87,11 @@ def write_split_report(
     acc = float(np.trace(cm) / max(cm.sum(), 1))
     fig = confusion_figure(cm, class_names, f"{split}: accuracy {acc:.4f} ({cm.sum()} images)")
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-    save_figure(fig, run_dir / "plots" / f"confusion_matrix_{split}.png")
+    save_figure(
+        fig, run_dir / "plots" / f"confusion_matrix_{split}.png", writer, f"confusion_matrix/{split}", step
+    )
     write_class_index(run_dir / "plots", class_names)
     if writer is not None:
-        writer.add_figure(f"confusion_matrix/{split}", fig, global_step=step, close=False)
         # two leading spaces per line make TensorBoard's markdown keep the table's columns
         writer.add_text(f"classification_report/{split}", "    " + text.replace("\n", "\n    "), step)
     plt.close(fig)
