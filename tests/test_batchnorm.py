@@ -152,6 +152,9 @@ def test_the_recalibration_loader_takes_n_batches_drawn_from_seed_and_epoch(data
     [
         ({"batches": 0}, "batches must be at least 1, got 0"),
         ({"transforms": "val"}, "must be eval or train, got 'val'"),
+        ({"max_share": 0}, r"max_share must be a number in \(0, 1\] .* got 0"),
+        ({"max_share": 1.5}, r"max_share must be a number in \(0, 1\] .* got 1.5"),
+        ({"max_share": "half"}, r"max_share .* got 'half'"),
     ],
 )
 def test_bad_settings_name_the_key(data, settings, message):
@@ -161,3 +164,17 @@ def test_bad_settings_name_the_key(data, settings, message):
     with pytest.raises(ConfigError, match=message):
         build_recalibration({"enabled": True, "batches": 4, **settings}, *data, pipelines(), shard, CPU,
                             NORMALIZE, channels_last=False, amp=None, d=None)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("share", "epoch_batches", "expected"), [(None, 6, 4), (0.5, 6, 3), (0.25, 6, 2), (0.01, 6, 1), (1, 2, 2)]
+)
+def test_max_share_caps_the_batches_at_a_share_of_an_epoch(data, share, epoch_batches, expected):
+    """On a small train split the recalibration would cost a third of an epoch (a forward pass over
+    nearly every training image); max_share caps it at a share of the epoch's batches, rounded up."""
+    shard = {"seed": 3, "pin_memory": False, "rank": 0, "world": 1}
+    recal = build_recalibration(
+        {"enabled": True, "batches": 4, "max_share": share}, *data, pipelines(), shard, CPU, NORMALIZE,
+        channels_last=False, amp=None, d=None, epoch_batches=epoch_batches,
+    )  # fmt: skip
+    assert len(recal.loader) == expected

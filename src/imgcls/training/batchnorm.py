@@ -10,6 +10,7 @@ average them over a fixed set of training batches, in train mode, without gradie
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,8 +148,10 @@ def build_recalibration(
     channels_last,
     amp,
     d,
+    epoch_batches: int | None = None,
 ) -> Recalibration | None:
-    """trainer.bn_recalibration -> a Recalibration, or None when it is off."""
+    """trainer.bn_recalibration -> a Recalibration, or None when it is off. `max_share` caps its
+    batches at that share of an epoch's `epoch_batches` training batches, rounded up."""
     from imgcls.data.loaders import make_loader
     from imgcls.data.sampling import mix
     from imgcls.errors import ConfigError
@@ -161,6 +164,15 @@ def build_recalibration(
         raise ConfigError(f"trainer.bn_recalibration.batches must be at least 1, got {n}")
     if which not in TRANSFORMS:
         raise ConfigError(f"trainer.bn_recalibration.transforms must be eval or train, got {which!r}")
+    share = settings.get("max_share")
+    if share is not None:
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(
+                f"trainer.bn_recalibration.max_share must be a number in (0, 1] (a share of an epoch's "
+                f"training batches) or null for no cap, got {share!r}"
+            )
+        if epoch_batches:
+            n = min(n, math.ceil(share * epoch_batches))  # rounded up: at least one batch
     pipeline = pipelines["val"] if which == "eval" else pipelines["train"]
     # its own order (another seed than the training loader's), cut to n batches per process
     loader = make_loader(

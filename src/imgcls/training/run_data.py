@@ -83,7 +83,7 @@ def build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | Non
     trainer = config["trainer"]
     recalibration = build_recalibration(
         trainer.get("bn_recalibration"), data, record, pipelines, shard, device, place.normalize,
-        channels_last=place.channels_last, amp=place.amp, d=d,
+        channels_last=place.channels_last, amp=place.amp, d=d, epoch_batches=len(loaders["train"]),
     )  # fmt: skip
     sizes = ", ".join(f"{s} {len(v)}" for s, v in record.samples.items())
     info = {
