@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
 # a 0.34M-parameter ShuffleNetV2 at 32 px on a few dozen images: a run takes seconds on 2 cores. The
 # default ResNet18 (11M parameters) cost 40% more per tiny run, most of it 45 MB checkpoints; the
-# tests that pin the default model (the default digits run, the wheel, compile) keep it.
+# tests that pin the default model (the default digits run, compile) keep it.
 TINY_MODEL = "model.name=shufflenet_v2_x0_5"
 TINY = [
     "data=imagefolder",
@@ -99,12 +99,17 @@ def cli(module: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.
     )
 
 
-def cli_here(module: str, *args: str, cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+def cli_here(
+    module: str, *args: str, cwd: Path, timeout: float | None = None, signal_at: tuple[str, int] | None = None
+) -> subprocess.CompletedProcess:
     """`cli` in this process: `python -m <module> args...` run by runpy as `__main__`, with the same
     result (exit code, stdout, stderr) and none of the ~5 s a new interpreter costs. The state a
     command leaves in a process is put back afterwards (see `_process_state`); `timeout` is ignored.
-    Keep one subprocess test per command: only a real process pins what the interpreter does."""
-    out, err = io.StringIO(), io.StringIO()
+    Keep one subprocess test per command: only a real process pins what the interpreter does.
+
+    `signal_at=(marker, signum)`: the process gets that real signal once its stderr shows `marker`
+    (the command's own handler takes it, as when a user presses Ctrl-C or a scheduler sends SIGTERM)."""
+    out, err = io.StringIO(), (_SignalAt(*signal_at) if signal_at else io.StringIO())
     with _process_state(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         os.environ.update(PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
         sys.argv = [module, *args]  # runpy sets argv[0] to the module's file, as `python -m` does
@@ -125,6 +130,21 @@ def cli_here(module: str, *args: str, cwd: Path, timeout: float | None = None) -
     return subprocess.CompletedProcess(
         [sys.executable, "-m", module, *args], code, out.getvalue(), err.getvalue()
     )
+
+
+class _SignalAt(io.StringIO):
+    """A captured stderr that raises `signum` in this process the first time `marker` is written."""
+
+    def __init__(self, marker: str, signum: int):
+        super().__init__()
+        self.marker, self.signum, self.sent = marker, signum, False
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if not self.sent and self.marker in text:
+            self.sent = True
+            signal.raise_signal(self.signum)
+        return written
 
 
 # the filters of a new interpreter (-W and PYTHONWARNINGS included), before pytest adds its own per test

@@ -12,6 +12,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,8 @@ def test_installed_wheel_trains_evaluates_and_helps_from_an_empty_folder(install
     assert helped.returncode == 0, helped.stderr
     assert "model: convnext_tiny" in helped.stdout and "optimizer: adam, adamw, sgd" in helped.stdout
 
-    trained = run_in(installed, tmp_path, "imgcls-train", "trainer.epochs=1", "device=cpu", "model=resnet18")
+    # the default data set (written into the empty folder), a small model: the wheel is the subject
+    trained = run_in(installed, tmp_path, "imgcls-train", "trainer.epochs=1", "device=cpu", TINY_MODEL)
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert re.search(r"^status: +completed$", (run / "summary.txt").read_text(), re.M)

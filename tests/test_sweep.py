@@ -253,7 +253,10 @@ def test_killed_optuna_sweep_resumes_without_losing_or_rerunning_a_trial(tmp_pat
             sweeps = sweep_dirs(tmp_path)
             db = sweeps[0] / "optuna.db" if sweeps else None
             if db and db.is_file():
-                states = count_states(db)
+                try:
+                    states = count_states(db)
+                except sqlite3.OperationalError:  # the file exists, optuna has not created its tables yet
+                    states = {}
                 third = list(sweeps[0].glob("2_*/summary.txt"))
                 if states.get("COMPLETE") == 2 and states.get("RUNNING") == 1 and third:
                     break

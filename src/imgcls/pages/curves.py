@@ -7,13 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never open a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from imgcls.pages.html import number  # noqa: E402
+from imgcls.pages.html import number
 
 PANELS = (  # (title, y label, [(metric key, label)])
     ("loss", "loss", [("train/loss", "train"), ("val/loss", "val")]),
@@ -40,6 +34,12 @@ def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
     rows = [r for r in history if r.get("epoch") is not None]
     if not rows:
         return False
+    # imported here: every command loads this module through the sweep callback (0.35 s of start-up)
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
     epochs = [int(r["epoch"]) for r in rows]
     best = best_epoch(rows)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
