@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="Hymenoptera's crop size (imgcls and timm)")
     parser.add_argument("--timm-train-py", type=Path, help="timm's train.py (not in timm's pip package)")
     parser.add_argument("--timm-python", type=Path, help="a Python with timm installed, to run it")
+    parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--rows", default="on,off", help=f"imgcls rows, of: {','.join(ROWS)}")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -120,7 +121,7 @@ def main() -> None:
         ]
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = args.workdir or Path(tmp)
         for dataset in args.datasets.split(","):
             digits_tree = None
             results: dict[str, list[dict]] = {}
