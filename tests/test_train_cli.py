@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import HYMENOPTERA, TINY, cli, cli_here, make_tree, run_dirs
+from conftest import HYMENOPTERA, TINY, TINY_MODEL, cli, cli_here, make_tree, run_dirs
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -196,12 +196,13 @@ def test_default_digits_data_is_written_once_and_trains(tmp_path: Path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data/hymenoptera_data")
 def test_hymenoptera_trains_past_its_stray_gif(tmp_path: Path):
-    # transforms=digits (32 px) keeps this test fast; the data path is the real one
+    # transforms=digits (32 px) and the tiny model keep this test fast; the data path is the real one
     result = cli_here(
         "imgcls.train",
         "data=hymenoptera",
         f"data.root={HYMENOPTERA}",
         "transforms=digits",
+        TINY_MODEL,
         "trainer.epochs=1",
         "data.batch_size=32",
         "device=cpu",
