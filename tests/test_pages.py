@@ -130,6 +130,7 @@ def test_a_run_page_shows_the_run_in_a_browser(trained_run, browser):
     assert len(accuracy) >= 3 and all(line.endswith("%") for line in accuracy[:3])
 
 
+@pytest.mark.slow  # a full evaluation, then a real browser
 def test_an_evaluation_page_shows_metrics_figures_and_confusions(trained_run, browser, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
     result = cli("imgcls.evaluate", f"run_dir={run}", "errors_shown=2", "tta=true", cwd=tmp_path)

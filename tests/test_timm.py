@@ -175,6 +175,7 @@ def test_offline_pretrained_says_what_to_fetch_and_where(tree, tmp_path, monkeyp
     assert "status:         failed" in summary
 
 
+@pytest.mark.slow  # a timm run evaluated, predicted and exported to ONNX
 def test_the_run_states_its_input_and_evaluate_predict_export_use_it(timm_run, tree, tmp_path):
     line = "160x160 px, mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], crop_pct 0.95"
     summary = (timm_run / "summary.txt").read_text()
@@ -223,6 +224,7 @@ def test_the_run_states_its_input_and_evaluate_predict_export_use_it(timm_run, t
     assert '"height": 160' in json.dumps(json.loads(next(v for v in meta.values() if '"input"' in v)))
 
 
+@pytest.mark.slow  # a resumed training
 def test_resume_is_bit_exact_without_the_weights_file(timm_run, tree, weights_file, tmp_path):
     copy = Path(shutil.copy(weights_file, tmp_path / "copy.safetensors"))
     args = [*ONE, f"data.root={tree}", f"model.weights={copy}", "deterministic=true", "scheduler=none"]
@@ -236,6 +238,7 @@ def test_resume_is_bit_exact_without_the_weights_file(timm_run, tree, weights_fi
     assert_same_state(run, timm_run)
 
 
+@pytest.mark.slow  # a sweep
 def test_lr_find_and_a_grid_sweep(tree, tmp_path):
     result = cli_here("imgcls.lr_find", *ONE, f"data.root={tree}", "lr_find.num_iter=5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

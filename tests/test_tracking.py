@@ -69,6 +69,7 @@ def test_params_are_flat_and_within_mlflow_limits():
     assert len(params["x"]) <= 6000 and params["x"].endswith("(7000 chars, cut)")
 
 
+@pytest.mark.slow  # a tracked training and its resume
 def test_tracked_run_logs_everything_and_resume_continues_it(tree: Path, store: str, tmp_path: Path):
     args = [*ONE_EPOCH, f"data.root={tree}", "tracking=mlflow", f"tracking.uri={store}"]
     args += ["tracking.experiment=run", "tracking.log_checkpoint=true"]
