@@ -69,7 +69,8 @@ def test_metrics_file_has_one_row_per_epoch(trained_run: Path):
     for r in rows:
         assert 0 <= r["train/acc"] <= 1 and 0 <= r["val/acc"] <= 1
         assert r["train/loss"] > 0 and r["train/images_per_s"] > 0
-        assert r["bn_recal/images"] == 24 and r["bn_recal/time_s"] > 0  # the tiny tree's whole train split
+        # trainer.bn_recalibration.max_share=0.5: 3 of the tiny train split's 6 batches of 4
+        assert r["bn_recal/images"] == 12 and r["bn_recal/time_s"] > 0
     # the rate each epoch started with: the default schedule warms up from 0.01 x lr over epoch 1
     assert [r["lr"] for r in rows] == pytest.approx([0.01 * 0.01, 0.01])
     assert rows[1]["val/acc_best"] == max(r["val/acc"] for r in rows)
@@ -86,6 +87,10 @@ def test_summary_reports_the_run(trained_run: Path):
     assert summary_value(trained_run, "device") == f"cpu ({torch.get_num_threads()} threads)"
     assert summary_value(trained_run, "model") == "shufflenet_v2_x0_5, 344,867 parameters"  # TINY's model
     assert "3 classes; train 24, val 12, test 12 images" in summary_value(trained_run, "data")
+    assert summary_value(trained_run, "bn recalibration") == (
+        "BatchNorm statistics recomputed before each validation over 3 batches of 4 training images "
+        "per process (eval transforms; max_share 0.5 of 6)"
+    )
     assert summary_value(trained_run, "val acc (best weights)").startswith(f"{best['val/acc']:.4f}")
     text = (trained_run / "summary.txt").read_text()
     assert "ended:" in text and "duration:" in text and "\nconfig:\n" in text

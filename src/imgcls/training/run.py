@@ -245,9 +245,15 @@ def describe(run: Run) -> dict[str, str]:
     }
     recal = run.recipe.recalibrate
     if recal is not None and batchnorm_layers(run.model):
+        settings, n = trainer["bn_recalibration"], len(recal.loader)
+        share = settings.get("max_share")
+        capped = (
+            f"; max_share {share} of {len(run.loaders['train'])}"
+            if n < int(settings["batches"]) and share
+            else ""
+        )
         lines["bn recalibration"] = (
-            f"BatchNorm statistics recomputed before each validation over {len(recal.loader)} "
-            f"batches of {batch} training images per process "
-            f"({trainer['bn_recalibration'].get('transforms', 'eval')} transforms)"
+            f"BatchNorm statistics recomputed before each validation over {n} batches of {batch} "
+            f"training images per process ({settings.get('transforms', 'eval')} transforms{capped})"
         )
     return lines
