@@ -108,3 +108,35 @@ def test_config_is_plain_data():
     config = b.plain(compose_train())
     assert type(config) is dict and type(config["transforms"]["train"]) is list
     assert not OmegaConf.is_config(config["data"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        ([], 0.05),  # digits: its 99% recipe
+        (["data=hymenoptera"], 0.0125),  # photos: the rate the Hymenoptera benchmark chose (BENCHMARKS.md)
+        (["data=imagefolder"], 0.0125),
+        (["data=hymenoptera", "optimizer=adam"], None),  # Adam keeps its own rate
+        (["data=hymenoptera", "optimizer.lr=0.05"], 0.05),  # the command line wins
+        (["experiment=hymenoptera_finetune"], 0.001),  # an experiment's own rate wins
+    ],
+)
+def test_sgd_rate_follows_the_data_option(overrides, lr):
+    cfg = compose_train(*overrides)
+    if lr is None:
+        adam = compose_train("optimizer=adam").optimizer.lr
+        assert cfg.optimizer.lr == adam
+    else:
+        assert cfg.optimizer.lr == lr
+
+
+def test_a_users_data_option_brings_its_own_rate(tmp_path):
+    """conf/data_optimizer/<data>_<optimizer>.yaml, found in the user's config folder too."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data_optimizer").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text("defaults:\n  - imagefolder\n  - _self_\nroot: /x\n")
+    (tmp_path / "data_optimizer" / "mine_sgd.yaml").write_text(
+        "# @package _global_\noptimizer:\n  lr: 0.007\n"
+    )
+    cfg = compose_train("data=mine", f"hydra.searchpath=[file://{tmp_path}]")
+    assert cfg.optimizer.lr == 0.007
