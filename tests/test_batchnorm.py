@@ -12,6 +12,7 @@ from imgcls.training.engine import Placement, evaluate
 
 CPU = torch.device("cpu")
 NORMALIZE = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+PLACE = Placement(CPU, NORMALIZE)  # fp32, NCHW, one process
 
 
 def colored_batches(
@@ -131,8 +132,7 @@ def test_the_recalibration_loader_takes_n_batches_drawn_from_seed_and_epoch(data
 
     shard = {"seed": 3, "pin_memory": False, "rank": 0, "world": 1}
     recal = build_recalibration(
-        {"enabled": True, "batches": 2, "transforms": "train"}, *data, pipelines(), shard, CPU, NORMALIZE,
-        channels_last=False, amp=None, d=None,
+        {"enabled": True, "batches": 2, "transforms": "train"}, *data, pipelines(), shard, PLACE,
     )  # fmt: skip
     assert len(recal.loader) == 2
 
@@ -143,8 +143,7 @@ def test_the_recalibration_loader_takes_n_batches_drawn_from_seed_and_epoch(data
     first, again, other = draw(1), draw(1), draw(2)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
-    assert build_recalibration({"enabled": False}, *data, pipelines(), shard, CPU, NORMALIZE,
-                               channels_last=False, amp=None, d=None) is None  # fmt: skip
+    assert build_recalibration({"enabled": False}, *data, pipelines(), shard, PLACE) is None  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -162,8 +161,7 @@ def test_bad_settings_name_the_key(data, settings, message):
 
     shard = {"seed": 3, "pin_memory": False, "rank": 0, "world": 1}
     with pytest.raises(ConfigError, match=message):
-        build_recalibration({"enabled": True, "batches": 4, **settings}, *data, pipelines(), shard, CPU,
-                            NORMALIZE, channels_last=False, amp=None, d=None)  # fmt: skip
+        build_recalibration({"enabled": True, "batches": 4, **settings}, *data, pipelines(), shard, PLACE)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -174,7 +172,6 @@ def test_max_share_caps_the_batches_at_a_share_of_an_epoch(data, share, epoch_ba
     nearly every training image); max_share caps it at a share of the epoch's batches, rounded up."""
     shard = {"seed": 3, "pin_memory": False, "rank": 0, "world": 1}
     recal = build_recalibration(
-        {"enabled": True, "batches": 4, "max_share": share}, *data, pipelines(), shard, CPU, NORMALIZE,
-        channels_last=False, amp=None, d=None, epoch_batches=epoch_batches,
+        {"enabled": True, "batches": 4, "max_share": share}, *data, pipelines(), shard, PLACE, epoch_batches=epoch_batches,
     )  # fmt: skip
     assert len(recal.loader) == expected

@@ -105,6 +105,7 @@ def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_r
     from imgcls.config import build as b
     from imgcls.data.sampling import set_epoch
     from imgcls.training.batchnorm import batchnorm_layers, build_recalibration, recalibrate
+    from imgcls.training.engine import Placement
 
     last = torch.load(ddp_run / "weights" / "last.pt", weights_only=True)
     config = last["config"]
@@ -118,8 +119,8 @@ def test_recalibrated_statistics_equal_one_process_over_both_ranks_batches(ddp_r
     batches = []
     for rank in (0, 1):
         shard = {"seed": config["seed"], "pin_memory": False, "rank": rank, "world": 2}
-        recal = build_recalibration(config["trainer"]["bn_recalibration"], data, record, pipelines, shard,
-                                    torch.device("cpu"), normalize, channels_last=True, amp=None, d=None,
+        place = Placement(torch.device("cpu"), normalize, channels_last=True)
+        recal = build_recalibration(config["trainer"]["bn_recalibration"], data, record, pipelines, shard, place,
                                     epoch_batches=3)  # fmt: skip
         set_epoch(recal.loader, last["epoch"])
         batches += list(recal.loader)

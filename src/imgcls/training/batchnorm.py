@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from loguru import logger
@@ -23,6 +23,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from imgcls.training.distributed import SINGLE, Dist
 from imgcls.training.speed import FP32, Precision
+
+if TYPE_CHECKING:
+    from imgcls.training.engine import Placement  # engine imports this module
 
 TRANSFORMS = ("eval", "train")
 
@@ -142,12 +145,7 @@ def build_recalibration(
     record,
     pipelines: dict,
     shard: dict,
-    device,
-    normalize,
-    *,
-    channels_last,
-    amp,
-    d,
+    place: Placement,
     epoch_batches: int | None = None,
 ) -> Recalibration | None:
     """trainer.bn_recalibration -> a Recalibration, or None when it is off. `max_share` caps its
@@ -178,4 +176,6 @@ def build_recalibration(
     loader = make_loader(
         data, record, "train", pipeline, train=True, max_batches=n, **{**shard, "seed": mix(shard["seed"], 4)}
     )
-    return Recalibration(loader, device, normalize, int(shard["seed"]), channels_last, amp, d)
+    return Recalibration(
+        loader, place.device, place.normalize, int(shard["seed"]), place.channels_last, place.amp, place.d
+    )

@@ -82,9 +82,14 @@ def build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | Non
 
     trainer = config["trainer"]
     recalibration = build_recalibration(
-        trainer.get("bn_recalibration"), data, record, pipelines, shard, device, place.normalize,
-        channels_last=place.channels_last, amp=place.amp, d=d, epoch_batches=len(loaders["train"]),
-    )  # fmt: skip
+        trainer.get("bn_recalibration"),
+        data,
+        record,
+        pipelines,
+        shard,
+        place,
+        epoch_batches=len(loaders["train"]),
+    )
     sizes = ", ".join(f"{s} {len(v)}" for s, v in record.samples.items())
     info = {
         "data": f"{record.root}: {len(record.class_names)} classes; {sizes} images",
