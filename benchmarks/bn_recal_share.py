@@ -35,16 +35,16 @@ def measure(run_dir: Path, batches: list[int], draws: int) -> list[list[str]]:
         for k in batches:
             config["trainer"]["bn_recalibration"] = {"enabled": True, "batches": k, "transforms": "eval"}
             run = build_run(config, train=True)
-            accs, losses, images, seconds = [], [], 0, []
+            accs, losses, seconds = [], [], []
             for draw in range(1, draws + 1):
                 run.model.load_state_dict(state["model"])
                 cost = run.recipe.recalibrate([run.model], draw)
                 metrics, _, _ = evaluate(run.model, run.loaders["val"], run.loss_fn, run.place)
                 accs.append(metrics["val/acc"])
                 losses.append(metrics["val/loss"])
-                images, seconds = int(cost["bn_recal/images"]), [*seconds, cost["bn_recal/time_s"]]
+                seconds.append(cost["bn_recal/time_s"])
             spread = f" (+-{statistics.stdev(accs) * 100:.1f})" if len(accs) > 1 else ""
-            rows.append([run_dir.parents[2].name, f"{name} (epoch {state['epoch']})", str(k), str(images),
+            rows.append([run_dir.parents[2].name, f"{name} (epoch {state['epoch']})", str(k), str(int(cost["bn_recal/images"])),
                          f"{statistics.mean(accs) * 100:.1f}%{spread}", f"{statistics.mean(losses):.3f}",
                          f"{statistics.mean(seconds):.1f}"])  # fmt: skip
             print("  " + "  ".join(rows[-1]), flush=True)

@@ -126,7 +126,7 @@ def _quick_exit() -> None:
     references go; only cycles still alive at exit stay uncollected, and a command has closed what
     holds data (logs, TensorBoard, checkpoints, trackers) before it returns."""
     if not getattr(_quick_exit, "registered", False):
-        atexit.register(gc.freeze)  # registered first, so run last
+        atexit.register(gc.freeze)  # before the command registers its own handlers: runs after them
         _quick_exit.registered = True
 
 
