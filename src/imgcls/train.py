@@ -27,6 +27,20 @@ def run(
     """Train the composed config in run_dir. Heavy imports live here so --help stays instant.
     `record(run_dir)` writes a resume's record once the resume is accepted; `sweep_dir` is set for
     a job of a -m sweep (a tracked job is nested under the sweep's parent run)."""
+    from imgcls.config.naming import env_rank, hold_run_dir, release_run_dir
+
+    run_dir = Path(run_dir)
+    if env_rank() == 0:  # under torchrun rank 0 alone writes the run
+        # one writer per run: a single run claimed its directory before Hydra wrote (preflight), a
+        # sweep's job claims its numbered folder here; held until the final summary is written
+        hold_run_dir(run_dir)
+    try:
+        return _run(cfg, run_dir, overrides, record, sweep_dir)
+    finally:
+        release_run_dir(run_dir)
+
+
+def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | None) -> float:
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.tracking import NullTracker, make_tracker
     from imgcls.training import distributed
@@ -119,8 +133,14 @@ def train_run(
                 **tracker.checkpoint_entries(),
             },
         )  # fmt: skip
+        if ckpt and state.epoch >= run.epochs and not state.step:
+            logger.info(
+                f"training finished before (epoch {state.epoch} of {run.epochs}); only the final "
+                "reports are written"
+            )
         result = fit(run, state, run_dir / "weights", hooks)
         distributed.barrier(d)  # rank 0 has written best.pt before anyone reads it
+        recorder.reporting()  # a kill from here on leaves `reporting`: resume= writes the reports
         final = report_best_weights(run, run_dir, recorder, result["best_epoch"])
     recorder.finish("completed", final, note=result["stopped_early"])
     tracker.log_final(final)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import socket
@@ -14,8 +15,8 @@ from omegaconf import OmegaConf
 
 from imgcls.errors import UserError
 
-# created with O_CREAT | O_EXCL before Hydra writes anything: of two runs given one directory,
-# exactly one creates it, whatever names the directory (a generated name or hydra.run.dir=)
+# locked (see _held) before Hydra writes anything: of two runs given one directory, exactly one
+# gets it, whatever names the directory (a generated name or hydra.run.dir=); a resume holds it too
 CLAIM_FILE = ".imgcls-run"
 
 # a run directory is passed back on the command line (resume=<run>/weights/last.pt), so its name
@@ -124,39 +125,151 @@ class RunDirTaken(UserError):
     """A run directory that already holds a run (or anything else), or that another run claimed."""
 
 
+class RunDirBusy(RunDirTaken):
+    """A run directory another live process is writing (a second resume of a running run)."""
+
+
+# One writer per run: the process that writes a run holds an flock on <run>/CLAIM_FILE from its
+# start (before Hydra writes anything) until its final summary is written, a new run and a resume
+# alike. The kernel drops the lock when the holder dies, however it dies (kill -9, a lost node), so
+# a claim whose lock is free is stale by definition: no pid guessing, and it works across hosts.
+# On NFS, Linux (2.6.12+) emulates flock with whole-file POSIX locks that the server arbitrates, so
+# two hosts sharing a run folder exclude each other too; POSIX locks drop when the process closes
+# ANY descriptor of the file, which is why the holder writes its content through the locked
+# descriptor and never opens the file again (only other processes read it, for their message).
+_held: dict[Path, int] = {}  # resolved run directory -> the descriptor holding its flock
+
+
+class _Held(Exception):
+    def __init__(self, holder: str):
+        self.holder = holder
+
+
+def _lock_claim(path: Path, create_new: bool) -> tuple[int, bool, str]:
+    """(descriptor holding the flock on path/CLAIM_FILE, whether this call created the file, the
+    file's content before) or _Held(content) when a live process holds it. `create_new`: try an
+    exclusive create first (a new run), so the caller learns whether the directory was new."""
+    claim = path / CLAIM_FILE
+    while True:
+        created = False
+        if create_new:
+            try:
+                fd, created = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+            except FileExistsError:
+                pass
+        if not created:
+            fd = os.open(claim, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _Held(_holder(claim)) from None
+        try:
+            same = os.stat(claim).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file a refused run unlinked while this process waited for its lock
+            return fd, created, os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+
+
+def _holder(claim: Path) -> str:
+    try:
+        return claim.read_text(encoding="utf-8", errors="replace").strip() or "a process"
+    except OSError:
+        return "a process"
+
+
+def _take(path: Path, fd: int, before: str) -> None:
+    """Record this process as the holder (through the locked descriptor); a claim its holder never
+    released belongs to a process that died while it held it: say so, and go on."""
+    if before.startswith("claimed by"):
+        from loguru import logger
+
+        logger.warning(
+            f"run {path}: taking over the claim of a process that ended without releasing it ({before})"
+        )
+    _write_claim(fd, _stamp("claimed"))
+    _held[path.resolve()] = fd
+
+
+def _stamp(what: str) -> str:
+    return f"{what} by pid {os.getpid()} on {socket.gethostname()} at {datetime.now():%Y-%m-%d %H:%M:%S}"
+
+
+def _write_claim(fd: int, text: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{text}\n".encode(), 0)
+
+
 def claim_run_dir(path: Path) -> None:
     """Make `path` this run's, or raise RunDirTaken and leave it exactly as it was.
 
-    A new or empty directory is claimed by creating CLAIM_FILE exclusively; a directory holding
-    anything else (a finished run, a failed one, the user's files) is refused, so no run ever
-    replaces another run's best.pt, metrics or summary, nor mixes its files into them."""
+    A new or empty directory is claimed by taking CLAIM_FILE's lock (creating it exclusively); a
+    directory holding anything else (a finished run, a failed one, the user's files) is refused,
+    so no run ever replaces another run's best.pt, metrics or summary, nor mixes its files into
+    them. A directory holding only the claim of a process that died is taken over."""
     path.mkdir(parents=True, exist_ok=True)
-    claim = path / CLAIM_FILE
+    if path.resolve() in _held:  # this process's own run (on NFS its lock would not refuse it)
+        raise RunDirTaken(_taken_message(path, f"pid {os.getpid()}: this process"))
     try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise RunDirTaken(_taken_message(path)) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(
-            f"claimed by pid {os.getpid()} on {socket.gethostname()} at {datetime.now():%Y-%m-%d %H:%M:%S}\n"
-        )
+        fd, created, before = _lock_claim(path, create_new=True)
+    except _Held as held:
+        raise RunDirTaken(_taken_message(path, held.holder)) from None
     if any(p.name != CLAIM_FILE for p in path.iterdir()):
-        claim.unlink()
+        if created:
+            (path / CLAIM_FILE).unlink()  # under the lock: a waiter notices (_lock_claim) and retries
+        os.close(fd)
         raise RunDirTaken(_taken_message(path))
+    _take(path, fd, before)
 
 
-def _taken_message(path: Path) -> str:
+def hold_run_dir(path: Path) -> None:
+    """Hold the claim on an existing run directory that this process continues writing (a resume,
+    a sweep's job folder), or raise RunDirBusy naming the live process that holds it; nothing is
+    written then. Already held by this process: nothing to do."""
+    if Path(path).resolve() in _held:
+        return
+    try:
+        fd, _, before = _lock_claim(Path(path), create_new=False)
+    except _Held as held:
+        # the holder writes its name right after it takes the lock: until then the file says who held it before
+        who = re.fullmatch(r"claimed by pid (\d+) on (\S+) at (.+)", held.holder)
+        by = f"pid {who[1]} on host {who[2]} since {who[3]}" if who else "another process (starting now)"
+        raise RunDirBusy(
+            f"run {path} is being written by {by}: wait for it to end or stop it, then run this "
+            "again; nothing was written"
+        ) from None
+    _take(Path(path), fd, before)
+
+
+def release_run_dir(path: Path) -> None:
+    """Let go of this process's claim on `path` (its final summary is written): the claim then
+    says it was released, so the next process that takes it does not call it stale."""
+    fd = _held.pop(Path(path).resolve(), None)
+    if fd is None:
+        return
+    try:
+        _write_claim(fd, _stamp("released"))
+    except OSError:
+        pass  # a full disk: the lock still goes with the descriptor, and a stale claim is harmless
+    os.close(fd)
+
+
+def release_all() -> None:
+    for path in list(_held):
+        release_run_dir(path)
+
+
+def _taken_message(path: Path, holder: str | None = None) -> str:
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir() if p.name != CLAIM_FILE)
     last = path / "weights" / "last.pt"
     if not entries:
-        try:
-            holder = (path / CLAIM_FILE).read_text().strip()
-        except OSError:
-            holder = "claimed"
-        what = f"is taken by another run that started there ({holder})"
+        what = f"is taken by another run that started there ({holder or _holder(path / CLAIM_FILE)})"
     elif (path / "summary.txt").is_file() or (path / ".hydra").is_dir() or last.is_file():
-        status = _summary_status(path / "summary.txt")
-        what = f"already holds a run{f' ({status})' if status else ''}"
+        status = run_status(path)
+        what = f"already holds a run{f' (status {status})' if status else ''}"
+        what += f", being written now ({holder})" if holder else ""
     else:
         shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
         what = f"is not empty (it holds {shown})"
@@ -166,11 +279,12 @@ def _taken_message(path: Path) -> str:
     return f"hydra.run.dir={path} {what}; nothing was written there. Use {', or '.join(ways)}."
 
 
-def _summary_status(summary: Path) -> str | None:
+def run_status(run_dir: Path) -> str | None:
+    """The status its summary.txt records (running, reporting, completed, ...), or None."""
     try:
-        for line in summary.read_text(encoding="utf-8").splitlines():
+        for line in (Path(run_dir) / "summary.txt").read_text(encoding="utf-8").splitlines():
             if line.startswith("status:"):
-                return f"status {line.split(':', 1)[1].strip()}"
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None

@@ -1,4 +1,5 @@
-"""Before Hydra writes anything: refuse `+keys` that nothing reads, and claim the run directory."""
+"""Before Hydra writes anything: refuse `+keys` that nothing reads, and claim the run directory
+(a new one, or the one a resume continues)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
-from imgcls.config.naming import claim_new_run_dir, env_rank, resumed_dir
+from imgcls.config.naming import claim_new_run_dir, env_rank, hold_run_dir, release_all, resumed_dir
 from imgcls.config.targets import locate
 from imgcls.errors import ConfigError, UserError
 
@@ -28,6 +29,9 @@ class BeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _or_exit(lambda: start_run(config))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release_all()  # train.run let go already; this covers a run Hydra ended before it started
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # a sweep's jobs claim their own numbered folders (hydra_plugins.imgcls_sweepers)
@@ -52,7 +56,10 @@ def start_run(config: DictConfig) -> None:
     path = Path(str(OmegaConf.select(config, "hydra.run.dir")))
     resumed = resumed_dir(OmegaConf.select(config, "resume"))
     if resumed is not None and resumed.resolve() == path.resolve():
-        return  # resume=<run>/weights/last.pt continues in its own directory
+        # resume=<run>/weights/last.pt continues in its own directory, holding it as a new run
+        # does: a second resume of a running run is refused here, before anything is written
+        hold_run_dir(path)
+        return
     claimed = claim_new_run_dir(path)
     if claimed != path:  # another run took the name since it was resolved: Hydra writes where we claimed
         with read_write(config.hydra.run):

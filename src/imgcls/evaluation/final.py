@@ -38,6 +38,17 @@ def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[s
     return final
 
 
+def final_reports_due(resume: str) -> bool:
+    """Whether the run `resume=<run>/weights/<ckpt>.pt` continues finished its training but not
+    its final reports: its summary records anything but `completed` (`reporting` after a kill -9
+    in them, `failed` after a fault there, `running` after a kill between the last checkpoint and
+    the reports) or was lost. Such a resume trains nothing and writes the reports."""
+    from imgcls.config.naming import resumed_dir, run_status
+
+    run_dir = resumed_dir(resume)
+    return run_dir is not None and run_status(run_dir) != "completed"
+
+
 def one_class_note(targets, preds, class_names) -> str | None:
     """A note when the model predicts one class for every image of a split that has several: its
     accuracy is that class's share, what a constant guess gets (a diverged lr, too few epochs,

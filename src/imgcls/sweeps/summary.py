@@ -57,15 +57,17 @@ def pid_alive(pid: int) -> bool:
 
 
 def job_status(fields: dict[str, str]) -> str:
-    """summary.txt's status, except that `running` from a process that no longer exists is `killed`.
+    """summary.txt's status, except that `running` from a process that no longer exists is `killed`
+    (`reporting`, `reports incomplete`).
 
     Only a heartbeat from this host can be checked; a job on another machine keeps `running`.
     """
     status = fields.get("status", "unknown")
     beat = re.search(r"\(pid (\d+) on (\S+)\)", fields.get("heartbeat", ""))
-    if status == "running" and beat and beat.group(2) == socket.gethostname():
+    if status in ("running", "reporting") and beat and beat.group(2) == socket.gethostname():
         if not pid_alive(int(beat.group(1))):
-            return "killed"
+            # `reporting`: trained to the end, killed in the final reports (resume= writes them)
+            return "killed" if status == "running" else "reports incomplete"
     return status
 
 

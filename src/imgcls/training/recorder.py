@@ -82,6 +82,13 @@ def log_setup(info: dict[str, str]) -> None:
         logger.info(f"val split: {info['val split']}")
 
 
+# the summary's note while the final reports are written: after a kill -9 it is the one left
+REPORTING_NOTE = (
+    "training finished; the final reports (every split evaluated with best.pt) are being written. If the "
+    "process above is gone, `python -m imgcls.train resume={last}` writes them without training again"
+)
+
+
 class NullRecorder:
     """What ranks other than 0 get under torchrun: they train in step and write nothing."""
 
@@ -95,6 +102,9 @@ class NullRecorder:
         pass
 
     def heartbeat(self) -> None:
+        pass
+
+    def reporting(self) -> None:
         pass
 
     def finish(self, status: str, final=None, error: str | None = None, note: str | None = None) -> None:
@@ -111,7 +121,8 @@ class RunRecorder:
     """Keeps summary.txt, metrics.csv and the TensorBoard event file current.
 
     The summary is rewritten atomically at the start, after every epoch and at the end, so a
-    reader never sees half a file and a run that died shows `running` with its last heartbeat.
+    reader never sees half a file and a run that died shows `running` with its last heartbeat
+    (`reporting` when it died after training, in the final reports).
     """
 
     HEARTBEAT_S = 30.0  # how often a long epoch refreshes the summary's heartbeat
@@ -187,6 +198,12 @@ class RunRecorder:
         atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
 
     # -- end -------------------------------------------------------------------------------
+    def reporting(self) -> None:
+        """Training is over; best.pt's final reports are being written. A summary that a kill
+        leaves saying so tells how to complete them (see summary_text)."""
+        self.status = "reporting"
+        self.write_summary()
+
     def finish(
         self,
         status: str,
@@ -218,6 +235,9 @@ class RunRecorder:
         now = self.ended or _now()
         last = self.history[-1] if self.history else {}
         best = max(self.history, key=lambda r: r.get("val/acc", -1), default={})
+        notes = self.notes[:]
+        if self.status == "reporting":
+            notes.append(REPORTING_NOTE.format(last=self.run_dir / "weights" / "last.pt"))
         lines = [
             "imgcls training run",
             f"status:         {self.status}",
@@ -228,7 +248,7 @@ class RunRecorder:
             f"duration:       {str(now - self.started).split('.')[0]}",
             f"heartbeat:      {_fmt_time(_now())} (pid {os.getpid()} on {socket.gethostname()})",
             f"epoch:          {int(last.get('epoch', 0))} of {self.epochs}",
-            *(f"note:           {note}" for note in self.notes),
+            *(f"note:           {note}" for note in notes),
             "",
             f"best val acc:   {_pct(best.get('val/acc'))} at epoch {int(best['epoch']) if best else '-'}",
             f"final val acc:  {_pct(last.get('val/acc'))}",

@@ -49,6 +49,11 @@ def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], pat
     config = OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
     done, epochs = ckpt["epoch"], config["trainer"]["epochs"]
     if epochs < done or (epochs == done and not ckpt.get("step")):
+        from imgcls.evaluation.final import final_reports_due
+
+        if epochs == done and final_reports_due(path):
+            # trained to the end, reports cut short: train_run writes only those
+            return config, OmegaConf.to_container(base, resolve=False)
         raise ConfigError(
             f"resume={path}: the run already finished {done} of {epochs} epochs; extend it with "
             f"trainer.epochs=<more than {done}>"
