@@ -137,7 +137,8 @@ class RunDirBusy(RunDirTaken):
 # two hosts sharing a run folder exclude each other too; POSIX locks drop when the process closes
 # ANY descriptor of the file, which is why the holder writes its content through the locked
 # descriptor and never opens the file again (only other processes read it, for their message).
-_held: dict[Path, int] = {}  # resolved run directory -> the descriptor holding its flock
+# resolved run directory -> (the descriptor holding its flock, what this process wrote in the file)
+_held: dict[Path, tuple[int, str]] = {}
 
 
 class _Held(Exception):
@@ -189,8 +190,9 @@ def _take(path: Path, fd: int, before: str) -> None:
         logger.warning(
             f"run {path}: taking over the claim of a process that ended without releasing it ({before})"
         )
-    _write_claim(fd, _stamp("claimed"))
-    _held[path.resolve()] = fd
+    stamp = _stamp("claimed")
+    _write_claim(fd, stamp)
+    _held[path.resolve()] = fd, stamp
 
 
 def _stamp(what: str) -> str:
@@ -211,7 +213,7 @@ def claim_run_dir(path: Path) -> None:
     them. A directory holding only the claim of a process that died is taken over."""
     path.mkdir(parents=True, exist_ok=True)
     if path.resolve() in _held:  # this process's own run (on NFS its lock would not refuse it)
-        raise RunDirTaken(_taken_message(path, f"pid {os.getpid()}: this process"))
+        raise RunDirTaken(_taken_message(path, _held[path.resolve()][1]))
     try:
         fd, created, before = _lock_claim(path, create_new=True)
     except _Held as held:
@@ -246,7 +248,7 @@ def hold_run_dir(path: Path) -> None:
 def release_run_dir(path: Path) -> None:
     """Let go of this process's claim on `path` (its final summary is written): the claim then
     says it was released, so the next process that takes it does not call it stale."""
-    fd = _held.pop(Path(path).resolve(), None)
+    fd, _ = _held.pop(Path(path).resolve(), (None, ""))
     if fd is None:
         return
     try:
