@@ -213,3 +213,57 @@ def check_predictions(rows: list[dict], folder: Path, stderr: str, alone: list[d
             assert 0 < float(row["confidence"]) <= 1 and row["predicted"] == row["top1"]
     assert "4 of 7 input(s) cannot be read and were not predicted" in stderr
     assert "predictions for 3 of 7 image(s)" in stderr and "Traceback" not in stderr
+
+
+# Names that look like images and are no regular file, or too large to read: name -> the reason
+# (a regex) the check, training and predict give. Made by special_files.
+SPECIAL = {
+    "fifo.jpg": r"^a FIFO \(named pipe\), not an image file: remove it or move it out of the folder$",
+    "zero.jpg": r"^a character device \(behind a symbolic link to /dev/zero\), not an image file",
+    "null.png": r"^a character device \(behind a symbolic link to /dev/null\), not an image file",
+    "socket.jpg": r"^a socket, not an image file",
+    "sparse.jpg": r"^20,480\.0 MB, above data\.max_file_mb=256: not read .*raise data\.max_file_mb",
+    "loop.jpg": r"^a symbolic link loop \(to loop\.jpg\), not an image file",
+    "broken.jpg": r"^a broken symbolic link \(to nowhere\.jpg\), not an image file",
+}
+SPARSE_BYTES = 20 * 2**30  # `truncate -s 20G`: no disk used, 20 GB to a reader that trusts the size
+
+
+def special_files(folder: Path) -> list[Path]:
+    """SPECIAL's files in folder: a FIFO, links to /dev/zero and /dev/null, a bound UNIX socket, a
+    20 GB sparse file, a link to itself and a link to nothing."""
+    import os
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(folder / "fifo.jpg")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    os.symlink("/dev/null", folder / "null.png")
+    with open(folder / "sparse.jpg", "wb") as f:
+        f.truncate(SPARSE_BYTES)
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.symlink("nowhere.jpg", folder / "broken.jpg")
+    # a socket's path must fit in 108 bytes: bound by its short relative name inside the folder
+    here = os.getcwd()
+    try:
+        os.chdir(folder)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind("socket.jpg")
+        sock.close()  # the socket file stays, as one left by a crashed server
+    finally:
+        os.chdir(here)
+    return [folder / name for name in SPECIAL]
+
+
+def release_fifos(paths) -> None:
+    """Open each FIFO for writing and close it: a reader blocked on it gets EOF. A regression that
+    opens a FIFO then fails its test instead of hanging the suite."""
+    import os
+    import stat
+
+    for path in paths:
+        try:
+            if stat.S_ISFIFO(os.lstat(path).st_mode):
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # nobody is reading it: nothing to release

@@ -11,7 +11,11 @@ from imgcls.cli import run_command
 
 def collect_images(inputs: str | Sequence[str], extensions: Sequence[str]) -> list[Path]:
     """Files as named (whatever their suffix), and the image files below each folder (recursive,
-    sorted, by suffix), in the order given, each file once."""
+    sorted, by suffix), in the order given, each file once. A name that is there but is no regular
+    file (a FIFO, a device, a socket, a broken link) is listed too: reading it is refused, with
+    what it is, by unreadable_inputs, and its row in predictions.csv says so."""
+    import os
+
     from imgcls.data import DataError, scan_class
     from imgcls.runs import RunError
 
@@ -26,7 +30,7 @@ def collect_images(inputs: str | Sequence[str], extensions: Sequence[str]) -> li
             if not found:
                 raise DataError(f"inputs: {path} holds no image files ({', '.join(extensions)})")
             files += found
-        elif path.is_file():
+        elif path.is_file() or os.path.lexists(path):
             files.append(path)
         else:
             parent = path.parent
@@ -83,7 +87,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             _yaml({"predict": cfg, "overrides": overrides, "checkpoint": str(checkpoint), "run": config})
         )
         # decoded once first, as training's data check does: the loader then meets no bad file
-        unreadable = unreadable_inputs(files, data.max_pixels)
+        unreadable = unreadable_inputs(files, data.max_pixels, data.max_bytes)
         readable = [f for f in files if f not in unreadable]
         if not readable:
             raise nothing_readable(unreadable)
@@ -155,17 +159,18 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
 SHOWN = 10  # unreadable inputs listed on the console; predictions.csv (or predict.log) has them all
 
 
-def unreadable_inputs(files: list[Path], max_pixels: int) -> dict[Path, str]:
-    """{file: why} for each input that does not decode (load_image, as in training)."""
+def unreadable_inputs(files: list[Path], max_pixels: int, max_bytes: int | None = None) -> dict[Path, str]:
+    """{file: why} for each input that does not decode (load_image, as in training: only regular
+    files of at most max_bytes, data.max_file_mb, are opened)."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from imgcls.data.images import BadImageError, load_image
+    from imgcls.data.images import DEFAULT_MAX_FILE_MB, MB, BadImageError, load_image
     from imgcls.log import progress
 
     def why(path: Path) -> str | None:
         try:
-            load_image(path, max_pixels)
+            load_image(path, max_pixels, max_bytes or DEFAULT_MAX_FILE_MB * MB)
         except BadImageError as exc:
             return str(exc)
         return None

@@ -24,13 +24,15 @@ from torchvision.transforms.v2 import functional as TF
 MODES = ("none", "memory", "disk")
 
 
-def decode(path: str | Path, size: int | None = None, max_pixels: int | None = None) -> torch.Tensor:
+def decode(
+    path: str | Path, size: int | None = None, max_pixels: int | None = None, max_bytes: int | None = None
+) -> torch.Tensor:
     """RGB uint8 CHW (imgcls.data.load_image: EXIF orientation, alpha, 16-bit); with `size`, the
     shorter side is resized to it (never enlarged) once here, instead of at full resolution every
-    epoch."""
-    from imgcls.data.images import DEFAULT_MAX_PIXELS, load_image
+    epoch. Only a regular file of at most max_bytes is read (data.max_file_mb)."""
+    from imgcls.data.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, MB, load_image
 
-    image = load_image(path, max_pixels or DEFAULT_MAX_PIXELS)
+    image = load_image(path, max_pixels or DEFAULT_MAX_PIXELS, max_bytes or DEFAULT_MAX_FILE_MB * MB)
     if size and min(image.size) > size:
         w, h = image.size
         scale = size / min(w, h)
@@ -112,7 +114,14 @@ class CachedImages(Dataset):
         return image, self.samples[index][1]
 
 
-def build_store(samples, mode: str, size: int | None, folder: Path, max_pixels: int | None = None) -> Store:
+def build_store(
+    samples,
+    mode: str,
+    size: int | None,
+    folder: Path,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+) -> Store:
     """Decode every sample once into shared memory (`memory`) or into <folder>/<fingerprint>.u8
     (`disk`, reused by later runs and sweep jobs while the files and `size` are unchanged)."""
     paths = [p for p, _ in samples]
@@ -127,14 +136,19 @@ def build_store(samples, mode: str, size: int | None, folder: Path, max_pixels: 
 
     def load(path: str) -> torch.Tensor:
         try:
-            return decode(path, size, max_pixels)
+            return decode(path, size, max_pixels, max_bytes)
         except MemoryError:
             raise
         except Exception as exc:
             raise changed_since_check(path, exc) from exc
 
     def shape(path: str) -> tuple[int, int, int]:
+        from imgcls.data.images import BadImageError, file_problem
+
         try:
+            problem = file_problem(path, max_bytes) if max_bytes else file_problem(path)
+            if problem:  # swapped for a FIFO or a device since the check: Image.open would block on it
+                raise BadImageError(problem)
             return decoded_shape(path, size)
         except MemoryError:
             raise

@@ -14,7 +14,7 @@ from typing import Any
 from imgcls.data import check, splits
 from imgcls.data.augment import setting
 from imgcls.data.cache import MODES
-from imgcls.data.images import DEFAULT_MAX_PIXELS
+from imgcls.data.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, MB
 from imgcls.data.listing import find_classes, scan_class
 from imgcls.data.loading import DataError
 from imgcls.data.record import DataRecord
@@ -42,6 +42,7 @@ class ImageFolderData:
         exclude: Sequence[str] = (),
         on_bad_image: str = "error",
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_file_mb: float = DEFAULT_MAX_FILE_MB,
         min_image_size: int = 32,
         val_fraction: float | None = None,
         folds: int | None = None,
@@ -64,6 +65,8 @@ class ImageFolderData:
             )
         if max_image_pixels < 1:
             raise DataError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
+        if not max_file_mb > 0:
+            raise DataError(f"data.max_file_mb must be above 0, got {max_file_mb}")
         check_options(val_fraction, folds, fold, split_file)  # `splits` is the folder names here
         self.root = Path(root)
         # read-only containers too: one options object serves every record scanned from it
@@ -74,6 +77,7 @@ class ImageFolderData:
         self.exclude = tuple(exclude)
         self.on_bad_image = on_bad_image
         self.max_pixels = max_image_pixels
+        self.max_bytes = int(max_file_mb * MB)  # no file above it is opened (images.read_image_file)
         self.min_image_size = min_image_size
         self.val_fraction = val_fraction
         self.folds, self.fold = folds, fold
@@ -143,7 +147,8 @@ class ImageFolderData:
                 "(one folder per class, holding its images)."
             )
         listed, skipped = self._list(present, class_names, report)
-        scan = scan_files(self.root, [p for files in listed.values() for _, p in files], self.max_pixels)
+        paths = [p for files in listed.values() for _, p in files]
+        scan = scan_files(self.root, paths, self.max_pixels, max_bytes=self.max_bytes)
         records = scan.records
         scanned = (
             f"{len(records)} files ({scan.decoded} decoded, {scan.cached} from cache) in {scan.seconds:.2f} s"

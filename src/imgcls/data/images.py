@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -13,6 +15,11 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 # Pillow's own limit (about 9459 x 9459): a 100 kB PNG can expand to gigabytes of pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
+# data.max_file_mb: no file above it is read. A 50-megapixel camera JPEG is 15-25 MB, its RAW-free
+# 16-bit TIFF about 300 MB only when uncompressed; 256 MB admits any photo the decoders handle
+# within DEFAULT_MAX_PIXELS, and stops a 20 GB sparse file named x.jpg before its first byte.
+DEFAULT_MAX_FILE_MB = 256
+MB = 1 << 20
 # The raster formats imgcls reads. Pillow picks a plugin by a file's content, whatever its suffix
 # says, and some of its plugins must never see an untrusted file: EPS runs Ghostscript (a
 # PostScript interpreter) on load. Every Image.open names these (JPEG covers camera MPO files).
@@ -58,9 +65,98 @@ def reason(exc: BaseException) -> str:
     return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3] + "..."
 
 
-def load_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+# what a path that is not a regular file is, by its mode: none of them is opened
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+_READ_CHUNK = 16 * MB  # a read never asks for more at once, whatever the cap
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def file_problem(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_MB * MB) -> str | None:
+    """Why `path` must not be read as an image, from its metadata alone (nothing is opened), or
+    None for a regular file of at most max_bytes. A FIFO would block the reader forever, a device
+    (a symbolic link to /dev/zero) never ends, a sparse file claims gigabytes: each is refused
+    by what it is, before a byte is read."""
+    try:
+        st = os.stat(path)  # follows symbolic links: what a reader would get
+    except OSError as exc:
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            what = "a symbolic link loop" if exc.errno == errno.ELOOP else "a broken symbolic link"
+            return f"{what} (to {target}), not an image file: remove it or fix its target"
+        return f"cannot read: {exc.strerror or reason(exc)}"
+    if not stat.S_ISREG(st.st_mode):
+        via = f" (behind a symbolic link to {os.readlink(path)})" if os.path.islink(path) else ""
+        return f"{_kind(st.st_mode)}{via}, not an image file: remove it or move it out of the folder"
+    if st.st_size > max_bytes:
+        return too_big(st.st_size, max_bytes)
+    return None
+
+
+def too_big(size: int, max_bytes: int) -> str:
+    return (
+        f"{size / MB:,.1f} MB, above data.max_file_mb={max_bytes / MB:g}: not read (a photo is a few MB); "
+        "raise data.max_file_mb to read it"
+    )
+
+
+def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_MB * MB) -> bytes:
+    """The bytes of a regular file of at most max_bytes; BadImageError says why for anything else.
+
+    file_problem decides before the file is opened; the open is non-blocking and the opened file
+    is checked again (the path may have been swapped for a FIFO in between), and the read stops at
+    max_bytes + 1 bytes (a file may grow after its size was read)."""
+    problem = file_problem(path, max_bytes)
+    if problem:
+        raise BadImageError(problem)
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    )
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:  # gone, no permission, a broken network mount
+        raise BadImageError(f"cannot read: {exc.strerror or reason(exc)}") from exc
+    with os.fdopen(fd, "rb", buffering=0) as file:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BadImageError(
+                    f"{_kind(st.st_mode)}, not an image file: remove it or move it out of the folder"
+                )
+            chunks, total = [], 0
+            while total <= max_bytes:
+                chunk = file.read(min(_READ_CHUNK, max_bytes + 1 - total, max(st.st_size - total, 0) + 1))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except OSError as exc:  # EIO on a failing disk, a network mount gone mid-read
+            raise BadImageError(f"cannot read: {exc.strerror or reason(exc)}") from exc
+    if total > max_bytes:
+        raise BadImageError(too_big(total, max_bytes))
+    return b"".join(chunks)
+
+
+def load_image(
+    source: str | Path | BinaryIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_FILE_MB * MB,
+) -> Image.Image:
     """Decode as 8-bit RGB: EXIF orientation applied, alpha composited onto white, 16-bit scaled.
 
+    A path is read through read_image_file (regular files of at most max_bytes only); an open
+    file object is the caller's, read as it is.
     Raises BadImageError for anything else: not an image, truncated, too many pixels, odd modes,
     and whatever a decoder raises on a broken or hostile file (Pillow's plugins raise ValueError,
     SyntaxError, struct.error, zlib.error, EOFError, IndexError, ...: each is a fact about the
@@ -73,12 +169,7 @@ def load_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXE
         Image.MAX_IMAGE_PIXELS = max_pixels
     if not isinstance(source, (str, os.PathLike)):
         return _decode(source, max_pixels)
-    try:
-        file = open(source, "rb")  # closed below; a failure here is not a decoder's
-    except OSError as exc:  # gone, a folder, no permission, a broken network mount
-        raise BadImageError(f"cannot read: {exc.strerror or reason(exc)}") from exc
-    with file:
-        return _decode(file, max_pixels)
+    return _decode(io.BytesIO(read_image_file(source, max_bytes)), max_pixels)
 
 
 def _decode(fp: BinaryIO, max_pixels: int) -> Image.Image:

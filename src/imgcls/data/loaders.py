@@ -22,10 +22,15 @@ def make_dataset(
     decoded-image cache (data.cache), which is built once per record and split."""
     samples = record.samples[split]
     if options.cache == "none":
-        return ImageDataset(samples, transform, options.max_pixels, options.cache_size)
+        return ImageDataset(samples, transform, options.max_pixels, options.cache_size, options.max_bytes)
     if split not in record.stores:
         record.stores[split] = build_store(
-            samples, options.cache, options.cache_size, options.cache_dir, options.max_pixels
+            samples,
+            options.cache,
+            options.cache_size,
+            options.cache_dir,
+            options.max_pixels,
+            options.max_bytes,
         )
     return CachedImages(samples, record.stores[split], transform)
 

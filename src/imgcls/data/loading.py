@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from imgcls.data.cache import changed_since_check, decode
-from imgcls.data.images import DEFAULT_MAX_PIXELS
+from imgcls.data.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, MB
 from imgcls.errors import ConfigError, DataError
 
 __all__ = ["DataError", "ImageDataset", "Normalize"]
@@ -24,11 +24,14 @@ class ImageDataset(Dataset):
         transform: Callable | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         size: int | None = None,
+        max_bytes: int = DEFAULT_MAX_FILE_MB * MB,
     ):
         self.samples = samples
         self.transform = transform
         self.max_pixels = max_pixels
         self.size = size  # shorter side resized to this at decoding (data.cache_size)
+        # the check's limit: a file swapped for a FIFO or a huge one since is refused, not read
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -36,7 +39,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
         try:
-            image = decode(path, self.size, self.max_pixels)
+            image = decode(path, self.size, self.max_pixels, self.max_bytes)
         except MemoryError:
             raise
         except Exception as exc:  # load_image turns any decoder failure into BadImageError

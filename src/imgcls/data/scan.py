@@ -6,13 +6,14 @@ import hashlib
 import io
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgcls.data.images import BadImageError, load_image, reason
+from imgcls.data.images import DEFAULT_MAX_FILE_MB, MB, BadImageError, load_image, read_image_file
 from imgcls.log import progress
 
 CACHE_VERSION = 1  # bump when what a record means changes: old caches are then ignored
@@ -41,21 +42,27 @@ def cache_file(root: Path) -> Path:
     return cache_dir() / "scan" / f"{key}.json"
 
 
-def inspect_file(path: Path, max_pixels: int) -> FileRecord:
+def inspect_file(path: Path, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_MB * MB) -> FileRecord:
     """Read once: hash the bytes, then decode them exactly as training will. Never raises for a
     file (only MemoryError passes): whatever goes wrong is the record's `error`, so one odd file
-    cannot stop the scan or the threads that run it."""
+    cannot stop the scan or the threads that run it. Only regular files of at most max_bytes are
+    read (images.read_image_file): a FIFO, a device or a 20 GB sparse file is refused by its
+    metadata, without being opened."""
     try:
-        stat = path.stat()
-        data = path.read_bytes()
-    except OSError as exc:  # gone since listed, permissions, a broken network mount: unusable, say why
-        return FileRecord(0, 0, "", error=f"cannot read: {exc.strerror or reason(exc)}")
+        st = os.stat(path)
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:  # gone since listed, a broken link or a loop: read_image_file says which
+        size, mtime = 0, 0
+    try:
+        data = read_image_file(path, max_bytes)
+    except BadImageError as exc:
+        return FileRecord(size, mtime, "", error=str(exc))
     digest = hashlib.sha256(data).hexdigest()
     try:
         image = load_image(io.BytesIO(data), max_pixels)
     except BadImageError as exc:
-        return FileRecord(stat.st_size, stat.st_mtime_ns, digest, error=str(exc))
-    return FileRecord(stat.st_size, stat.st_mtime_ns, digest, image.width, image.height)
+        return FileRecord(size, mtime, digest, error=str(exc))
+    return FileRecord(size, mtime, digest, image.width, image.height)
 
 
 @dataclass
@@ -66,22 +73,34 @@ class ScanResult:
     seconds: float
 
 
-def scan_files(root: Path, paths: Iterable[Path], max_pixels: int, workers: int | None = None) -> ScanResult:
+def scan_files(
+    root: Path,
+    paths: Iterable[Path],
+    max_pixels: int,
+    workers: int | None = None,
+    max_bytes: int = DEFAULT_MAX_FILE_MB * MB,
+) -> ScanResult:
     """A record per path; only files new or changed (size, mtime) since the last scan are read."""
     start = time.perf_counter()
     cache_path = cache_file(root)
-    cached = _read_cache(cache_path, max_pixels)
+    limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
+    cached = _read_cache(cache_path, limits)
     records: dict[str, FileRecord] = {}
     todo: list[tuple[str, Path]] = []
     for path in paths:
         rel = path.relative_to(root).as_posix()
         old = cached.get(rel)
         try:
-            stat = path.stat()
+            st = path.stat()
         except OSError:  # gone since it was listed: inspect_file records why
             todo.append((rel, path))
             continue
-        if old is not None and old.size == stat.st_size and old.mtime_ns == stat.st_mtime_ns:
+        # only a regular file's size and mtime say it is unchanged (a FIFO's are always 0 and now)
+        if (
+            old is not None
+            and stat.S_ISREG(st.st_mode)
+            and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns)
+        ):
             records[rel] = old
         else:
             todo.append((rel, path))
@@ -93,29 +112,29 @@ def scan_files(root: Path, paths: Iterable[Path], max_pixels: int, workers: int 
             ThreadPoolExecutor(workers) as pool,
             progress("data check", len(todo), max(1000, len(todo) // 10)) as advance,
         ):
-            results = pool.map(lambda t: inspect_file(t[1], max_pixels), todo)
+            results = pool.map(lambda t: inspect_file(t[1], max_pixels, max_bytes), todo)
             for (rel, _), record in zip(todo, results, strict=True):
                 records[rel] = record
                 advance()
-        _write_cache(cache_path, root, max_pixels, records)  # files gone from the tree drop out
+        _write_cache(cache_path, root, limits, records)  # files gone from the tree drop out
     return ScanResult(records, len(todo), len(records) - len(todo), time.perf_counter() - start)
 
 
-def _read_cache(path: Path, max_pixels: int) -> dict[str, FileRecord]:
+def _read_cache(path: Path, limits: dict[str, int]) -> dict[str, FileRecord]:
     try:
         payload = json.loads(path.read_text())
-        if payload.get("version") != CACHE_VERSION or payload.get("max_pixels") != max_pixels:
-            return {}  # the pixel limit decides which files are refused: rescan under the new one
+        if payload.get("version") != CACHE_VERSION or any(payload.get(k) != v for k, v in limits.items()):
+            return {}  # the limits decide which files are refused: rescan under the new ones
         return {rel: FileRecord(*fields) for rel, fields in payload["files"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # missing, unreadable or from another version: a full scan rebuilds it
 
 
-def _write_cache(path: Path, root: Path, max_pixels: int, records: dict[str, FileRecord]) -> None:
+def _write_cache(path: Path, root: Path, limits: dict[str, int], records: dict[str, FileRecord]) -> None:
     payload = {
         "version": CACHE_VERSION,
         "root": str(root.resolve()),
-        "max_pixels": max_pixels,
+        **limits,
         "files": {
             rel: [r.size, r.mtime_ns, r.sha256, r.width, r.height, r.error] for rel, r in records.items()
         },

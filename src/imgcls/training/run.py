@@ -113,6 +113,7 @@ def build_run(
     from imgcls.training.run_data import build_data
     from imgcls.training.seeding import configure_determinism, seed_everything
 
+    b.check_sizes(config)  # every command's config, a saved run's too: by key, before anything is allocated
     trainer = config.get("trainer") or {}
     if train:
         if trainer["epochs"] < 1:
