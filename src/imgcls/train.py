@@ -41,6 +41,7 @@ def run(
 
 
 def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | None) -> float:
+    """run() while this process holds the run's claim."""
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.tracking import NullTracker, make_tracker
     from imgcls.training import distributed

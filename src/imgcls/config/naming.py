@@ -153,18 +153,31 @@ def _lock_claim(path: Path, create_new: bool) -> tuple[int, bool, str]:
     claim = path / CLAIM_FILE
     while True:
         created = False
-        if create_new:
-            try:
-                fd, created = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
-            except FileExistsError:
-                pass
-        if not created:
-            fd = os.open(claim, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            if create_new:
+                try:
+                    fd, created = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+                except FileExistsError:
+                    pass
+            if not created:
+                fd = os.open(claim, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:  # a read-only or full location: the run could not be written anyway
+            raise RunDirTaken(
+                f"run {path}: cannot write there ({exc.strerror}); a run is written into its own "
+                "directory: make it writable, or copy the run somewhere writable and use the copy"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise _Held(_holder(claim)) from None
+        except OSError as exc:  # a file system without locks (some FUSE mounts, NFS without lockd)
+            from loguru import logger
+
+            logger.warning(
+                f"run {path}: its file system cannot lock {CLAIM_FILE} ({exc.strerror}): nothing stops "
+                "a second process from writing this run at the same time"
+            )
         try:
             same = os.stat(claim).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
