@@ -209,9 +209,13 @@ def _memory() -> int:
             r"error: transforms\.val\[0\]\.size=100000: above 4096 pixels",
         ),
         (("data", "batch_size"), 10**9, r"error: data\.batch_size=1000000000: above 65536 images"),
-        (("model", "image_size"), 100000, r"error: model\.image_size=100000: above 4096 pixels"),
+        (
+            ("data", "max_image_pixels"),
+            10**12,
+            r"error: data\.max_image_pixels=1,000,000,000,000: one image that large takes up to",
+        ),
     ],
-    ids=["resize", "batch_size", "model_image_size"],
+    ids=["resize", "batch_size", "max_image_pixels"],
 )
 def test_a_saved_runs_absurd_sizes_are_refused_by_evaluate_and_predict(
     trained_run: Path, tmp_path: Path, key: tuple, value: int, message: str
