@@ -15,6 +15,9 @@ from imgcls.errors import ConfigError, UserError
 # where or how fast an evaluation goes, not what it measures: left out of its folder's name
 # (the same keys train.yaml leaves out of run directory names)
 UNNAMED_KEYS = ("device", "data.num_workers", "trainer.num_threads", "trainer.log_every_n_steps")
+# the way out of a run folder that cannot be written (read-only, full): evaluate, predict and export
+# write their results elsewhere
+OUT_DIR_HINT = "pass out_dir=<a writable folder>"
 
 
 class RunError(UserError):
@@ -109,24 +112,39 @@ def _checked(config: Any, source: str) -> dict:
     return config
 
 
+def read_run_config(raw: Any, source: str) -> tuple[dict, dict]:
+    """A saved config as evaluate, predict and export take it: no resolver in it runs, the keys a
+    saved run may not decide are this command's (imgcls.config.saved), its own-key references are
+    resolved and every `_target_` is checked. Returns (config, the saved values ignored)."""
+    from imgcls.config.saved import read_saved, resolved
+
+    config, ignored = read_saved(raw, source)
+    ignored.pop("tracking", None)  # evaluate, predict and export track nothing: not worth a warning
+    return _checked(resolved(config, source), source), ignored
+
+
 def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dict, dict]:
     """(config, checkpoint state): the run's config.yaml with the overrides on top, and the
-    checkpoint loaded weights_only. Every `_target_` in config.yaml, in the checkpoint's config and
-    in the result is checked against the registry (imgcls.config.targets) before anything is built."""
+    checkpoint loaded weights_only. Both configs are read by read_run_config (every `_target_`
+    checked against the registry, imgcls.config.targets, no resolver run), and so is the result,
+    before anything is built."""
     from loguru import logger
 
     from imgcls.checkpoint import CheckpointError, load_checkpoint
+    from imgcls.config.saved import warn_ignored
 
     saved = run / "config.yaml"
     base = None
     if saved.is_file():
         try:
-            base = _checked(yaml.safe_load(saved.read_text()), str(saved))
+            raw = yaml.safe_load(saved.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{saved} is not valid YAML: {exc}") from None
+        base, ignored = read_run_config(raw, str(saved))
+        source = str(saved)
     state = load_checkpoint(checkpoint)
     if "config" in state:
-        state["config"] = _checked(state["config"], f"{checkpoint} (its config)")
+        state["config"], from_checkpoint = read_run_config(state["config"], f"{checkpoint} (its config)")
     for key in ("class_names", "config"):
         if key not in state and not (key == "config" and base is not None):
             raise CheckpointError(
@@ -134,7 +152,10 @@ def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dic
             )
     if base is None:
         logger.warning(f"{saved} is missing: using the config stored in {checkpoint}")
-        base = state["config"]
+        base, ignored, source = state["config"], from_checkpoint, f"{checkpoint} (its config)"
+    # the checkpoint's unresolved copy is only for a resume, which reads it itself (training.resume)
+    state.pop("config_unresolved", None)
+    warn_ignored(ignored, source)
     config = _checked(apply_overrides(base, overrides, str(saved)), "the config with the overrides")
     return config, state
 
@@ -253,6 +274,10 @@ def output_dir(parent: Path, name: str, overrides: Sequence[str]) -> Path:
             return path
         except FileExistsError:
             n += 1
+        except OSError as exc:  # read-only or full: the commands' check up front makes this rare
+            from imgcls.files import write_error
+
+            raise write_error(path, exc, OUT_DIR_HINT, into=True) from None
 
 
 def restore(config: dict, state: dict, checkpoint: Path):

@@ -14,6 +14,7 @@ from typing import Any
 from loguru import logger
 
 from imgcls.errors import ConfigError
+from imgcls.files import atomic_write
 
 RUN_ID_KEY = "mlflow_run_id"  # the checkpoint entry a resume reads to continue the same MLflow run
 PARENT_FILE = "mlflow_parent.json"  # in a sweep's directory: the parent run its jobs are nested under
@@ -31,9 +32,63 @@ def tracking_uri(uri: str | None) -> tuple[str, str]:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}", "the default store"
 
 
-def open_client(uri: str, source: str = "tracking.uri"):
+def continued_store(settings: dict, run_id: str | None, run_dir: Path) -> str | None:
+    """The store in which a plain `resume=` (no tracking on its command line) continues the
+    checkpoint's MLflow run, or None: the resume is not tracked.
+
+    The checkpoint's `tracking` is someone else's text until this machine shows the run is its own:
+    its store is the one $MLFLOW_TRACKING_URI names (the user's own setting), or a local SQLite file
+    that already exists and holds MLflow run `run_id` tagged with this very run directory (read
+    read-only with sqlite3: nothing is created or contacted to find out). A server named only by
+    the checkpoint, a database file that is not there: None."""
+    if not run_id or not isinstance(settings, dict):
+        return None
+    saved = settings.get("uri")
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and (saved in (None, env)):
+        return env
+    uri = str(saved) if saved else f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return uri if _local_store_holds(uri, run_id, run_dir) else None
+
+
+def _local_store_holds(uri: str, run_id: str, run_dir: Path) -> bool:
+    """Whether `uri` is an existing SQLite MLflow store holding `run_id` as a run of `run_dir`."""
+    import sqlite3
+    import stat
+    from urllib.parse import quote
+
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = Path(uri.split("?")[0][len("sqlite:///") :])
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # never a FIFO or a device: nothing that blocks
+            return False
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                return False
+        db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=5)
+        try:
+            row = db.execute(
+                "SELECT value FROM tags WHERE run_uuid = ? AND key = 'imgcls.run_dir'", (run_id,)
+            ).fetchone()
+        finally:
+            db.close()
+    except (OSError, sqlite3.Error):
+        return False
+    return row is not None and row[0] == str(Path(run_dir).resolve())
+
+
+# conf/tracking/mlflow.yaml's timeout_s: how long the first request may wait for a tracking server.
+# MLflow's own defaults (7 retries with backoff, 120 s per request) took about 4 minutes to report
+# a server that is down; a server that answers at all answers its first request in well under that.
+TIMEOUT_S = 10.0
+
+
+def open_client(uri: str, source: str = "tracking.uri", timeout_s: float | None = None):
     """An MlflowClient on the store, opened now: a missing package or a store that cannot be
-    opened is the user's error, before the run is built. `source` names where `uri` came from."""
+    opened is the user's error, before the run is built. `source` names where `uri` came from.
+    A tracking server gets one try of at most `timeout_s` seconds (tracking.timeout_s); the run's
+    later requests keep MLflow's retries, for a server that is up but briefly busy."""
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
@@ -41,16 +96,63 @@ def open_client(uri: str, source: str = "tracking.uri"):
             f"tracking=mlflow needs the mlflow package ({exc}): pip install 'imgcls[mlflow]' "
             "(or pip install mlflow-skinny), or leave tracking unset"
         ) from None
+    timeout_s = TIMEOUT_S if timeout_s is None else float(timeout_s)
+    if not timeout_s > 0:
+        raise ConfigError(f"tracking.timeout_s={timeout_s}: give a number of seconds above 0, e.g. 10")
     try:
-        with _first_open(uri):
+        with _first_open(uri), _one_quick_try(timeout_s):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # creates a new store's tables
     except Exception as exc:
+        unreachable = _unreachable(exc) if uri.split(":", 1)[0].lower() in ("http", "https") else None
+        if unreachable:
+            raise ConfigError(
+                f"{source}={uri}: the tracking server did not answer within tracking.timeout_s={timeout_s:g} s "
+                f"({unreachable}); start it or correct the address, raise tracking.timeout_s for a slow "
+                "network, or leave tracking unset"
+            ) from None
         raise ConfigError(
             f"{source}={uri}: MLflow cannot open this store ({type(exc).__name__}: {exc}); "
             "give tracking.uri=sqlite:///<file>.db, a server's http(s)://host:port, or set MLFLOW_TRACKING_URI"
         ) from None
     return client
+
+
+@contextlib.contextmanager
+def _one_quick_try(timeout_s: float) -> Iterator[None]:
+    """MLflow's request settings for this check only: one try, at most `timeout_s` (connect and
+    read each). MLflow reads them from the environment at every request; the user's values are
+    put back afterwards."""
+    quick = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout_s))),
+    }
+    saved = {key: os.environ.get(key) for key in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _unreachable(exc: Exception) -> str | None:
+    """Why a server could not be reached, in words, from MLflow's text of the requests error
+    (it keeps only the text): None when the server answered (with an error of its own)."""
+    import re
+
+    text = str(exc)
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return "timed out"
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if found:
+        return found.group(1).strip()
+    if "Max retries exceeded" in text or "Failed to establish a new connection" in text:
+        return "no connection"
+    return None
 
 
 @contextlib.contextmanager
@@ -117,9 +219,7 @@ def sweep_parent(client, experiment: str, sweep_dir: Path) -> str:
             tags={"imgcls.sweep_dir": str(sweep_dir.resolve())},
         )
         text = json.dumps({"tracking_uri": client.tracking_uri, "run_id": run.info.run_id}, indent=1)
-        tmp = record.with_name(f".{PARENT_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, record)
+        atomic_write(record, text + "\n")
         return run.info.run_id
 
 
@@ -161,10 +261,17 @@ class MlflowTracker(NullTracker):
 
     def start(self, config: dict, ckpt: dict | None) -> str:
         uri, source = tracking_uri(self.settings.get("uri"))
-        self.client = client = open_client(uri, source)
+        self.client = client = open_client(uri, source, self.settings.get("timeout_s"))
         resumed = (ckpt or {}).get(RUN_ID_KEY)
+        if resumed and not self._holds(resumed):
+            # a checkpoint from elsewhere (or this run moved): its MLflow run is not this folder's here
+            logger.warning(
+                f"mlflow: the checkpoint's MLflow run {resumed} is not a run of {self.run_dir} in {uri}; "
+                "this resume is tracked as a new MLflow run"
+            )
+            resumed = None
         if resumed:
-            self.run_id = self._continue(resumed, uri, flat_params(config))
+            self.run_id = self._continue(resumed, flat_params(config))
         else:
             exp = experiment_id(client, self.settings.get("experiment") or "imgcls")
             tags = {"imgcls.run_dir": str(self.run_dir.resolve())}
@@ -176,18 +283,18 @@ class MlflowTracker(NullTracker):
         logger.info(f"mlflow: {line}; browse with `mlflow ui --backend-store-uri {uri}`")
         return line
 
-    def _continue(self, run_id: str, uri: str, params: dict[str, str]) -> str:
+    def _holds(self, run_id: str) -> bool:
+        """Whether the store has MLflow run `run_id`, started for this run directory."""
+        try:
+            tags = self.client.get_run(run_id).data.tags
+        except Exception:  # MlflowException: no such run (a server may word it otherwise)
+            return False
+        return tags.get("imgcls.run_dir") == str(self.run_dir.resolve())
+
+    def _continue(self, run_id: str, params: dict[str, str]) -> str:
         """The checkpoint's MLflow run, RUNNING again. A param the resume changed (trainer.epochs)
         becomes a tag `resumed.<key>`: MLflow refuses a new value for a logged param."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            logged = self.client.get_run(run_id).data.params
-        except MlflowException:
-            raise ConfigError(
-                f"resume: the checkpoint's MLflow run {run_id} is not in {uri}; run the resume from the "
-                "folder that holds that store, or point MLFLOW_TRACKING_URI at it"
-            ) from None
+        logged = self.client.get_run(run_id).data.params  # there: start() asked _holds
         self.client.update_run(run_id, status="RUNNING")
         for key, value in params.items():
             if logged.get(key, value) != value:

@@ -20,22 +20,58 @@ from imgcls.errors import ConfigError
 RESUMABLE_KEYS = (
     "resume", "trainer.epochs", "device", "deterministic", "data.num_workers",
     "trainer.num_threads", "trainer.log_every_n_steps", "trainer.compile", "trainer.channels_last",
-    "data.cache", "data.cache_dir",
+    "data.cache",
 )  # fmt: skip
+# and the keys a saved run never decides (imgcls.config.saved: tracking, data.cache_dir, ...), which
+# a resume takes from its own command line whether given or not
 
 
 def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], path: str) -> tuple[dict, dict]:
     """The checkpoint's config with the command line's resumable overrides applied: resolved,
     and unresolved (what the next checkpoint keeps).
 
-    Interpolations stay live (the checkpoint keeps the unresolved config too), so a scheduler
-    horizon written as ${trainer.epochs} follows an extended trainer.epochs."""
-    refused = []
+    The checkpoint is read as a saved run (imgcls.config.saved): no resolver in it runs, and what it
+    may not decide (tracking, cache folders, ...) comes from this command's composed config.
+    References to its own keys stay live (the checkpoint keeps the unresolved config too), so a
+    scheduler horizon written as ${trainer.epochs} follows an extended trainer.epochs."""
+    from imgcls.config.naming import resumed_dir
     from imgcls.config.renamed import current_names
+    from imgcls.config.saved import (
+        CURRENT,
+        classify,
+        read_saved,
+        resolved,
+        warn_ignored,
+        with_recorded_values,
+    )
+    from imgcls.tracking import RUN_ID_KEY, continued_store
 
-    base = OmegaConf.create(current_names(ckpt.get("config_unresolved") or ckpt["config"]))
+    source = f"{path} (its config)"
+    raw = ckpt.get("config_unresolved") or ckpt["config"]
+    if ckpt.get("config_unresolved") and isinstance(ckpt.get("config"), dict):
+        raw = with_recorded_values(raw, ckpt["config"])
+    saved, ignored = read_saved(current_names(raw), source, current=composed)
+    # a plain resume= of a tracked run continues its MLflow run only where this machine shows the
+    # run is its own (tracking.continued_store); tracking on the command line decides by itself
+    tracking = ignored.pop("tracking", None) if "tracking" not in saved else None
+    if tracking:
+        run_dir = resumed_dir(path) or Path(path).parent.parent
+        if continued_store(tracking, ckpt.get(RUN_ID_KEY), run_dir) is not None:
+            saved["tracking"] = tracking
+        else:
+            logger.warning(
+                f"tracking={tracking} from {source} ignored: its MLflow store is not one "
+                "this machine shows to hold this run (an existing local SQLite file, or "
+                "$MLFLOW_TRACKING_URI), so this resume is not tracked; to track it, give "
+                "tracking=mlflow tracking.uri=<store> on the command line"
+            )
+    warn_ignored(ignored, source)
+    refused = []
+    base = OmegaConf.create(saved)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
+        if classify(key) == CURRENT:
+            continue  # read_saved took it from the command already
         if key in RESUMABLE_KEYS:
             OmegaConf.update(base, key, OmegaConf.select(composed, key), merge=False, force_add=True)
         else:
@@ -44,21 +80,22 @@ def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], pat
         raise ConfigError(
             f"resume={path}: {', '.join(refused)} would change the saved run (its model, data or "
             f"recipe); a resumed run keeps the config in its checkpoint. Only {', '.join(RESUMABLE_KEYS)} "
-            "may be given with resume=; start a new run for anything else."
+            "and tracking may be given with resume=; start a new run for anything else."
         )
-    config = OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
+    unresolved = OmegaConf.to_container(base, resolve=False)
+    config = resolved(unresolved, source)
     done, epochs = ckpt["epoch"], config["trainer"]["epochs"]
     if epochs < done or (epochs == done and not ckpt.get("step")):
         from imgcls.evaluation.final import final_reports_due
 
         if epochs == done and final_reports_due(path):
             # trained to the end, reports cut short: train_run writes only those
-            return config, OmegaConf.to_container(base, resolve=False)
+            return config, unresolved
         raise ConfigError(
             f"resume={path}: the run already finished {done} of {epochs} epochs; extend it with "
             f"trainer.epochs=<more than {done}>"
         )
-    return config, OmegaConf.to_container(base, resolve=False)
+    return config, unresolved
 
 
 def check_classes(saved: list[str], found: list[str], root: Any) -> None:
