@@ -188,6 +188,7 @@ def _write_figures(
     from imgcls.evaluation.plots import error_grid_figure, reliability_figure, save_figure, write_class_index
     from imgcls.evaluation.reports import confusion_figure
     from imgcls.evaluation.scores import confusion
+    from imgcls.names import shown
 
     confidence = p.confidence
     cm = confusion(p.targets, p.preds, len(class_names))
@@ -224,7 +225,8 @@ def _write_figures(
         writer.add_text(f"classification_report/{split}", "    " + text.replace("\n", "\n    "), epoch)
         probs = p.probs
         for i, name in enumerate(class_names):
-            writer.add_pr_curve(f"pr_curve/{split}/{name}", p.targets == i, probs[:, i], global_step=epoch)
+            tag = f"pr_curve/{split}/{shown(name)}"  # TensorBoard's tags are UTF-8: b"\xff" as "\xff"
+            writer.add_pr_curve(tag, p.targets == i, probs[:, i], global_step=epoch)
     finally:
         writer.close()
     return cm

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from imgcls.names import shown_text
+
 console = Console(stderr=True)
 _sinks: set[int] = set()  # the sinks setup_logging added and teardown_logging has not removed
 CONSOLE_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
@@ -26,6 +28,9 @@ def setup_logging(log_file: Path | None, level: str = "INFO", prefix: str = "") 
     """Replace loguru's sinks: colored console (through rich, so it prints above a live bar) and
     a file rotated at 10 MB and kept 30 days. Returns the sink ids for `teardown_logging`."""
     logger.remove()
+    # a message naming a file that is not UTF-8 holds lone surrogates, which no UTF-8 file or
+    # terminal takes: every sink gets them as backslash escapes (b"\xff" -> "\xff")
+    logger.configure(patcher=_escape_message)
     ids = [
         logger.add(
             lambda m: console.print(Text.from_ansi(str(m).rstrip("\n")), soft_wrap=True),
@@ -43,12 +48,17 @@ def setup_logging(log_file: Path | None, level: str = "INFO", prefix: str = "") 
                 rotation="10 MB",
                 retention="30 days",
                 encoding="utf-8",
+                errors="backslashreplace",  # the last guard: a log line is never a crash
                 enqueue=False,
             )
         )
     _sinks.clear()  # logger.remove() above removed every earlier sink
     _sinks.update(ids)
     return ids
+
+
+def _escape_message(record: dict) -> None:
+    record["message"] = shown_text(record["message"])
 
 
 def teardown_logging(ids: list[int]) -> None:

@@ -3,7 +3,6 @@ rate and suggests the override to use."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from omegaconf import DictConfig
 from imgcls.cli import run_command
 from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
+from imgcls.names import csv_text, literal_text
 
 register_resolvers()  # lr_find.yaml names its run directory with ${run_label:...}
 
@@ -95,10 +95,8 @@ def find(config: dict, run_dir: Path) -> float:
         [smoothed[i] for i in finite],
     )
     best = suggest(lrs, smoothed)
-    with open(run_dir / "lr_find.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["lr", "loss", "smoothed_loss"])
-        w.writerows(zip(lrs, losses, smoothed, strict=True))
+    with open(run_dir / "lr_find.csv", "w", newline="", encoding="utf-8") as f:
+        f.write(csv_text(["lr", "loss", "smoothed_loss"], zip(lrs, losses, smoothed, strict=True)))
     plot(lrs, smoothed, best, run_dir / "lr_find.png")
     (run_dir / "suggestion.txt").write_text(f"optimizer.lr={best:.3g}\n")
     logger.info(f"lr_find: {len(losses)} steps, plot {run_dir / 'lr_find.png'}")
@@ -106,6 +104,7 @@ def find(config: dict, run_dir: Path) -> float:
     return best
 
 
+@literal_text()  # every figure of the project draws its text as written (names.literal_text)
 def plot(lrs: list[float], smoothed: list[float], best: float, path: Path) -> None:
     import matplotlib
 

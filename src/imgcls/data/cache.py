@@ -76,7 +76,7 @@ def fingerprint(paths: list[str], size: int | None) -> str:
     h = hashlib.sha256(json.dumps(size).encode())
     for p in paths:
         st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # any file name
     return h.hexdigest()[:16]
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from imgcls.data.scan import FileRecord
+from imgcls.names import shown as name
+from imgcls.names import shown_text
 
 # Past 10:1 between the largest and smallest class, plain cross-entropy tends to ignore the small
 # ones; class weights or a balanced sampler are worth a look. A warning, not an error.
@@ -57,7 +59,7 @@ class DataReport:
         for split, counts in self.counts.items():
             total = sum(counts.values())
             where = f"{self.folders[split]}/" if self.folders.get(split) else self.carved_from
-            per_class = ", ".join(f"{c} {n}" for c, n in counts.items())
+            per_class = ", ".join(f"{name(c)} {n}" for c, n in counts.items())
             lines.append(f"{split} ({where}): {total} images in {len(counts)} classes: {per_class}")
             ratio = imbalance(counts)
             if ratio is not None:
@@ -68,7 +70,8 @@ class DataReport:
                 lines += ["  - " + item.replace("\n", "\n    ") for item in items]
         if not self.errors:
             lines.append("ok: no errors" + (f", {len(self.warnings)} warning(s)" if self.warnings else ""))
-        return "\n".join(lines)
+        # names that are not UTF-8 escaped (b"\xff" -> "\xff"), so the text can be printed and saved
+        return shown_text("\n".join(lines))
 
 
 def imbalance(counts: dict[str, int]) -> float | None:
@@ -89,15 +92,15 @@ def imbalance_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
             big = max(per_class, key=per_class.get)
             small = min(per_class, key=per_class.get)
             out.append(
-                f"{split}: classes are imbalanced {ratio:.1f}:1 ({big} {per_class[big]}, "
-                f"{small} {per_class[small]}); consider class weights or a balanced sampler"
+                f"{split}: classes are imbalanced {ratio:.1f}:1 ({name(big)} {per_class[big]}, "
+                f"{name(small)} {per_class[small]}); consider class weights or a balanced sampler"
             )
     return out
 
 
 def small_image_warning(samples: list[Sample], records: dict[str, FileRecord], min_size: int) -> list[str]:
     small = [
-        f"{rel} ({records[rel].width}x{records[rel].height})"
+        f"{name(rel)} ({records[rel].width}x{records[rel].height})"
         for _, rel, _ in samples
         if min(records[rel].width, records[rel].height) < min_size
     ]
@@ -122,13 +125,13 @@ def duplicate_warnings(
     for group in groups.values():
         if len(group) < 2:
             continue
-        text = " = ".join(rel for _, rel, _ in group)
+        text = " = ".join(name(rel) for _, rel, _ in group)
         if len({split for split, _, _ in group}) > 1:
             across.append(text)
             continue
         within[group[0][0]].append(text)
         if len({target for _, _, target in group}) > 1:
-            labels = sorted({class_names[t] for _, _, t in group})
+            labels = sorted({name(class_names[t]) for _, _, t in group})
             conflicting.append(f"{text} ({' vs '.join(labels)})")
     out = [
         f"{split}: {len(texts)} set(s) of identical files: {shown(texts)}" for split, texts in within.items()

@@ -49,7 +49,9 @@ def check_options(val_fraction: float | None, folds: Any, fold: Any, split_file:
 
 
 def _hash_order(members: list[Sample], seed: int) -> list[Sample]:
-    return sorted(members, key=lambda s: hashlib.sha256(f"{seed}:{s[1]}".encode()).digest())
+    return sorted(
+        members, key=lambda s: hashlib.sha256(f"{seed}:{s[1]}".encode("utf-8", "surrogateescape")).digest()
+    )
 
 
 def _by_class(train: list[Sample]) -> dict[int, list[Sample]]:
@@ -229,7 +231,10 @@ def fingerprint(samples: dict[str, list[Sample]], records: dict[str, FileRecord]
         digest = hashlib.sha256()
         for _, rel, target in sorted(items, key=lambda s: s[1]):
             r = records[rel]
-            digest.update(f"{rel}\t{r.size}\t{r.sha256}\t{class_names[target]}\n".encode())
+            # surrogateescape: a name that is not UTF-8 hashes as its bytes (valid names as before)
+            digest.update(
+                f"{rel}\t{r.size}\t{r.sha256}\t{class_names[target]}\n".encode("utf-8", "surrogateescape")
+            )
         out[split] = {
             "files": len(items),
             "bytes": sum(records[rel].size for _, rel, _ in items),

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from imgcls.data import load_image  # noqa: E402
+from imgcls.names import draw_literally, literal_text, shown  # noqa: E402
 
 CLASS_INDEX_FILE = "class_index.txt"  # beside figures whose class names no font could draw
 # tried first among the fonts that have every character: wide coverage, made for screen text
@@ -92,8 +93,12 @@ def save_figure(fig, path: Path, writer=None, tag: str = "", step: int = 0, **kw
     drawn (bbox_inches="tight"), so a long title on a narrow figure is never cut at the edges.
     With a TensorBoard `writer`, the saved PNG goes there too, as the image `tag`: TensorBoard
     shows the file's pixels, and the figure is not drawn a third time (add_figure renders it
-    again; drawing was 12% of the quick test loop's samples)."""
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15, **kwargs)
+    again; drawing was 12% of the quick test loop's samples).
+
+    Every text is drawn as written (names.literal_text): a figure made elsewhere saves safely too."""
+    draw_literally(fig)
+    with literal_text():  # the tick labels matplotlib makes while it draws
+        fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15, **kwargs)
     if writer is not None:
         from PIL import Image
 
@@ -119,6 +124,7 @@ def use_font(texts: Iterable, font: str | None) -> None:
 def write_class_index(folder: Path, class_names: Sequence[str]) -> Path | None:
     """<folder>/class_index.txt, the index -> name table, when no font draws the names or a name is
     too long for an axis (short_label)."""
+    class_names = [shown(c) for c in class_names]  # as the confusion matrices draw them
     if label_font(class_names) is not None and all(short_label(c) == c for c in class_names):
         return None
     path = Path(folder) / CLASS_INDEX_FILE
@@ -126,6 +132,7 @@ def write_class_index(folder: Path, class_names: Sequence[str]) -> Path | None:
     return path
 
 
+@literal_text()  # the title may hold a run's or a split's name
 def reliability_figure(bins: dict[str, np.ndarray], ece: float, title: str):
     """Accuracy per confidence bin against the diagonal of perfect calibration (the red part of a
     bar is the gap), and below it how many samples fell in each bin."""
@@ -162,6 +169,7 @@ def reliability_figure(bins: dict[str, np.ndarray], ece: float, title: str):
     return fig
 
 
+@literal_text()  # class and file names drawn as written: a name like $\frac{$ is text, not math
 def error_grid_figure(
     paths: Sequence[str],
     true: Sequence[str],
@@ -182,8 +190,8 @@ def error_grid_figure(
     fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    titles = [
-        f"true: {t}\npred: {p} ({c:.2f})\n{path.replace(chr(92), '/').rsplit('/', 1)[-1][:28]}"
+    titles = [  # names shown escaped: a file name that is not UTF-8 is drawn as "\xff"
+        f"true: {shown(t)}\npred: {shown(p)} ({c:.2f})\n{shown(path.replace(chr(92), '/').rsplit('/', 1)[-1])[:28]}"
         for path, t, p, c in zip(paths, true, predicted, confidence, strict=True)
     ]
     font = font_for(titles)  # names in other scripts; none found: the confusion matrix said so

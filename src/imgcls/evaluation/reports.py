@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,8 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from imgcls.evaluation.scores import confusion, report_text  # noqa: E402
+from imgcls.names import csv_text, literal_text, shown  # noqa: E402
 
 
+@literal_text()  # class names are drawn as written: a name like $\frac{$ is text, not math
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, normalized: bool = False):
     """A heatmap with class names on both axes and the counts in the cells; normalized:
     each row divided by its true class's count, so the diagonal is the per-class recall.
@@ -25,6 +26,7 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
     font has them, the axes show class indices and write_class_index puts the names beside."""
     from imgcls.evaluation.plots import CLASS_INDEX_FILE, label_font, short_label, use_font
 
+    class_names = [shown(c) for c in class_names]  # a name that is not UTF-8 drawn as "\xff"
     n = len(class_names)
     font = label_font(class_names)
     # the labels are laid out in the default font: a special font's names go in once it is done
@@ -135,7 +137,7 @@ def prediction_rows(
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """The rows as a CSV, a column per key; names escaped and no cell a spreadsheet runs (csv_text)."""
+    head = list(dict.fromkeys(k for row in rows for k in row)) or ["path"]
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
-        writer.writeheader()
-        writer.writerows(rows)
+        f.write(csv_text(head, rows))

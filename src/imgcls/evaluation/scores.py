@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from imgcls.names import shown
+
 
 def confusion(targets: Sequence[int], preds: Sequence[int], num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) int64 counts: row = true class, column = predicted class."""
@@ -65,7 +67,8 @@ def report_text(
     targets: Sequence[int], preds: Sequence[int], class_names: Sequence[str], digits: int = 4
 ) -> str:
     """scikit-learn's classification report: a row per class, then accuracy, macro and weighted
-    averages."""
+    averages. Names are shown escaped (imgcls.names.shown): a text file holds every name."""
+    class_names = [shown(c) for c in class_names]
     cm = confusion(targets, preds, len(class_names))
     s = class_scores(cm)
     width = max([len(name) for name in class_names] + [len("weighted avg"), digits])

@@ -8,6 +8,15 @@ from collections.abc import Sequence
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from imgcls.names import shown as shown_name
+
+
+def name_text(value: object) -> Text:
+    """A name (class, path) for a cell: escaped to one line of UTF-8 (names.shown), and a Text, not a
+    str, so rich reads no markup in it: a class "[/]x" would raise, "[bold]x" would lose its brackets."""
+    return Text(shown_name(value))
 
 
 def metrics_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
@@ -15,7 +24,7 @@ def metrics_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
     table.add_column("metric", style="bold")
     table.add_column("value", overflow="fold")  # paths in full: a run directory name is long
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, name_text(value))
     return table
 
 
@@ -26,7 +35,7 @@ def class_table(scores: dict) -> Table:
     for name in ("precision", "recall", "f1", "support"):
         table.add_column(name, justify="right")
     for name, row in scores["classes"].items():
-        table.add_row(name, *_cells(row))
+        table.add_row(name_text(name), *_cells(row))
     table.add_section()
     for average in ("macro avg", "weighted avg"):
         table.add_row(average, *_cells(scores[average]), style="bold")
@@ -44,7 +53,9 @@ def confused_table(pairs: Sequence[dict]) -> Table:
     table.add_column("count", justify="right")
     table.add_column("of the true class", justify="right")
     for p in pairs:
-        table.add_row(p["true"], p["predicted"], str(p["count"]), f"{100 * p['share']:.1f}%")
+        table.add_row(
+            name_text(p["true"]), name_text(p["predicted"]), str(p["count"]), f"{100 * p['share']:.1f}%"
+        )
     if not pairs:
         table.add_row("-", "-", "0", "no confusions")
     return table
@@ -60,8 +71,11 @@ def predictions_table(rows: Sequence[dict], k: int, limit: int) -> Table:
         table.add_column(f"top {j}")
     for row in shown:
         table.add_row(
-            row["path"],
-            *(f"{row[f'top{j}']} {float(row[f'top{j}_prob']):.3f}" for j in range(1, k + 1)),
+            name_text(row["path"]),
+            *(
+                name_text(f"{shown_name(row[f'top{j}'])} {float(row[f'top{j}_prob']):.3f}")
+                for j in range(1, k + 1)
+            ),
         )
     return table
 
@@ -90,7 +104,7 @@ def members_table(rows: Sequence[dict], k: int) -> Table:
         if i == len(rows) - 1:
             table.add_section()
         table.add_row(
-            r["run_dir"], str(r["epoch"]), f"{r['acc']:.4f}", f"{r['top_k_acc']:.4f}",
+            name_text(r["run_dir"]), str(r["epoch"]), f"{r['acc']:.4f}", f"{r['top_k_acc']:.4f}",
             f"{r['loss']:.4f}", f"{r['ece']:.4f}", style="bold" if i == len(rows) - 1 else None,
         )  # fmt: skip
     return table

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from imgcls.names import literal_text
 from imgcls.pages.html import number
 
 PANELS = (  # (title, y label, [(metric key, label)])
@@ -26,6 +27,7 @@ def best_epoch(history: Sequence[Mapping[str, float]]) -> int | None:
     return int(max(scored, key=lambda r: r["val/acc"])["epoch"]) if scored else None
 
 
+@literal_text()  # every figure of the project draws its text as written (names.literal_text)
 def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
     """plots/curves.png for the epochs in `history` (metrics.csv's rows); False when there is none.
 

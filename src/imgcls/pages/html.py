@@ -4,11 +4,12 @@ and an atomic write. No templates engine, no JavaScript: a page opens in any bro
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from imgcls.names import read_csv_text, shown_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC",sans-serif;
@@ -31,7 +32,9 @@ pre{background:#f6f8fa;padding:.75rem;overflow:auto;font-size:.8rem;max-height:4
 
 
 def esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    """Text for HTML: markup characters escaped, and bytes of a name that are not UTF-8 shown as
+    backslash escapes (names.shown_text), so any name a file system allows reaches the page as text."""
+    return html.escape(shown_text(value), quote=True)
 
 
 def read(path: Path) -> str | None:
@@ -42,8 +45,9 @@ def read(path: Path) -> str | None:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
+    """A CSV this project wrote, its cells as they were before csv_text kept them from being formulas."""
     text = read(path)
-    return list(csv.DictReader(text.splitlines())) if text else []
+    return read_csv_text(text) if text else []
 
 
 def number(value: object) -> float | None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from imgcls.names import csv_text
 from imgcls.training.recorder import atomic_write_text
 
 OBJECTIVE = "val/acc_best"  # what train.run returns and the Optuna sweeper maximizes; a job's score
@@ -89,21 +88,20 @@ def cv_groups(jobs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """cv_summary.csv: one line per setting, full precision for scripts."""
+    """cv_summary.csv: one line per setting, full precision for scripts; no cell a spreadsheet runs
+    as a formula (names.csv_text)."""
     others = list(rows[0]["setting"]) if rows else []
     stats = [f"{OBJECTIVE}_{s}" for s in ("mean", "std", "min", "max")]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*others, "folds", "folds_done", *stats, "per_fold", "not_done", "note", "jobs"])
-    for r in rows:
-        w.writerow(
-            [r["setting"][k] for k in others]
-            + ["" if r["folds"] is None else r["folds"], r["done"]]
-            + ["" if r[s] is None else repr(r[s]) for s in ("mean", "std", "min", "max")]
-            + [" ".join(f"{f}={v!r}" for f, v in r["per_fold"].items()), "; ".join(r["not_done"])]
-            + [r["note"], " ".join(map(str, r["jobs"]))]
-        )
-    atomic_write_text(path, buf.getvalue())  # a reader never sees half a table
+    head = [*others, "folds", "folds_done", *stats, "per_fold", "not_done", "note", "jobs"]
+    cells = [
+        [r["setting"][k] for k in others]
+        + ["" if r["folds"] is None else r["folds"], r["done"]]
+        + ["" if r[s] is None else repr(r[s]) for s in ("mean", "std", "min", "max")]
+        + [" ".join(f"{f}={v!r}" for f, v in r["per_fold"].items()), "; ".join(r["not_done"])]
+        + [r["note"], " ".join(map(str, r["jobs"]))]
+        for r in rows
+    ]
+    atomic_write_text(path, csv_text(head, cells))  # a reader never sees half a table
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

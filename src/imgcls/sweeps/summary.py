@@ -3,8 +3,6 @@ with data.fold swept, the cross-validation table (crossval.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import re
@@ -17,6 +15,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from imgcls.names import csv_text, literal_text, read_csv_text, shown
 from imgcls.pages import write_page
 from imgcls.pages.sweep_page import write_sweep_page
 from imgcls.sweeps import crossval
@@ -80,8 +79,7 @@ def read_job(job: Path) -> dict[str, Any]:
     fields = _summary_fields(summary.read_text()) if summary.is_file() else {"status": "failed"}
     rows: list[dict[str, str]] = []
     if (job / "metrics.csv").is_file():
-        with open(job / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_csv_text((job / "metrics.csv").read_text(encoding="utf-8", errors="replace"))
     accs = [(float(r["val/acc"]), int(float(r["epoch"]))) for r in rows if r.get("val/acc")]
     best = max(accs, key=lambda a: (a[0], -a[1]), default=None)  # first epoch that reached the best
     planned = re.search(r"of (\d+)", fields.get("epoch", ""))
@@ -116,18 +114,17 @@ def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
 
 def write_csv(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     head = ["rank", "job", "status", OBJECTIVE, "best_epoch", "epochs", *keys, "overrides", "run_dir"]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(head)
-    for j in jobs:
-        value = "" if j[OBJECTIVE] is None else repr(j[OBJECTIVE])  # full precision for scripts
-        w.writerow(
-            [j["rank"], j["job"], j["status"], value, j["best_epoch"] or "", j["epochs"]]
-            + [j["params"].get(k, "") for k in keys]
-            + [j["overrides"], j["run_dir"]]
-        )
+    """sweep_summary.csv: a row per job; override values that start like a formula (`=`, `+`, `@`,
+    a `-` that is not a number) get a leading ' (names.csv_text), which the sweep page strips."""
+    rows = [
+        [j["rank"], j["job"], j["status"], "" if j[OBJECTIVE] is None else repr(j[OBJECTIVE])]
+        + [j["best_epoch"] or "", j["epochs"]]  # the objective at full precision, for scripts
+        + [j["params"].get(k, "") for k in keys]
+        + [j["overrides"], j["run_dir"]]
+        for j in jobs
+    ]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buf.getvalue())
+    tmp.write_text(csv_text(head, rows), encoding="utf-8")
     os.replace(tmp, path)  # a reader never sees half a leaderboard
 
 
@@ -140,15 +137,14 @@ def format_table(jobs: list[dict[str, Any]], keys: list[str]) -> str:
     rows = []
     for j in jobs:
         acc = "-" if j[OBJECTIVE] is None else f"{j[OBJECTIVE]:.4f} (ep {j['best_epoch']})"
-        swept = " ".join(f"{k}={j['params'][k]}" for k in keys if k in j["params"])
-        rows.append(
-            [str(j["rank"]), str(j["job"]), j["status"], acc, j["epochs"], swept, Path(j["run_dir"]).name]
-        )
+        swept = shown(" ".join(f"{k}={j['params'][k]}" for k in keys if k in j["params"]))
+        name = shown(Path(j["run_dir"]).name)
+        rows.append([str(j["rank"]), str(j["job"]), j["status"], acc, j["epochs"], swept, name])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
     common = [o for o in (jobs[0]["override_list"] if jobs else []) if o.split("=", 1)[0] not in keys]
     if common:
-        lines.insert(0, f"every job: {' '.join(common)}")
+        lines.insert(0, f"every job: {shown(' '.join(common))}")
     return "\n".join(lines)
 
 
@@ -159,6 +155,7 @@ def _numeric(values: list[str]) -> list[float] | None:
         return None
 
 
+@literal_text()  # override keys and values drawn as written: "a$b$" is text, not math
 def plot_objective(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> bool:
     """One panel per swept key: the objective of every job that has one against the key's value."""
     scored = [j for j in jobs if j[OBJECTIVE] is not None]
@@ -172,7 +169,7 @@ def plot_objective(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> b
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         have = [j for j in scored if key in j["params"]]
-        raw = [j["params"][key] for j in have]
+        raw = [shown(j["params"][key]) for j in have]
         y = [j[OBJECTIVE] for j in have]
         xs = _numeric(raw)
         if xs is not None:
@@ -187,7 +184,7 @@ def plot_objective(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> b
             cats = sorted(set(raw))
             ax.scatter([cats.index(v) for v in raw], y)
             ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-        ax.set_xlabel(key)
+        ax.set_xlabel(shown(key))
         ax.set_ylabel(f"{OBJECTIVE} (best validation accuracy)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{len(scored)} of {len(jobs)} jobs with a validation accuracy")
@@ -201,7 +198,7 @@ def _hparam_value(text: str) -> float | str:
     try:
         value = float(text)
     except ValueError:
-        return text
+        return shown(text)  # TensorBoard's strings are UTF-8
     return value if math.isfinite(value) else text
 
 

@@ -4,8 +4,6 @@ imgcls.pages) plots/curves.png and report.html."""
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import os
 import socket
 import time
@@ -15,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from imgcls.names import csv_text
 from imgcls.pages import write_page
 from imgcls.pages.run_page import write_run_page
 
@@ -190,12 +189,8 @@ class RunRecorder:
         keys: list[str] = []
         for row in self.history:
             keys += [k for k in row if k not in keys]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-        w.writeheader()
-        for row in self.history:
-            w.writerow(row)  # full precision: a script reading it gets the exact values
-        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        # full precision: a script reading it gets the exact values; cells through csv_text, as every CSV
+        atomic_write_text(self.run_dir / "metrics.csv", csv_text(keys, self.history))
 
     # -- end -------------------------------------------------------------------------------
     def reporting(self) -> None:

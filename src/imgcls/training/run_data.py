@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from imgcls.names import shown
 from imgcls.training.engine import Placement
 
 
@@ -92,9 +93,9 @@ def build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | Non
     )
     sizes = ", ".join(f"{s} {len(v)}" for s, v in record.samples.items())
     info = {
-        "data": f"{record.root}: {len(record.class_names)} classes; {sizes} images",
+        "data": f"{shown(record.root)}: {len(record.class_names)} classes; {sizes} images",
         **({"val split": describe(record.carved)} if record.carved else {}),  # "fold 2 of 5 of train, ..."
-        "classes": ", ".join(record.class_names),
+        "classes": ", ".join(map(shown, record.class_names)),  # names as text: b"\xff" -> "\xff"
         "data check": record.report.summary_line(),
     }
     loading = f"{data.num_workers} loader worker(s), device augment {crop is not None}"
