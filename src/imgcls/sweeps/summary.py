@@ -113,9 +113,9 @@ def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
 
 
 def write_csv(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> None:
-    head = ["rank", "job", "status", OBJECTIVE, "best_epoch", "epochs", *keys, "overrides", "run_dir"]
     """sweep_summary.csv: a row per job; override values that start like a formula (`=`, `+`, `@`,
     a `-` that is not a number) get a leading ' (names.csv_text), which the sweep page strips."""
+    head = ["rank", "job", "status", OBJECTIVE, "best_epoch", "epochs", *keys, "overrides", "run_dir"]
     rows = [
         [j["rank"], j["job"], j["status"], "" if j[OBJECTIVE] is None else repr(j[OBJECTIVE])]
         + [j["best_epoch"] or "", j["epochs"]]  # the objective at full precision, for scripts
