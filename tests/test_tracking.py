@@ -57,7 +57,7 @@ def test_without_tracking_nothing_changes():
     with initialize_config_dir(config_dir=CONFIG_DIR):
         assert "tracking" not in compose(config_name="train")  # config.yaml and summary.txt as before
         assert dict(compose(config_name="train", overrides=["tracking=mlflow"]).tracking) == {
-            "uri": None, "experiment": "imgcls", "log_checkpoint": False,
+            "uri": None, "experiment": "imgcls", "log_checkpoint": False, "timeout_s": 10,
         }  # fmt: skip
     assert NullTracker().checkpoint_entries() == {}  # checkpoints as before
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from imgcls.errors import UserError
+from imgcls.files import atomic_file
 
 
 class CheckpointError(UserError):
@@ -22,33 +22,16 @@ class CheckpointError(UserError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target.
 
-    A crash or kill -9 at any moment leaves either the old file or the new one, never a torn one.
+    A crash or kill -9 at any moment leaves either the old file or the new one, never a torn one;
+    a full disk or a read-only folder is a WriteError naming the file, and the old file stays.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    kept = f"the previous {path.name} is kept" if path.is_file() else ""
+    last = path.parent / "last.pt"
+    resume = f"continue with python -m imgcls.train resume={last}" if last.is_file() else ""
+    # torch.save streams into the file; its RuntimeError for a full disk is mapped back to ENOSPC
+    with atomic_file(path, hint="; ".join(p for p in (kept, resume) if p)) as f:
+        torch.save(state, f)
 
 
 def _verify_crc(path: Path) -> None:

@@ -17,15 +17,20 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from loguru import logger
 
     from imgcls.evaluation.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
+    from imgcls.files import check_writable
     from imgcls.log import logged
     from imgcls.pages import write_page
     from imgcls.pages.eval_page import write_eval_page
-    from imgcls.runs import find_run, output_dir
+    from imgcls.runs import OUT_DIR_HINT, find_run, output_dir
 
     single, many, views = _checked_request(cfg)
     split = str(cfg["split"])
+    runs = [find_run(d) for d in (many or [single])]
+    # where the results go can take them (not read-only, not full) before any checkpoint is loaded
+    default = ensemble_dir(runs) if many else runs[0] / "eval"
+    check_writable(Path(cfg["out_dir"]).parent if cfg.get("out_dir") else default, hint=OUT_DIR_HINT)
     # every member found, loaded and its data checked before any of them predicts
-    members: list[Member] = [load_member(find_run(d), cfg, overrides, split) for d in (many or [single])]
+    members: list[Member] = [load_member(r, cfg, overrides, split) for r in runs]
     _check_ensemble(members, split)
     first = members[0]
     suffix = "_tta" if views else ""

@@ -21,8 +21,9 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.deploy.exported import ExportError, preprocessing_steps
     from imgcls.errors import ConfigError
     from imgcls.evaluation.ensemble import load_member
+    from imgcls.files import atomic_path, atomic_write, make_dir
     from imgcls.log import logged
-    from imgcls.runs import find_run, restore
+    from imgcls.runs import OUT_DIR_HINT, find_run, restore
 
     fmt = str(cfg["format"])
     if fmt not in FORMATS:
@@ -30,8 +31,11 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     if float(cfg["tolerance"]) < 0 or int(cfg["verify_images"]) < 1:
         raise ConfigError("tolerance must be >= 0 and verify_images >= 1")
     split = str(cfg["split"])
+    # the output folder first: a read-only run is an error now, not after the model is built
+    found = find_run(cfg["run_dir"])
+    out_dir = make_dir(Path(cfg["out_dir"]) if cfg.get("out_dir") else found / "export", hint=OUT_DIR_HINT)
     # the run, its checkpoint and config (every _target_ checked) and the split's labelled files
-    member = load_member(find_run(cfg["run_dir"]), cfg, overrides, split)
+    member = load_member(found, cfg, overrides, split)
     run_dir, checkpoint, state = member.run_dir, member.checkpoint, member.state
     config = {
         **member.config,
@@ -44,8 +48,6 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         member.data, member.record, split, restored.pipelines["val"], int(cfg["verify_images"])
     )
 
-    out_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else run_dir / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
     label = str(cfg["checkpoint"]) if cfg["checkpoint"] in ("best", "last") else checkpoint.stem
     target = out_dir / f"{label}{FORMATS[fmt]}"
     with logged(out_dir / "export.log", "export"):
@@ -71,23 +73,19 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
             "config": config,
         }  # fmt: skip
         logger.info(f"exporting {checkpoint} (epoch {state.get('epoch', '?')}) as {fmt} to {target}")
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
+        # atomically: an earlier export stays whole until this one is checked; a full disk is an error
+        with atomic_path(target, hint=OUT_DIR_HINT) as tmp:
             check = _write_and_check(fmt, tmp, restored, images, metadata, float(cfg["tolerance"]), cfg)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if not check["passed"]:
-            rejected = target.with_name(target.name + ".rejected")
-            os.replace(tmp, rejected)
-            raise ExportError(
-                f"{fmt} export does not match PyTorch: max |logit difference| {check['max_abs_diff']:.3g} > "
-                f"{check['allowed_abs_diff']:.3g} (tolerance {check['tolerance']:.3g} x the largest |logit| "
-                f"{check['logit_scale']:.3g}), top-1 agrees on {check['top1_agree']}/{check['images']} "
-                f"images; kept as {rejected} for inspection, {target} left as it was"
-            )
-        os.replace(tmp, target)  # atomically: an earlier export stays whole until this one is checked
-        (target.with_name(target.name + ".check.json")).write_text(json.dumps(check, indent=2) + "\n")
+            if not check["passed"]:
+                rejected = target.with_name(target.name + ".rejected")
+                os.replace(tmp, rejected)
+                raise ExportError(
+                    f"{fmt} export does not match PyTorch: max |logit difference| {check['max_abs_diff']:.3g} > "
+                    f"{check['allowed_abs_diff']:.3g} (tolerance {check['tolerance']:.3g} x the largest |logit| "
+                    f"{check['logit_scale']:.3g}), top-1 agrees on {check['top1_agree']}/{check['images']} "
+                    f"images; kept as {rejected} for inspection, {target} left as it was"
+                )
+        atomic_write(target.with_name(target.name + ".check.json"), json.dumps(check, indent=2) + "\n")
         logger.info(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB); check: {_describe(check)}")
         if problem and fmt == "onnx":
             logger.warning(f"{problem}: python -m imgcls.predict onnx=... will refuse this export")

@@ -65,10 +65,14 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.data.loaders import make_loader
     from imgcls.data.record import DataRecord
     from imgcls.evaluation.inference import predict
+    from imgcls.files import check_writable
     from imgcls.log import logged
-    from imgcls.runs import find_checkpoint, find_run, load_run, output_dir, restore
+    from imgcls.runs import OUT_DIR_HINT, find_checkpoint, find_run, load_run, output_dir, restore
 
     run_dir = find_run(cfg["run_dir"])
+    # where the results go can take them (not read-only, not full) before the model is built
+    default = run_dir / "predict"
+    check_writable(Path(cfg["out_dir"]).parent if cfg.get("out_dir") else default, hint=OUT_DIR_HINT)
     checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
     config, state = load_run(run_dir, checkpoint, overrides)  # every _target_ checked here
     class_names = list(state["class_names"])
@@ -117,8 +121,9 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.data.images import BadImageError
     from imgcls.deploy.exported import OnnxClassifier, softmax
     from imgcls.errors import ConfigError
+    from imgcls.files import check_writable
     from imgcls.log import logged, progress
-    from imgcls.runs import output_dir
+    from imgcls.runs import OUT_DIR_HINT, output_dir
 
     if overrides:
         raise ConfigError(
@@ -126,6 +131,8 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
             "predict's own keys are listed by --help"
         )
     model = OnnxClassifier(Path(cfg["onnx"]).expanduser())
+    default = model.path.parent / "predict"
+    check_writable(Path(cfg["out_dir"]).parent if cfg.get("out_dir") else default, hint=OUT_DIR_HINT)
     data = model.metadata.get("config", {}).get("data", {})
     files = collect_images(cfg["inputs"], data.get("extensions") or [".jpg", ".jpeg", ".png"])
     if cfg.get("out_dir"):

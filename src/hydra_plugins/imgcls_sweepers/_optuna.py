@@ -56,6 +56,7 @@ class ResumableImpl(OptunaSweeperImpl):
                 f"hydra.sweeper.direction={directions}: imgcls.train returns one objective (the best "
                 "validation accuracy), so give one direction, e.g. maximize"
             )
+        check_storage(self.storage)  # a URL that cannot work is an error before any trial runs
         study = _open_study(self.study_name, self.storage, self.sampler, directions)
         if study.trials:
             # a fixed seed would replay the first run's proposals and rerun its first trials
@@ -116,7 +117,7 @@ def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) ->
     """create_study(load_if_exists=True), retried: workers started together on a new database
     race to create its tables, and all but one get "table ... already exists" or, one step later,
     "UNIQUE constraint failed: alembic_version.version_num" (both seen with SQLite)."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
     for attempt in range(5):
         try:
@@ -124,15 +125,85 @@ def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) ->
                 study_name=name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
             )
         except (OperationalError, IntegrityError) as exc:
-            if attempt == 4:
-                raise
+            if attempt == 4:  # a server that refuses us, a file SQLite cannot open: not a race
+                _exit_storage(storage, f"the database cannot be opened ({_first_line(exc.orig)})")
             log.warning(f"opening the study failed ({exc.orig}); retrying")
             time.sleep(1 + attempt)
+        except SQLAlchemyError as exc:  # e.g. "file is not a database"
+            reason = _first_line(getattr(exc, "orig", None) or exc)
+            _exit_storage(storage, f"the database cannot be opened ({reason})")
         except RuntimeError as exc:
             if "optuna storage upgrade" not in str(exc):
                 raise
             _exit_old_schema(storage, str(exc))
     raise AssertionError("unreachable")
+
+
+# the package that installs each database driver module SQLAlchemy imports for a dialect
+DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "asyncpg": "asyncpg", "pg8000": "pg8000",
+    "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "mysql": "mysql-connector-python", "mariadb": "mariadb",
+    "oracledb": "oracledb", "pyodbc": "pyodbc", "pymssql": "pymssql",
+}  # fmt: skip
+
+
+def check_storage(storage: Any) -> None:
+    """`error:` naming hydra.sweeper.storage, exit 2, for a storage URL that cannot work: not a
+    URL, a database kind SQLAlchemy does not know, a driver that is not installed, a SQLite file in
+    a folder that does not exist or cannot be written. The folder is not created: a mistyped path
+    would start a new, empty study there instead of resuming the one meant. null: in memory."""
+    if storage is None or not isinstance(storage, str):
+        return  # null (an in-memory study), or a storage object passed in by Python code
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(storage)
+    except ArgumentError:
+        _exit_storage(storage, "this is not a database URL; give dialect[+driver]://[user:password@]host/"
+                      "database, e.g. sqlite:///optuna.db or postgresql://user@dbhost/optuna, or null for a "
+                      "study in memory")  # fmt: skip
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        _exit_storage(storage, f"'{url.drivername}' is not a database SQLAlchemy knows; use "
+                      "sqlite:///<file>.db, postgresql://..., mysql://... (or another SQLAlchemy dialect)")  # fmt: skip
+    backend = url.get_backend_name()
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = (exc.name or "").split(".")[0] or str(exc)
+        _exit_storage(storage, f"{backend}'s driver {module} (for {url.drivername}://) is not installed: pip "
+                      f"install {DRIVER_PACKAGES.get(module, module)}, or name a driver you have in the URL "
+                      f"({backend}+<driver>://...)")  # fmt: skip
+    if backend == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).expanduser().absolute().parent
+        if not folder.is_dir():
+            _exit_storage(storage, f"the folder {folder} does not exist; create it (mkdir -p {folder}) or give "
+                          "a path in an existing folder (four slashes for an absolute path: sqlite:////abs/x.db)")  # fmt: skip
+        from imgcls.files import WriteError, check_writable
+
+        try:
+            check_writable(folder)  # SQLite writes a journal beside the database
+        except WriteError as exc:
+            _exit_storage(storage, str(exc))
+
+
+def _first_line(exc: Any) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _exit_storage(storage: Any, reason: str) -> None:
+    """`error: hydra.sweeper.storage=<url, password hidden>: <reason>` and exit 2."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        shown = make_url(str(storage)).render_as_string(hide_password=True)
+    except ArgumentError:
+        shown = str(storage)
+    print(f"error: hydra.sweeper.storage={shown}: {reason}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _exit_old_schema(storage: Any, reason: str) -> None:

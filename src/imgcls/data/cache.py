@@ -7,6 +7,8 @@ and without the cache for the same seed."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +22,8 @@ from loguru import logger
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
+
+from imgcls.files import atomic_path, atomic_write
 
 MODES = ("none", "memory", "disk")
 
@@ -114,6 +118,19 @@ class CachedImages(Dataset):
         return image, self.samples[index][1]
 
 
+def _mapped_file(path: Path, nbytes: int) -> np.memmap:
+    """A writable map of a new file of `nbytes`, its blocks reserved up front: a full disk is an
+    OSError here, not a SIGBUS that kills the process when a page of a sparse file is first written."""
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            f.truncate(nbytes)  # a file system without fallocate: sparse, as np.memmap makes it
+    return np.memmap(path, np.uint8, mode="r+", shape=(nbytes,))
+
+
 def build_store(
     samples,
     mode: str,
@@ -158,44 +175,44 @@ def build_store(
     def allocate(nbytes: int) -> torch.Tensor:
         if mode == "memory":
             return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
-        folder.mkdir(parents=True, exist_ok=True)
-        return torch.from_numpy(np.memmap(tmp, np.uint8, mode="w+", shape=(max(nbytes, 1),)))
+        return torch.from_numpy(_mapped_file(tmp, max(nbytes, 1)))
 
-    tmp = folder / f".{key}.u8.tmp-{os.getpid()}" if mode == "disk" else None
-    # each image's size from its header first, so the buffer is allocated once and every image is
-    # decoded straight into its place: the build holds the cache plus the images in flight (one
-    # per thread), not a second copy of it. Threads, not processes: PIL releases the GIL.
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        shapes = np.array(list(pool.map(shape, paths)), np.int64).reshape(-1, 3)
-        offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
-        pixels = allocate(int(offsets[-1]))
-
-        def fill(i: int, buffer: torch.Tensor) -> bool:
-            image = load(paths[i])
-            if tuple(image.shape) != tuple(shapes[i]):
-                return False
-            buffer[int(offsets[i]) : int(offsets[i + 1])] = image.reshape(-1)
-            return True
-
-        filled = pool.map(fill, range(len(paths)), [pixels] * len(paths))
-        wrong = [paths[i] for i, ok in enumerate(filled) if not ok]
-        if wrong:  # a header that disagrees with its pixels: decode everything first, then copy
-            logger.warning(f"image cache: {len(wrong)} file(s) decode to another size than their header "
-                           f"says ({', '.join(wrong[:3])}); building the cache the slow way (twice its size)")  # fmt: skip
-            pixels = None  # freed before the second buffer
-            images = list(pool.map(load, paths))
-            shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
+    # disk: written under a temp name and published whole; a full disk, or an image that changed
+    # since the check, leaves no temp file behind (imgcls.files.atomic_path)
+    hint = "or set data.cache=memory (or none), or data.cache_dir=<a folder with space>"
+    with atomic_path(data_file, hint=hint) if mode == "disk" else contextlib.nullcontext() as tmp:
+        # each image's size from its header first, so the buffer is allocated once and every image is
+        # decoded straight into its place: the build holds the cache plus the images in flight (one
+        # per thread), not a second copy of it. Threads, not processes: PIL releases the GIL.
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            shapes = np.array(list(pool.map(shape, paths)), np.int64).reshape(-1, 3)
             offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
             pixels = allocate(int(offsets[-1]))
-            for im, a, b in zip(images, offsets[:-1], offsets[1:], strict=True):
-                pixels[int(a) : int(b)] = im.reshape(-1)
-            del images
-    logger.info(f"image cache ({mode}): {len(paths)} images, {offsets[-1] / 2**20:.0f} MiB")
-    if mode == "memory":
-        return Store(pixels, offsets, shapes)
-    del pixels  # flush the map, then publish the file and its index atomically
-    os.replace(tmp, data_file)
-    index_tmp = index_file.with_name(f".{index_file.name}.tmp-{os.getpid()}")
-    index_tmp.write_text(json.dumps({"offsets": offsets.tolist(), "shapes": shapes.tolist(), "size": size}))
-    os.replace(index_tmp, index_file)
+
+            def fill(i: int, buffer: torch.Tensor) -> bool:
+                image = load(paths[i])
+                if tuple(image.shape) != tuple(shapes[i]):
+                    return False
+                buffer[int(offsets[i]) : int(offsets[i + 1])] = image.reshape(-1)
+                return True
+
+            filled = pool.map(fill, range(len(paths)), [pixels] * len(paths))
+            wrong = [paths[i] for i, ok in enumerate(filled) if not ok]
+            if wrong:  # a header that disagrees with its pixels: decode everything first, then copy
+                logger.warning(f"image cache: {len(wrong)} file(s) decode to another size than their header "
+                               f"says ({', '.join(wrong[:3])}); building the cache the slow way (twice its size)")  # fmt: skip
+                pixels = None  # freed before the second buffer
+                images = list(pool.map(load, paths))
+                shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
+                offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
+                pixels = allocate(int(offsets[-1]))
+                for im, a, b in zip(images, offsets[:-1], offsets[1:], strict=True):
+                    pixels[int(a) : int(b)] = im.reshape(-1)
+                del images
+        logger.info(f"image cache ({mode}): {len(paths)} images, {offsets[-1] / 2**20:.0f} MiB")
+        if mode == "memory":
+            return Store(pixels, offsets, shapes)
+        del pixels  # flush the map, then publish the file (here) and its index atomically
+    index = {"offsets": offsets.tolist(), "shapes": shapes.tolist(), "size": size}
+    atomic_write(index_file, json.dumps(index), hint=hint)
     return Store(str(data_file), offsets, shapes)

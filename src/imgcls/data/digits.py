@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imgcls.data import DataError, ImageFolderData
+from imgcls.files import atomic_path
 
 MARKER = ".imgcls-digits"
 # conf/data/digits.yaml's root (a test keeps the two equal): the one folder the digits are
@@ -43,24 +42,20 @@ def write_digits(root: Path) -> None:
     digits = load_digits()
     # 0..16 gray levels -> 0..255 so the PNGs look like what they are
     pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, indices in split_indices(digits.target).items():
-        for i in indices:
-            folder = tmp / split / str(digits.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
-    (tmp / MARKER).write_text(
-        f"scikit-learn digits, {len(pixels)} images, split {FRACTIONS} with seed {SPLIT_SEED}\n"
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        # another process finished first; its tree is the same one
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / MARKER).is_file():
-            raise
+    # a full or read-only disk: WriteError naming the folder, and no half-written tree left behind
+    with atomic_path(root, hint="or give data.root=<a writable folder>") as tmp:
+        for split, indices in split_indices(digits.target).items():
+            for i in indices:
+                folder = tmp / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
+        (tmp / MARKER).write_text(
+            f"scikit-learn digits, {len(pixels)} images, split {FRACTIONS} with seed {SPLIT_SEED}\n"
+        )
+    if not (root / MARKER).is_file():  # another process published a folder there first: it must be digits
+        raise DataError(
+            f"data.root={str(root)!r} was filled by another process with something other than the digits"
+        )
 
 
 class DigitsData(ImageFolderData):

@@ -139,10 +139,9 @@ def _write_cache(path: Path, root: Path, limits: dict[str, int], records: dict[s
             rel: [r.size, r.mtime_ns, r.sha256, r.width, r.height, r.error] for rel, r in records.items()
         },
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(payload, separators=(",", ":")))
-        os.replace(tmp, path)  # a concurrent run reads the old cache or the new one, never half
-    except OSError:
-        pass  # a read-only cache folder costs the next run a rescan, nothing else
+    from imgcls.files import WriteError, atomic_write
+
+    try:  # a concurrent run reads the old cache or the new one, never half
+        atomic_write(path, json.dumps(payload, separators=(",", ":")), durable=False)
+    except WriteError:
+        pass  # a read-only or full cache folder costs the next run a rescan, nothing else

@@ -3,10 +3,10 @@ with the best epoch marked, in one PNG rewritten atomically after every epoch.""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from imgcls.files import atomic_file
 from imgcls.names import literal_text
 from imgcls.pages.html import number
 
@@ -63,14 +63,11 @@ def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
     acc = f"; best val acc {100 * float(top['val/acc']):.2f}% at epoch {best}" if top else ""
     fig.suptitle(f"training curves, epochs {epochs[0]}-{epochs[-1]}{acc}")
     description = f"epochs {','.join(map(str, epochs))}; best epoch {best if best is not None else '-'}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=100, metadata={"Description": description})
-        os.replace(tmp, path)  # a watcher never sees half a file
+        with atomic_file(path, durable=False) as f:  # a watcher never sees half a file
+            fig.savefig(f, format="png", dpi=100, metadata={"Description": description})
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return True
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -119,11 +118,21 @@ def page(title: str, subtitle: str, sections: Iterable[str]) -> str:
 
 
 def write(path: Path, text: str) -> Path:
-    """Write atomically: a browser reloading the page never reads half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write atomically: a browser reloading the page never reads half of it. A page that cannot be
+    written is removed rather than left stale (a finished run's page saying `running`)."""
+    from imgcls.files import WriteError, atomic_write
+
+    try:
+        return atomic_write(path, text, durable=False)  # a view, rebuilt from the run's files at will
+    except WriteError as exc:
+        try:
+            path.unlink(missing_ok=True)
+            gone = f"; the older {path.name} was removed (it showed an earlier state)"
+        except OSError:
+            gone = ""
+        raise WriteError(
+            f"{exc}{gone}; rebuild it with python -m imgcls.pages {path.parent}", exc.errno
+        ) from None
 
 
 def report_table(text: str) -> str:

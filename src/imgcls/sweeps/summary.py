@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from imgcls.files import atomic_write
 from imgcls.names import csv_text, literal_text, read_csv_text, shown
 from imgcls.pages import write_page
 from imgcls.pages.sweep_page import write_sweep_page
@@ -123,9 +124,7 @@ def write_csv(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> None:
         + [j["overrides"], j["run_dir"]]
         for j in jobs
     ]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(csv_text(head, rows), encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a leaderboard
+    atomic_write(path, csv_text(head, rows))  # a reader never sees half a leaderboard
 
 
 def format_table(jobs: list[dict[str, Any]], keys: list[str]) -> str:

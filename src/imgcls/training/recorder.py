@@ -13,15 +13,14 @@ from typing import Any
 
 import yaml
 
+from imgcls.files import WriteError, atomic_write, rewrite_in_place
 from imgcls.names import csv_text
 from imgcls.pages import write_page
 from imgcls.pages.run_page import write_run_page
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _now() -> datetime:
@@ -224,7 +223,13 @@ class RunRecorder:
 
     # -- summary.txt -----------------------------------------------------------------------
     def write_summary(self) -> None:
-        atomic_write_text(self.run_dir / "summary.txt", self.summary_text())
+        path, text = self.run_dir / "summary.txt", self.summary_text()
+        try:
+            atomic_write(path, text)
+        except WriteError:
+            # a full disk must not leave a failed run saying `running`: its last word goes in place
+            if self.status == "running" or not path.is_file() or not rewrite_in_place(path, text):
+                raise
 
     def summary_text(self) -> str:
         now = self.ended or _now()
