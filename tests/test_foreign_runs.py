@@ -293,3 +293,25 @@ def test_evaluate_takes_no_cache_folder_or_hydra_settings_from_the_run(trained_r
     saved = yaml.safe_load((out / "config.yaml").read_text())["run"]
     assert saved["data"]["cache_dir"] == str(mine) and "hydra" not in saved and "tracking" not in saved
     assert run_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("weights", ["DEFAULT", "/etc/hostname"])
+def test_a_saved_model_weights_setting_is_neither_downloaded_nor_read(
+    trained_run: Path, tmp_path: Path, monkeypatch, weights
+):
+    """The checkpoint holds every weight: a saved `model.weights` (a hub name that would download, a
+    path on the reader's machine) is not acted on by evaluate or resume; the torch hub cache stays empty."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    run = foreign_copy(trained_run, tmp_path / "run")
+
+    def edit(config):
+        config["model"]["weights"] = weights
+
+    edit_config_yaml(run, edit)
+    edit_checkpoint(run / "weights" / "last.pt", edit)
+    evaluated = cli_here("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    resumed = cli_here("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=3", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "model.weights" not in evaluated.stderr + resumed.stderr
+    assert not (tmp_path / "hub").exists(), "a weights download was started"

@@ -49,6 +49,27 @@ def create_model(
     return model
 
 
+# what torchvision's builder sets when it is given weights (googlenet.py, inception.py: the
+# pretrained models normalise their input their own way); the rest build the same modules either way
+_WITH_WEIGHTS = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
+TIMM_TARGET = "imgcls.timm_models.create_model"  # conf/model/timm.yaml's _target_
+
+
+def architecture_only(model: dict) -> dict:
+    """A model node without its weights, building the same modules, for a checkpoint's weights to
+    be loaded into (evaluate, predict, export, resume). Nothing is downloaded or read: a saved run's
+    config may come from someone else, and `model.weights` may name their host's hub or a path on
+    the reader's machine; the checkpoint holds every weight anyway."""
+    if not isinstance(model, dict) or model.get("weights") is None:
+        return model
+    if model.get("_target_") == TIMM_TARGET:  # timm builds the same modules; the tag picks the config
+        return {**model, "weights": None}
+    if model.get("_target_") == f"{__name__}.create_model":
+        same = {} if _is_path(str(model["weights"])) else _WITH_WEIGHTS.get(model.get("name"), {})
+        return {**same, **model, "weights": None}
+    return model
+
+
 def _is_path(weights: str) -> bool:
     return "/" in weights or weights.endswith((".pth", ".pt"))
 

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from imgcls.errors import ConfigError
+from imgcls.models import TIMM_TARGET
 
-TARGET = "imgcls.timm_models.create_model"  # the model node's _target_, as conf/model/timm.yaml spells it
+TARGET = TIMM_TARGET  # the model node's _target_, as conf/model/timm.yaml spells it
 INSTALL = 'pip install "imgcls[timm]" (or pip install timm)'
 
 
@@ -87,15 +88,6 @@ def _from_file(timm, name: str, path: Path, num_classes: int, kwargs: dict) -> n
         except RuntimeError as exc:  # load_state_dict's missing / unexpected keys, size mismatches
             raise ConfigError(_misfit(path, name, str(exc).splitlines()[0])) from None
     _check_fit(model, saved, path, name)
-    return model
-
-
-def architecture_only(model: dict) -> dict:
-    """A timm model node without its weights: timm builds the same modules either way (the tag,
-    not `pretrained`, picks the pretrained config), for a checkpoint's weights to be loaded into.
-    Any other node as it is (a torchvision constructor may take other arguments with weights)."""
-    if isinstance(model, dict) and model.get("_target_") == TARGET and model.get("weights") is not None:
-        return {**model, "weights": None}
     return model
 
 

@@ -146,9 +146,9 @@ def build_run(
 def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
     from imgcls.checkpoint import CheckpointError
     from imgcls.config import build as b
-    from imgcls.timm_models import architecture_only
+    from imgcls.models import architecture_only
 
-    # the checkpoint holds every weight: a timm run evaluates without its pretrained file or the network
+    # the checkpoint holds every weight: a run evaluates without its pretrained weights or the network
     model = b.build_model(architecture_only(config["model"]), num_classes=len(state["class_names"]))
     try:
         model.load_state_dict(state["model"])
@@ -170,12 +170,12 @@ def _build_training(
     config: dict, place: Placement, pipelines: dict, parts: DataParts, resumed: bool = False
 ) -> Run:
     from imgcls.config import build as b
-    from imgcls.timm_models import architecture_only
+    from imgcls.models import architecture_only
     from imgcls.training.recipes import build_mix, make_ema, scheduler_interval
     from imgcls.training.speed import compile_model
 
     trainer, d = config["trainer"], place.d
-    # a resume restores every weight: a timm run resumes without its pretrained file or the network
+    # a resume restores every weight: it rebuilds without its pretrained weights or the network
     node = architecture_only(config["model"]) if resumed else config["model"]
     model = b.build_model(node, num_classes=len(parts.class_names))
     if d.enabled and trainer.get("sync_batchnorm"):
