@@ -60,7 +60,9 @@ def fill(folder: Path) -> None:
 
 
 def temp_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp-" in p.name)
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp-" in p.name or ".unpack-" in p.name
+    )
 
 
 # -- the one helper, at every call site ---------------------------------------------------------
@@ -97,8 +99,11 @@ def test_a_read_only_file_system_is_a_write_error_and_the_file_stays(tmp_path: P
 
 def _writers(tmp_path: Path):
     """(name, write into a folder) for every kind of file imgcls publishes."""
+    import zipfile
+
     from imgcls.data.cache import build_store
     from imgcls.data.digits import write_digits
+    from imgcls.data.download import unpack
     from imgcls.pages.curves import write_curves
     from imgcls.pages.html import write
     from imgcls.sweeps.summary import write_csv
@@ -106,6 +111,9 @@ def _writers(tmp_path: Path):
 
     tree = make_tree(tmp_path / "tiny", counts={"train": 16})
     samples = [(str(p), 0) for p in sorted(tree.rglob("*.jpg"))]
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("train/a/1.jpg", os.urandom(100_000))  # random: it does not compress
     history = [
         {"epoch": e, "train/loss": 1.0 / e, "val/loss": 1.0, "val/acc": 0.5, "lr": 0.1} for e in (1, 2)
     ]
@@ -118,11 +126,21 @@ def _writers(tmp_path: Path):
         "sweep_summary.csv": lambda d: write_csv([job] * 20, ["lr"], d / "sweep_summary.csv"),
         "image cache": lambda d: build_store(samples, "disk", None, d / "cache"),
         "digits": lambda d: write_digits(d / "digits"),
+        "downloaded archive": lambda d: unpack(archive, d / "data", None),
     }
 
 
 @pytest.mark.parametrize(
-    "what", ["report.html", "curves.png", "metrics.csv", "sweep_summary.csv", "image cache", "digits"]
+    "what",
+    [
+        "report.html",
+        "curves.png",
+        "metrics.csv",
+        "sweep_summary.csv",
+        "image cache",
+        "digits",
+        "downloaded archive",
+    ],
 )
 def test_every_writer_on_a_full_disk_names_the_file_and_leaves_no_temp_file(
     what: str, tmp_path: Path, mounts
@@ -348,3 +366,16 @@ def test_a_training_run_with_an_unreachable_tracking_server_stops_in_seconds(tmp
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-n", "0", "-q"]))
+
+
+def test_a_disk_that_fills_during_an_evaluation_is_an_error_not_a_traceback(
+    trained_run: Path, tmp_path: Path, mounts
+):
+    """Any write on a full disk, not only those through imgcls.files (reports, plots, logs)."""
+    disk = mounts[0](tmp_path / "disk", "64k")  # room for the check up front, not for the reports
+    result = cli_here("imgcls.evaluate", f"run_dir={trained_run}", f"out_dir={disk / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: cannot write into {disk / 'eval'}: {NO_SPACE}; free space"), error
+    assert error.endswith("; pass out_dir=<a writable folder>")
+    assert "Traceback" not in result.stderr

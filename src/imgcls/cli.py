@@ -171,6 +171,18 @@ def _reported(run: Callable[[], Any]) -> Any:
             raise  # the sweep records this job as failed and goes on
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        from imgcls.files import FULL_OR_READ_ONLY, write_error
+
+        if exc.errno not in FULL_OR_READ_ONLY or _in_sweep():
+            raise
+        # a write outside imgcls.files and writing_into (a log, TensorBoard) on a full or read-only disk
+        message = (
+            write_error(exc.filename, exc, "or write elsewhere") if exc.filename
+            else f"a write failed: {exc.strerror}; free space where the command writes, or write elsewhere"
+        )  # fmt: skip
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:
         from imgcls.training.signals import RunInterrupted
 

@@ -17,7 +17,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from loguru import logger
 
     from imgcls.evaluation.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
-    from imgcls.files import check_writable
+    from imgcls.files import check_writable, writing_into
     from imgcls.log import logged
     from imgcls.pages import write_page
     from imgcls.pages.eval_page import write_eval_page
@@ -41,7 +41,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         out = output_dir(ensemble_dir([m.run_dir for m in members]), f"{split}-{label}{suffix}", overrides)
     else:
         out = output_dir(first.run_dir / "eval", f"{split}-{label}{suffix}", overrides)
-    with logged(out / "inference.log", "evaluation"):
+    with writing_into(out, hint=OUT_DIR_HINT), logged(out / "inference.log", "evaluation"):
         for m in members:
             logger.info(
                 f"evaluating {m.checkpoint} (epoch {m.state.get('epoch', '?')}) on {split}: {m.data.root}"

@@ -21,7 +21,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.deploy.exported import ExportError, preprocessing_steps
     from imgcls.errors import ConfigError
     from imgcls.evaluation.ensemble import load_member
-    from imgcls.files import atomic_path, atomic_write, make_dir
+    from imgcls.files import atomic_path, atomic_write, make_dir, writing_into
     from imgcls.log import logged
     from imgcls.runs import OUT_DIR_HINT, find_run, restore
 
@@ -50,7 +50,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
 
     label = str(cfg["checkpoint"]) if cfg["checkpoint"] in ("best", "last") else checkpoint.stem
     target = out_dir / f"{label}{FORMATS[fmt]}"
-    with logged(out_dir / "export.log", "export"):
+    with writing_into(out_dir, hint=OUT_DIR_HINT), logged(out_dir / "export.log", "export"):
         steps, problem = preprocessing_steps(
             config["transforms"].get("val") or [], config["data"].get("cache_size")
         )

@@ -22,6 +22,8 @@ from imgcls.errors import UserError
 
 # the failures of a write itself; any other OSError in a block (a missing input file) is not ours to rename
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+# the ones only a write raises: the CLI reports them as `error:` wherever the write was (imgcls.cli)
+FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 # below this many free bytes left after a failed write, the file system is taken to be full: torch.save
 # and matplotlib report a full disk as their own errors (torch: "enforce fail at inline_container.cc")
 FULL_BYTES = 64 * 1024
@@ -103,6 +105,21 @@ def atomic_path(path: Path | str, *, hint: str = "", durable: bool = True) -> It
         raise
     if durable:
         _fsync_dir(path.parent)  # make the rename itself durable
+
+
+@contextlib.contextmanager
+def writing_into(folder: Path | str, *, hint: str = "") -> Iterator[None]:
+    """The writes in the block that a full or read-only disk stops (reports, plots, logs: files
+    written in place inside a new output folder) raise a WriteError naming the file, or `folder`
+    where the system names none (a write() on an open file), instead of an OSError traceback."""
+    try:
+        yield
+    except Exception as exc:
+        cause = None if isinstance(exc, UserError) else _os_error(exc)
+        if cause is None or cause.errno not in FULL_OR_READ_ONLY:
+            raise
+        named = cause.filename is not None
+        raise write_error(cause.filename if named else folder, cause, hint, into=not named) from None
 
 
 def make_dir(folder: Path | str, *, hint: str = "") -> Path:

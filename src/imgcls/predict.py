@@ -65,7 +65,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.data.loaders import make_loader
     from imgcls.data.record import DataRecord
     from imgcls.evaluation.inference import predict
-    from imgcls.files import check_writable
+    from imgcls.files import check_writable, writing_into
     from imgcls.log import logged
     from imgcls.runs import OUT_DIR_HINT, find_checkpoint, find_run, load_run, output_dir, restore
 
@@ -85,7 +85,7 @@ def run(cfg: dict[str, Any], overrides: list[str]) -> Path:
         out = output_dir(Path(cfg["out_dir"]).parent, Path(cfg["out_dir"]).name, [])
     else:
         out = output_dir(run_dir / "predict", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), [])
-    with logged(out / "predict.log", "prediction"):
+    with writing_into(out, hint=OUT_DIR_HINT), logged(out / "predict.log", "prediction"):
         logger.info(f"predicting {len(files)} image(s) with {checkpoint} (epoch {state.get('epoch', '?')})")
         (out / "config.yaml").write_text(
             _yaml({"predict": cfg, "overrides": overrides, "checkpoint": str(checkpoint), "run": config})
@@ -121,7 +121,7 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
     from imgcls.data.images import BadImageError
     from imgcls.deploy.exported import OnnxClassifier, softmax
     from imgcls.errors import ConfigError
-    from imgcls.files import check_writable
+    from imgcls.files import check_writable, writing_into
     from imgcls.log import logged, progress
     from imgcls.runs import OUT_DIR_HINT, output_dir
 
@@ -139,7 +139,7 @@ def run_onnx(cfg: dict[str, Any], overrides: list[str]) -> Path:
         out = output_dir(Path(cfg["out_dir"]).parent, Path(cfg["out_dir"]).name, [])
     else:
         out = output_dir(model.path.parent / "predict", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), [])
-    with logged(out / "predict.log", "prediction"):
+    with writing_into(out, hint=OUT_DIR_HINT), logged(out / "predict.log", "prediction"):
         logger.info(f"predicting {len(files)} image(s) with {model.path} (ONNX Runtime)")
         (out / "config.yaml").write_text(_yaml({"predict": cfg, "onnx": str(model.path)}))
         batch_size = int(data.get("batch_size") or 32)

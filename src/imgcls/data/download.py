@@ -14,6 +14,7 @@ from pathlib import Path
 from loguru import logger
 
 from imgcls.data.loading import DataError
+from imgcls.files import writing_into
 from imgcls.log import is_terminal
 
 CHUNK = 1 << 20
@@ -92,13 +93,18 @@ def unpack(archive: Path, root: Path, archive_folder: str | None) -> None:
     tmp = root.with_name(f".{root.name}.unpack-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with zipfile.ZipFile(archive) as zf:
+        # a full or read-only disk: WriteError naming root; whatever stops it, no half tree is left
+        with writing_into(root, hint="or give data.root=<another folder>"), zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
     except zipfile.BadZipFile as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         archive.unlink()
         raise DataError(
             f"{archive} is not a zip file ({exc}); deleted it, the next run downloads again"
         ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     source = tmp / archive_folder if archive_folder else tmp
     if not source.is_dir():
         found = ", ".join(sorted(p.name for p in tmp.iterdir())) or "nothing"
