@@ -190,3 +190,17 @@ def test_csv_cells_round_trip_and_numbers_stay_numbers():
     back = read_csv_text(text)
     assert [r["=b"] for r in back] == ["-0.5"] * len(cells)
     assert [r["a"] for r in back] == [shown(c) for c in cells]  # what was written, escaped
+
+
+def test_text_files_hold_a_name_that_is_not_utf8_escaped(tmp_path: Path):
+    """An error message naming a file that is not UTF-8 reaches summary.txt and the logs through the
+    one atomic writer: written as shown_text writes it, never a UnicodeEncodeError in its place."""
+    from imgcls.files import atomic_write, rewrite_in_place
+
+    name = b"\xff\xfe.jpg".decode("utf-8", "surrogateescape")
+    atomic_write(tmp_path / "summary.txt", f"status: failed\nerror: cannot decode {name}\n")
+    assert (tmp_path / "summary.txt").read_text(encoding="utf-8") == (
+        "status: failed\nerror: cannot decode \\xff\\xfe.jpg\n"
+    )
+    assert rewrite_in_place(tmp_path / "summary.txt", f"status: failed {name}\n")
+    assert (tmp_path / "summary.txt").read_text(encoding="utf-8") == "status: failed \\xff\\xfe.jpg\n"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imgcls.errors import UserError
+from imgcls.names import SHOWN_ERRORS
 
 # the failures of a write itself; any other OSError in a block (a missing input file) is not ours to rename
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
@@ -72,9 +73,12 @@ def atomic_file(
     path: Path | str, mode: str = "wb", *, hint: str = "", durable: bool = True
 ) -> Iterator[IO[Any]]:
     """A temp file opened for writing (mode "wb" or "w", UTF-8); when the block ends it replaces
-    `path`. torch.save(state, f) and fig.savefig(f, format=...) write into it as into any file."""
+    `path`. torch.save(state, f) and fig.savefig(f, format=...) write into it as into any file.
+    Text that is not valid UTF-8 (a file name's surrogate escapes in an error message) is written
+    escaped as names.shown_text escapes it, never a UnicodeEncodeError in place of the file."""
+    text = {"encoding": "utf-8", "errors": SHOWN_ERRORS}
     with atomic_path(path, hint=hint, durable=durable) as tmp:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with open(tmp, mode, **({} if "b" in mode else text)) as f:
             yield f  # closed here, before atomic_path fsyncs and publishes it
 
 
@@ -231,7 +235,7 @@ def rewrite_in_place(path: Path | str, text: str) -> bool:
     `running`; the status line comes first, so even a cut-off rewrite states it. False: it failed."""
     try:
         with open(path, "r+b") as f:
-            f.write(text.encode("utf-8"))
+            f.write(text.encode("utf-8", SHOWN_ERRORS))
             f.truncate()
             f.flush()
             os.fsync(f.fileno())

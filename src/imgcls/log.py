@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from imgcls.names import shown_text
+from imgcls.names import SHOWN_ERRORS, shown_text
 
 console = Console(stderr=True)
 _sinks: set[int] = set()  # the sinks setup_logging added and teardown_logging has not removed
@@ -48,7 +48,7 @@ def setup_logging(log_file: Path | None, level: str = "INFO", prefix: str = "") 
                 rotation="10 MB",
                 retention="30 days",
                 encoding="utf-8",
-                errors="backslashreplace",  # the last guard: a log line is never a crash
+                errors=SHOWN_ERRORS,  # the last guard: a log line is never a crash
                 enqueue=False,
             )
         )

@@ -9,6 +9,7 @@ opening the file; these functions make the text that is written or drawn."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import re
@@ -50,6 +51,18 @@ def shown_text(text: object) -> str:
     not UTF-8 are escaped, so its own line breaks stay. The last guard of the log sinks."""
     text = str(text)
     return _SURROGATE.sub(_surrogate, text) if _SURROGATE.search(text) else text
+
+
+def _encode_shown(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    return shown_text(exc.object[exc.start : exc.end]), exc.end
+
+
+# the `errors=` of every text file imgcls writes (files.atomic_file, the log file): a lone surrogate
+# from a name inside a message is written as shown_text writes it, never a UnicodeEncodeError
+SHOWN_ERRORS = "imgcls.shown"
+codecs.register_error(SHOWN_ERRORS, _encode_shown)
 
 
 # OWASP's CSV injection list: a cell starting with these is a formula in Excel, LibreOffice and Google
