@@ -1,6 +1,8 @@
 """Print the shape of src/imgcls: modules and lines per package, the longest functions, the
-functions with the most parameters, import cycles between modules, and private names imported
-from another module. Used for the before/after figures of the redesign (issue 14).
+functions with the most parameters, import statements inside functions (per package, and those
+that re-import what the module imports at the top), import cycles between modules, and private
+names imported from another module. Used for the before/after figures of the redesigns (issues 14
+and 27).
 
     python tools/code_shape.py [src/imgcls]
 """
@@ -44,6 +46,49 @@ def imports_of(tree: ast.Module, name: str, is_package: bool, known: set[str]) -
     return found
 
 
+def imported_modules(node: ast.Import | ast.ImportFrom) -> set[str]:
+    """The modules an import statement loads (relative ones as written, dots included)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    return {"." * node.level + (node.module or "")}
+
+
+def function_imports(tree: ast.Module) -> tuple[int, int]:
+    """(import statements inside functions, those among them from a module that the file already
+    imports at its top: that module is loaded with the file, so start-up cannot be the reason)."""
+    top: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= imported_modules(node)
+        elif isinstance(node, ast.ImportFrom):
+            top |= imported_modules(node)
+            # `from pkg import module` loads pkg.module too
+            base = imported_modules(node).pop()
+            top |= {f"{base.rstrip('.')}.{alias.name}" for alias in node.names}
+    inside = again = 0
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(func):
+            # counted once, in the innermost function that holds it
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and innermost(func, node):
+                inside += 1
+                again += imported_modules(node) <= top
+    return inside, again
+
+
+def innermost(func: ast.AST, target: ast.AST) -> bool:
+    """Whether target sits in func without another function between them."""
+    for child in ast.iter_child_nodes(func):
+        if child is target:
+            return True
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if innermost(child, target):
+            return True
+    return False
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -84,7 +129,7 @@ def main(root: Path) -> None:
     files = sorted(root.rglob("*.py"))
     names = {module_name(f, root): f for f in files}
     known = set(names)
-    per_package: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_package: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     functions = []
     graph: dict[str, set[str]] = defaultdict(set)
     private = []
@@ -95,6 +140,9 @@ def main(root: Path) -> None:
         package = name if is_package else name.rpartition(".")[0]
         per_package[package][0] += 1
         per_package[package][1] += len(text.splitlines())
+        inside, again = function_imports(tree)
+        per_package[package][2] += inside
+        per_package[package][3] += again
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args
@@ -124,9 +172,16 @@ def main(root: Path) -> None:
                 private.append(f"{name} uses .{node.attr}")
     total_files = sum(v[0] for v in per_package.values())
     total_lines = sum(v[1] for v in per_package.values())
+    total_inside = sum(v[2] for v in per_package.values())
+    total_again = sum(v[3] for v in per_package.values())
     print(f"{total_lines} lines in {total_files} modules")
-    for package, (count, lines) in sorted(per_package.items()):
+    for package, (count, lines, _, _) in sorted(per_package.items()):
         print(f"  {package:<28} {count:>3} modules {lines:>6} lines")
+    print(
+        f"imports inside functions: {total_inside} ({total_again} from a module the file imports at the top)"
+    )
+    for package, (_, _, inside, again) in sorted(per_package.items()):
+        print(f"  {package:<28} {inside:>4} inside functions {again:>4} from a module imported at the top")
     print("ten longest functions:")
     for length, n_params, qual in sorted(functions, reverse=True)[:10]:
         print(f"  {length:>4} lines {n_params:>3} params  {qual}")
