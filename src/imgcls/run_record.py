@@ -147,8 +147,11 @@ class RunRecord:
         return {"schema": data.pop("schema"), **data}
 
     def to_json(self) -> str:
-        # allow_nan=False: a NaN loss is written as null, so any JSON reader can read the file
-        return json.dumps(_finite(self.to_dict()), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+        # allow_nan=False: a NaN loss is written as null, so any JSON reader can read the file;
+        # ensure_ascii: a name that is not UTF-8 (b"\xff" read as "\udcff") is written as the JSON
+        # escape \udcff, read back as the same name (unescaped, the text file's error handler wrote
+        # a bare \xff, an invalid JSON escape, and the record could not be read)
+        return json.dumps(_finite(self.to_dict()), indent=1, ensure_ascii=True, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
