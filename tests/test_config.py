@@ -87,7 +87,7 @@ def test_no_weight_decay_on_norms_and_biases():
 def test_allowlist_refuses_foreign_targets_nested_too(target: str, tmp_path: Path):
     marker = tmp_path / "pwned"
     node = {
-        "_target_": "imgcls.models.create_model",
+        "_target_": "imgcls.models.torchvision.create_model",
         "_partial_": True,
         "name": "resnet18",
         "inner": [{"x": {"_target_": target, "_args_": [f"touch {marker}"]}}],

@@ -23,7 +23,7 @@ from odd_files import UNREADABLE, check_predictions, mixed_inputs
 
 from imgcls.config import build as b
 from imgcls.deploy.formats import read_safetensors, read_torchscript
-from imgcls.models import create_model
+from imgcls.models.torchvision import create_model
 from imgcls.runs import find_checkpoint, load_run, restore
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from imgcls.cli import CONFIG_DIR
 from imgcls.config import build as b
 from imgcls.data.loaders import make_loader
-from imgcls.models import create_model
+from imgcls.models.torchvision import create_model
 from imgcls.training.engine import Placement, train_one_epoch
 from imgcls.training.losses import CrossEntropyLoss, FocalLoss
 from imgcls.training.recipes import Recipe, WarmupCosineLR, build_mix, make_ema, scheduler_interval

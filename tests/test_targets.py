@@ -7,10 +7,14 @@ import importlib.util
 import inspect
 import pkgutil
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from conftest import cli_here
 from hydra import compose, initialize_config_dir
 
 from imgcls.cli import CALLBACKS, CONFIG_DIR
@@ -98,8 +102,8 @@ def test_every_class_and_function_in_the_allowed_namespaces_is_registered_or_ref
         "imgcls.data.digits.DigitsData",
     }
     assert {f"{o.__module__}.{o.__qualname__}" for o in allowed["model"]} == {
-        "imgcls.models.create_model",
-        "imgcls.timm_models.create_model",
+        "imgcls.models.torchvision.create_model",
+        "imgcls.models.timm.create_model",
     }
     # outside: classes only, of the group's kind
     torch_nn, torch_optim = importlib.import_module("torch.nn"), importlib.import_module("torch.optim")
@@ -124,12 +128,15 @@ PATH_ARGUMENTS = {
     "imgcls.data.ImageFolderData": {"root", "split_file", "download", "cache_dir"},
     "imgcls.data.digits.DigitsData": {"root", "split_file", "download", "cache_dir"},
     # weights: a file read with torch.load(weights_only=True), or a torchvision weights name
-    "imgcls.models.create_model": {"weights"},
+    "imgcls.models.torchvision.create_model": {"weights"},
     # weights: `pretrained` (timm's own download into the Hugging Face cache) or a file, read only
-    "imgcls.timm_models.create_model": {"weights"},
+    "imgcls.models.timm.create_model": {"weights"},
 }
-# a parameter named for a path: log_dir, split_file, root, weights (not class_weights: a list)
-PATHLIKE = re.compile(r"(^|_)(path|file|filename|dir|root|url|download|save|load|folder)(_|$)|^weights$")
+# a parameter named for a path: log_dir, split_file, root, weights (not class_weights: a list, nor
+# max_file_mb: a size)
+PATHLIKE = re.compile(
+    r"^(?!.*_mb$)(.*_)?(path|file|filename|dir|root|url|download|save|load|folder)(_|$)|^weights$"
+)
 
 
 def test_what_may_be_built_takes_paths_only_where_documented(reachable):
@@ -166,7 +173,7 @@ WRITERS = [
     "torchvision.transforms.Resize",  # v1: not a v2 Transform
     "torchvision.transforms.v2.functional.resize",  # a function
     "torchvision.transforms.v2",  # a module
-    # timm: only through imgcls.timm_models.create_model; its own builder downloads, its helpers write
+    # timm: only through imgcls.models.timm.create_model; its own builder downloads, its helpers write
     "timm.create_model",
     "timm.models.create_model",
     "timm.models.load_checkpoint",
@@ -204,7 +211,7 @@ def test_writers_and_neighbours_are_refused_in_every_slot(target, group):
         ("loss", "torch.optim.SGD"),
         ("model", "torch.nn.CrossEntropyLoss"),
         ("model", "torchvision.models.resnet18"),
-        ("data", "imgcls.models.create_model"),
+        ("data", "imgcls.models.torchvision.create_model"),
         ("data", "imgcls.data.folder.ImageFolderData"),  # registered by its documented name only
     ],
 )
@@ -255,7 +262,7 @@ FETCH = {"_target_": "imgcls.data.download.fetch_tree", "root": "/tmp/x", "url":
         # no other group nests objects, not even allowed ones
         ({"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "params": [FETCH]}},
          "optimizer.params[0]._target_"),
-        ({"model": {"_target_": "imgcls.models.create_model", "_partial_": True,
+        ({"model": {"_target_": "imgcls.models.torchvision.create_model", "_partial_": True,
                     "norm_layer": {"_target_": "torch.nn.BatchNorm2d", "_partial_": True}}},
          "model.norm_layer._target_"),
         ({"data": {"_target_": "imgcls.data.ImageFolderData", "download": {"x": FETCH}}},
@@ -365,6 +372,52 @@ def test_a_run_saved_before_the_packages_reads_back_under_todays_names():
     assert renamed["data"]["_target_"] == "imgcls.data.digits.DigitsData"
     assert renamed["loss"]["_target_"] == "imgcls.training.losses.FocalLoss"
     assert saved["data"]["_target_"] == "imgcls.digits.DigitsData"  # the input is not changed
+
+
+# a model node as a run saved before the models wing (issue 27) wrote it: models.py, timm_models.py
+OLD_MODEL_TARGETS = {
+    "imgcls.models.create_model": "imgcls.models.torchvision.create_model",
+    "imgcls.timm_models.create_model": "imgcls.models.timm.create_model",
+}
+
+
+@pytest.mark.parametrize("old", list(OLD_MODEL_TARGETS))
+def test_a_model_target_saved_before_the_models_wing_reads_back_under_todays_name(old):
+    """The old name is refused as it stands (the registry takes exact names), reads back as today's,
+    and is then rebuilt without its pretrained weights where a checkpoint supplies them."""
+    from imgcls.config.renamed import current_names
+    from imgcls.models.torchvision import architecture_only
+
+    saved = {"model": {"_target_": old, "_partial_": True, "name": "resnet18", "weights": "DEFAULT"}}
+    with pytest.raises(ConfigError, match=re.escape(f"model._target_='{old}' is not allowed")):
+        check_targets(saved)
+    renamed = current_names(saved)
+    assert renamed["model"]["_target_"] == OLD_MODEL_TARGETS[old]
+    check_targets(renamed)
+    assert architecture_only(renamed["model"])["weights"] is None
+
+
+def test_a_run_saved_before_the_models_wing_evaluates_and_resumes(trained_run: Path, tmp_path: Path):
+    """A run directory and checkpoint whose model node names imgcls.models.create_model (models.py
+    before it became imgcls.models.torchvision) still evaluate and resume."""
+    run = Path(shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval")))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["_target_"] == "imgcls.models.torchvision.create_model"
+    config["model"]["_target_"] = "imgcls.models.create_model"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    last = run / "weights" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    for key in ("config", "config_unresolved"):
+        if state.get(key):
+            state[key]["model"]["_target_"] = "imgcls.models.create_model"
+    last.unlink()  # hard links of the shared run are never written through
+    torch.save(state, last)
+    evaluated = cli_here("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert [p.parent.name for p in (run / "eval").glob("*/metrics.json")] == ["val-best"]
+    resumed = cli_here("imgcls.train", f"resume={last}", "trainer.epochs=3", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch:          3 of 3" in (run / "summary.txt").read_text()
 
 
 def test_locate_resolves_like_hydra_and_says_what_is_missing():

@@ -19,8 +19,8 @@ from test_resume import assert_same_state
 timm = pytest.importorskip("timm", minversion="1.0.11")  # its tiny test models came in 1.0.11
 
 from imgcls.errors import ConfigError  # noqa: E402
-from imgcls.timm_input import with_pretrained_input  # noqa: E402
-from imgcls.timm_models import create_model  # noqa: E402
+from imgcls.models.pretrained_input import with_pretrained_input  # noqa: E402
+from imgcls.models.timm import create_model  # noqa: E402
 
 NAME = "test_resnet.r160_in1k"  # timm's tiny test model with a pretrained config: 160 px, mean/std 0.5
 ONE = [*TINY, "trainer.epochs=1", "model=timm", f"model.name={NAME}"]

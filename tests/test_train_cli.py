@@ -122,7 +122,7 @@ def test_checkpoints_hold_the_full_training_state(trained_run: Path):
     assert last["best_acc"] == pytest.approx(best_row["val/acc"])
     assert last["config"]["optimizer"]["lr"] == 0.01
     assert last["optimizer"]["state"], "optimizer momentum buffers are saved"
-    from imgcls.models import create_model
+    from imgcls.models.torchvision import create_model
 
     model = create_model("shufflenet_v2_x0_5", num_classes=3)  # TINY_MODEL
     model.load_state_dict(best["model"])  # loads into a plain torchvision model

@@ -15,7 +15,7 @@ from imgcls.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from imgcls.config.naming import run_label, unique_dir
 from imgcls.data import DataError, ImageFolderData, make_dataset
 from imgcls.data.digits import MARKER, DigitsData, split_indices
-from imgcls.models import create_model, replace_head
+from imgcls.models.torchvision import create_model, replace_head
 from imgcls.training.seeding import rng_state, seed_everything, set_rng_state
 
 

@@ -15,7 +15,7 @@ from imgcls.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from imgcls.config.build import build_model
 from imgcls.errors import ConfigError
 
-RESNET18 = {"_target_": "imgcls.models.create_model", "_partial_": True, "name": "resnet18"}
+RESNET18 = {"_target_": "imgcls.models.torchvision.create_model", "_partial_": True, "name": "resnet18"}
 # what torch's own message says, and must never reach the user: both would run the file's code
 ADVICE = ("weights_only=False", "`weights_only` set to `False`", "safe_globals", "trusted source")
 

@@ -12,12 +12,13 @@ Where things live:
 - `deploy/`: the export formats, written and read back;
 - `sweeps/`: leaderboards and cross-validation around Hydra's multirun;
 - `pages/`: training curves and the report.html of a run, an evaluation and a sweep;
-- beside them: `checkpoint` (the checkpoint format), `models` (classifiers), `timm_models` (timm's,
-  with the `timm` extra) and `timm_input` (the input their pretrained weights expect), `runs` (a
-  finished run read back), `tracking` (MLflow, for tracking=mlflow), `errors` and `log`.
+- `models/`: the classifiers a config builds: `torchvision`'s, `timm`'s (with the `timm` extra) and
+  `pretrained_input` (the input a timm model's pretrained weights expect);
+- beside them: `checkpoint` (the checkpoint format), `runs` (a finished run read back), `tracking`
+  (MLflow, for tracking=mlflow), `errors` and `log`.
 
-Lower layers never import higher ones: errors/log/checkpoint/tracking, pages < config, data < training <
-evaluation, deploy, sweeps < the entries.
+Lower layers never import higher ones: errors/log/checkpoint/tracking, pages < config, models, data <
+training < evaluation, deploy, sweeps < the entries.
 """
 
 __version__ = "0.1.0"

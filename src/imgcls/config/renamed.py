@@ -1,6 +1,6 @@
 """Saved configs from older layouts: a project target's old name (before the modules were grouped
-into packages) reads back under today's name, so runs saved by 0.1.0's first layout still resume,
-evaluate, predict and export."""
+into packages) reads back under today's name, so runs saved by an earlier layout of 0.1.0 still
+resume, evaluate, predict and export."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ RENAMED = {
     "imgcls.sweep.SweepSummary": "imgcls.sweeps.summary.SweepSummary",
     "imgcls.gpu_slots.OneGpuPerJob": "imgcls.sweeps.gpu_slots.OneGpuPerJob",
     "imgcls.preflight.BeforeRun": "imgcls.config.preflight.BeforeRun",
+    # the models wing (issue 27): models.py, timm_models.py became imgcls.models.torchvision, .timm
+    "imgcls.models.create_model": "imgcls.models.torchvision.create_model",
+    "imgcls.timm_models.create_model": "imgcls.models.timm.create_model",
 }
 
 

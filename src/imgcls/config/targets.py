@@ -48,7 +48,7 @@ GROUPS: dict[str, Group] = {
         "a classifier",
         # timm's models through imgcls's own builder only: nothing of timm itself (its checkpoint
         # savers and hub uploaders write files) is a target
-        targets=("imgcls.models.create_model", "imgcls.timm_models.create_model"),
+        targets=("imgcls.models.torchvision.create_model", "imgcls.models.timm.create_model"),
         partial=True,
     ),
     "loss": Group(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
-from imgcls.timm_models import TARGET, check_name, pretrained_cfg
+from imgcls.models import TIMM_TARGET
+from imgcls.models.timm import check_name, pretrained_cfg
 
 
 def pretrained_input(model: dict) -> dict | None:
     """timm's input config of the pretrained weights a model node loads ({input_size: (3, H, W),
     crop_pct, mean, std, ...}, timm.data.resolve_data_config), or None: not a timm node, or no weights."""
-    if not isinstance(model, dict) or model.get("_target_") != TARGET:
+    if not isinstance(model, dict) or model.get("_target_") != TIMM_TARGET:
         return None
     check_name(model["name"])  # a misspelt name is refused here, before the data check reads the files
     if model.get("weights") is None:
@@ -18,7 +19,7 @@ def pretrained_input(model: dict) -> dict | None:
     cfg = pretrained_cfg(str(model["name"]))
     if cfg is None:
         return None  # create_model says that there are no weights
-    from timm.data import resolve_data_config
+    from timm.data import resolve_data_config  # lazy: the optional timm extra, for timm nodes only
 
     return resolve_data_config(pretrained_cfg=cfg)
 

@@ -9,18 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from imgcls.checkpoint import Unloadable, load_weights_only
 from imgcls.errors import ConfigError
-from imgcls.models import TIMM_TARGET
+from imgcls.models.torchvision import head_name
 
-TARGET = TIMM_TARGET  # the model node's _target_, as conf/model/timm.yaml spells it
 INSTALL = 'pip install "imgcls[timm]" (or pip install timm)'
 
 
 def _timm():
     try:
-        import timm
+        import timm  # lazy: the optional timm extra; 0.5 s of start-up after torch, for model=timm only
     except ImportError:
         raise ConfigError(f"model=timm needs the timm package: {INSTALL}") from None
     return timm
@@ -93,8 +95,6 @@ def _from_file(timm, name: str, path: Path, num_classes: int, kwargs: dict) -> n
 
 def _head(model: nn.Module) -> str:
     """The classifier's module name: timm's pretrained config names it (fc, head.fc, classifier)."""
-    from imgcls.models import head_name
-
     named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     modules = dict(model.named_modules())
     return named if isinstance(named, str) and named in modules else head_name(model)
@@ -103,17 +103,12 @@ def _head(model: nn.Module) -> str:
 def _read_weights_file(path: Path) -> dict:
     """The tensors of a weights file, read safely (safetensors, or torch.load(weights_only=True));
     from a checkpoint dict, the entry timm's load_state_dict picks."""
-    from imgcls.checkpoint import Unloadable, load_weights_only
-
     if not path.is_file():
         raise ConfigError(
             f"model.weights={path}: not a file. Give model.weights=pretrained (timm's weights of model.name), "
             "or a .safetensors or .pth file of the same architecture."
         )
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
@@ -143,8 +138,6 @@ def _as_safetensors(path: Path, saved: dict):
     if path.suffix == ".safetensors":
         yield str(path)
         return
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory(prefix="imgcls-weights-") as folder:
         file = Path(folder) / (path.stem + ".safetensors")
         tensors = {
@@ -198,7 +191,7 @@ def _pretrained(timm, name: str, num_classes: int, kwargs: dict) -> nn.Module:
 
 def pretrained_cfg(name: str) -> dict | None:
     """timm's pretrained config of `name` (its default tag when it has none), None without weights."""
-    from timm.models import get_pretrained_cfg
+    from timm.models import get_pretrained_cfg  # lazy: the optional timm extra (see _timm)
 
     cfg = get_pretrained_cfg(name)  # a name without a tag: its default tag's
     cfg = cfg.to_dict() if cfg is not None else None
@@ -209,7 +202,7 @@ def _cached_file(cfg: dict) -> str | None:
     """The weights file already in the Hugging Face cache (the same file timm would load)."""
     if not cfg.get("hf_hub_id") or cfg.get("custom_load"):
         return None
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # lazy: installed with timm, not with imgcls
 
     repo, _, revision = cfg["hf_hub_id"].partition("@")
     names = (
@@ -227,7 +220,7 @@ def _fetch_advice(name: str, cfg: dict, exc: Exception) -> str:
     head = f"model.weights=pretrained: cannot get timm's pretrained weights of {name} ({why})."
     local = "or give a file of them: model.weights=/path/to/model.safetensors (or a .pth state dict)."
     if cfg.get("hf_hub_id"):
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # lazy: installed with timm, not with imgcls
 
         repo = cfg["hf_hub_id"].partition("@")[0]
         filename = cfg.get("hf_hub_filename") or "model.safetensors"

@@ -8,6 +8,10 @@ import torch
 import torchvision
 from torch import nn
 
+from imgcls.checkpoint import Unloadable, load_weights_only
+from imgcls.errors import ConfigError
+from imgcls.models import TIMM_TARGET, TORCHVISION_TARGET
+
 
 def classifier_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -52,7 +56,6 @@ def create_model(
 # what torchvision's builder sets when it is given weights (googlenet.py, inception.py: the
 # pretrained models normalise their input their own way); the rest build the same modules either way
 _WITH_WEIGHTS = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
-TIMM_TARGET = "imgcls.timm_models.create_model"  # conf/model/timm.yaml's _target_
 
 
 def architecture_only(model: dict) -> dict:
@@ -64,7 +67,7 @@ def architecture_only(model: dict) -> dict:
         return model
     if model.get("_target_") == TIMM_TARGET:  # timm builds the same modules; the tag picks the config
         return {**model, "weights": None}
-    if model.get("_target_") == f"{__name__}.create_model":
+    if model.get("_target_") == TORCHVISION_TARGET:
         same = {} if _is_path(str(model["weights"])) else _WITH_WEIGHTS.get(model.get("name"), {})
         return {**same, **model, "weights": None}
     return model
@@ -102,9 +105,6 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
 
     The file is read with torch.load(weights_only=True) and nothing else: a run's config may come
     from someone else, and model.weights is only ever read."""
-    from imgcls.checkpoint import Unloadable, load_weights_only
-    from imgcls.errors import ConfigError
-
     saved = "torch.save(model.state_dict(), path)"
     if not path.is_file():
         raise ConfigError(

@@ -207,7 +207,7 @@ def config_to_run(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, d
     (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
     from imgcls.checkpoint import load_checkpoint
     from imgcls.config import build as b
-    from imgcls.timm_input import with_pretrained_input
+    from imgcls.models.pretrained_input import with_pretrained_input
 
     try:
         config = b.plain(cfg)

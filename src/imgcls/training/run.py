@@ -108,7 +108,7 @@ def build_run(
     from loguru import logger
 
     from imgcls.config import build as b
-    from imgcls.timm_input import with_pretrained_input
+    from imgcls.models.pretrained_input import with_pretrained_input
     from imgcls.training.engine import resolve_device
     from imgcls.training.run_data import build_data
     from imgcls.training.seeding import configure_determinism, seed_everything
@@ -146,7 +146,7 @@ def build_run(
 def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
     from imgcls.checkpoint import CheckpointError
     from imgcls.config import build as b
-    from imgcls.models import architecture_only
+    from imgcls.models.torchvision import architecture_only
 
     # the checkpoint holds every weight: a run evaluates without its pretrained weights or the network
     model = b.build_model(architecture_only(config["model"]), num_classes=len(state["class_names"]))
@@ -170,7 +170,7 @@ def _build_training(
     config: dict, place: Placement, pipelines: dict, parts: DataParts, resumed: bool = False
 ) -> Run:
     from imgcls.config import build as b
-    from imgcls.models import architecture_only
+    from imgcls.models.torchvision import architecture_only
     from imgcls.training.recipes import build_mix, make_ema, scheduler_interval
     from imgcls.training.speed import compile_model
 
@@ -223,8 +223,8 @@ def _build_training(
 
 def describe(run: Run) -> dict[str, str]:
     """The summary's lines about what the run is: device, model, data, settings, batch."""
-    from imgcls.models import count_parameters
-    from imgcls.timm_models import TARGET as TIMM
+    from imgcls.models import TIMM_TARGET as TIMM
+    from imgcls.models.torchvision import count_parameters
     from imgcls.training.batchnorm import batchnorm_layers
 
     config, trainer, device = run.config, run.trainer, run.device
