@@ -123,3 +123,14 @@ def test_offline_says_how_to_get_the_data(tmp_path: Path):
     message = str(info.value)
     assert f"data.root='{root}' does not exist and downloading {url} failed" in message
     assert f"download {url}, unzip it, and put its hymenoptera_data folder at {root}" in message
+
+
+def test_a_cut_connection_is_an_error_without_a_checksum_too(tmp_path: Path, server):
+    """torch.hub.download_url_to_file keeps a cut body as the whole file when no hash is given
+    (the reason imgcls.data.download checks Content-Length itself)."""
+    server.cut = 700
+    with pytest.raises(
+        DataError, match=r"connection closed after 700 of [\d,]+ bytes.*700 bytes fetched so far"
+    ):
+        fetch_tree(tmp_path / "mini_data", server.url, None, "mini_data")
+    assert not (tmp_path / "mini_data").exists()
