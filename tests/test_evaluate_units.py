@@ -169,13 +169,12 @@ def test_predictions_table_lists_the_first_rows_or_all():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_reports_and_scores_are_scikit_learns(seed):
-    """imgcls computes its reports with numpy (scikit-learn's metrics cost a second of start-up in
-    every process); scikit-learn itself is the oracle: the same text, byte for byte, and the same
-    scores, with classes never predicted, classes absent from the targets and long names."""
+    """The report files hold scikit-learn's numbers: the same text, byte for byte, and the same
+    scores in the JSON form, with classes never predicted, classes absent from the targets and long
+    names."""
     from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
-    from imgcls.evaluation.metrics import per_class_scores
-    from imgcls.evaluation.scores import confusion, report_text
+    from imgcls.evaluation.scores import confusion, report_dict, report_text
 
     rng = np.random.default_rng(seed)
     n_classes = int(rng.integers(2, 9))
@@ -190,12 +189,13 @@ def test_reports_and_scores_are_scikit_learns(seed):
         targets, preds, labels=labels, target_names=names, digits=4, zero_division=0
     )
     assert (confusion(targets, preds, n_classes) == confusion_matrix(targets, preds, labels=labels)).all()
-    ours = per_class_scores(targets, preds, names)
+    ours = report_dict(targets, preds, names)
     p, r, f, s = precision_recall_fscore_support(targets, preds, labels=labels, zero_division=0)
     for i, name in enumerate(names):
         assert ours["classes"][name] == pytest.approx(
             {"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]}, abs=1e-12
         )
+    assert ours["accuracy"] == pytest.approx(float(np.mean(targets == preds)), abs=1e-12)
     for average in ("macro", "weighted"):
         ap, ar, af, _ = precision_recall_fscore_support(
             targets, preds, labels=labels, average=average, zero_division=0

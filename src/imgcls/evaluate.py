@@ -164,9 +164,8 @@ def report(
 
 def _write_files(out: Path, split: str, p, paths: list[str], class_names: list[str], summary: dict) -> dict:
     """predictions.csv, classification_report.txt/.json and metrics.json; returns the per-class scores."""
-    from imgcls.evaluation import metrics as m
     from imgcls.evaluation.reports import prediction_rows, topk_indices, write_csv
-    from imgcls.evaluation.scores import report_text
+    from imgcls.evaluation.scores import report_dict, report_text  # scikit-learn: lazy, see scores.py
 
     k = summary["top_k"]
     write_csv(
@@ -174,7 +173,7 @@ def _write_files(out: Path, split: str, p, paths: list[str], class_names: list[s
         prediction_rows(paths, p.probs, p.preds, topk_indices(p.logits, k), class_names, p.targets, p.losses),
     )
     (out / "classification_report.txt").write_text(report_text(p.targets, p.preds, class_names))
-    scores = m.per_class_scores(p.targets, p.preds, class_names)
+    scores = report_dict(p.targets, p.preds, class_names)
     (out / "classification_report.json").write_text(json.dumps(scores, indent=2) + "\n")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return scores
@@ -192,7 +191,7 @@ def _write_figures(
     from imgcls.evaluation import metrics as m
     from imgcls.evaluation.plots import error_grid_figure, reliability_figure, save_figure, write_class_index
     from imgcls.evaluation.reports import confusion_figure
-    from imgcls.evaluation.scores import confusion
+    from imgcls.evaluation.scores import confusion  # scikit-learn: lazy, see scores.py
     from imgcls.names import shown
 
     confidence = p.confidence

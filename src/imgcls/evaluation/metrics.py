@@ -1,4 +1,5 @@
-"""Evaluation metrics from per-sample predictions: top-k, calibration (ECE), per-class scores, confusions."""
+"""Evaluation metrics from per-sample predictions: top-k, calibration (ECE), confusions (the per-class
+scores are scikit-learn's: evaluation/scores.py)."""
 
 from __future__ import annotations
 
@@ -47,28 +48,6 @@ def summary(split: str, p: Predictions, k: int, n_bins: int) -> dict[str, float]
         f"{split}/ece": expected_calibration_error(calibration_bins(p.confidence, p.correct, n_bins)),
         f"{split}/samples": float(n),
     }
-
-
-def per_class_scores(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Precision, recall, F1 and support per class, with macro and weighted averages, keyed so that
-    no class name can collide with an average (a class may be called "accuracy")."""
-    from imgcls.evaluation.scores import class_scores, confusion
-
-    s = class_scores(confusion(targets, preds, len(class_names)))
-
-    def row(i_p, i_r, i_f, i_s) -> dict:
-        return {"precision": float(i_p), "recall": float(i_r), "f1": float(i_f), "support": int(i_s)}
-
-    out = {
-        "classes": {
-            name: row(s.precision[i], s.recall[i], s.f1[i], s.support[i])
-            for i, name in enumerate(class_names)
-        },
-        "accuracy": float((targets == preds).mean()) if len(targets) else 0.0,
-    }
-    for average in ("macro", "weighted"):
-        out[f"{average} avg"] = row(*s.average(weighted=average == "weighted"), s.support.sum())
-    return out
 
 
 def confused_pairs(cm: np.ndarray, class_names: Sequence[str], limit: int = 10) -> list[dict]:

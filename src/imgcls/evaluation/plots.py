@@ -59,6 +59,9 @@ def _font_for(chars: frozenset[str]) -> str | None:
     if codes <= _charset(_default_font()):
         return ""
     fonts = sorted(_installed_fonts(), key=lambda p: not any(k in p.lower() for k in _PREFERRED))
+    # Last Resort (shipped with matplotlib since 3.10) maps every code point to a box that names
+    # its Unicode block: it "has" every character and draws none of them
+    fonts = [path for path in fonts if "lastresort" not in Path(path).name.lower()]
     return next((path for path in fonts if codes <= _charset(path)), None)
 
 

@@ -12,18 +12,18 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from imgcls.evaluation.scores import confusion, report_text  # noqa: E402
 from imgcls.names import csv_text, literal_text, shown  # noqa: E402
 
 
 @literal_text()  # class names are drawn as written: a name like $\frac{$ is text, not math
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, normalized: bool = False):
-    """A heatmap with class names on both axes and the counts in the cells; normalized:
+    """A seaborn heatmap with class names on both axes and the counts in the cells; normalized:
     each row divided by its true class's count, so the diagonal is the per-class recall.
-    (Plain matplotlib: seaborn's heatmap is an imshow, a colorbar and the counts; one dependency fewer.)
 
     Names are drawn in a font that has their characters (plots.label_font); when no installed
     font has them, the axes show class indices and write_class_index puts the names beside."""
+    import seaborn as sns  # lazy for start-up time: seaborn brings pandas and scipy, 1.6-1.9 s of imports
+
     from imgcls.evaluation.plots import CLASS_INDEX_FILE, label_font, short_label, use_font
 
     class_names = [shown(c) for c in class_names]  # a name that is not UTF-8 drawn as "\xff"
@@ -40,26 +40,26 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str, nor
     side = 4 + 0.45 * n if n <= 40 else min(0.16 * n, 64)
     label_size = 10 if n <= 40 else max(4.0, min(8.0, 72 * side / n * 0.75))
     fig, ax = plt.subplots(figsize=(side + 1.5 + 0.06 * max(map(len, names), default=0), side))
-    low, high = (0.0, 1.0) if normalized else (float(cm.min(initial=0)), float(cm.max(initial=1)))
-    image = ax.imshow(cm, cmap="Blues", vmin=low, vmax=high, interpolation="nearest")
-    fig.colorbar(image, ax=ax)
-    if n <= 40:  # past ~40 classes the numbers no longer fit their cells
-        for (i, j), value in np.ndenumerate(cm):
-            dark = (value - low) > 0.6 * (high - low)  # white on the dark end of Blues, as seaborn did
-            text = f"{value:.2f}" if normalized else f"{int(value)}"
-            ax.text(
-                j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=label_size
-            )
-    ax.set_xticks(range(n), ticks, rotation=90 if max(map(len, ticks), default=0) > 2 else 0)
-    ax.set_yticks(range(n), ticks)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    sns.heatmap(
+        cm,
+        ax=ax,
+        cmap="Blues",
+        vmin=0.0 if normalized else float(cm.min(initial=0)),
+        vmax=1.0 if normalized else float(cm.max(initial=1)),
+        annot=n <= 40,  # past ~40 classes the numbers no longer fit their cells
+        fmt="d" if cm.dtype.kind in "iu" else ".2f",
+        annot_kws={"fontsize": label_size},  # black or white, whichever reads on the cell's blue
+        xticklabels=ticks,  # every class, not seaborn's "auto" subset
+        yticklabels=ticks,
+    )
+    ax.tick_params(length=0, labelsize=label_size)
     if font:
-        ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 2 else 0)
-        ax.set_yticklabels(names, rotation=0)
+        ax.set_xticklabels(names)
+        ax.set_yticklabels(names)
         use_font([*ax.get_xticklabels(), *ax.get_yticklabels()], font)
-    ax.tick_params(labelsize=label_size)
+    drawn = names if font else ticks
+    plt.setp(ax.get_xticklabels(), rotation=90 if max(map(len, drawn), default=0) > 2 else 0)
+    plt.setp(ax.get_yticklabels(), rotation=0)
     indexed = "" if font is not None else f" (class index: names in {CLASS_INDEX_FILE})"
     ax.set_xlabel(f"predicted{indexed}")
     ax.set_ylabel(f"true{indexed}")
@@ -81,6 +81,7 @@ def write_split_report(
     names), logs/classification_report_<split>.txt, TensorBoard image and text. Returns the
     report text."""
     from imgcls.evaluation.plots import save_figure, write_class_index
+    from imgcls.evaluation.scores import confusion, report_text  # scikit-learn: lazy, see scores.py
 
     text = report_text(targets, preds, class_names)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -1,91 +1,75 @@
-"""Confusion matrix, per-class precision / recall / F1 / support and the classification report text.
+"""The classification report (text and JSON form) and the confusion matrix: scikit-learn's.
 
-numpy only: scikit-learn's metrics cost about a second of imports in every process that reports
-(`python -X importtime -m imgcls.train ...`: sklearn.metrics 0.97 s of a 3.9 s start-up). The
-definitions and the text are scikit-learn's (`classification_report(..., digits=4,
-zero_division=0)`): a score whose denominator is 0 is 0, and F1 is 2 tp / (2 tp + fp + fn).
-tests/test_evaluate_units.py checks both against scikit-learn itself.
+sklearn.metrics is 1.3-1.6 s of imports (`python -X importtime -c "import sklearn.metrics"`, this
+machine, 2 cores): this module is imported only where a report is written (reports.write_split_report,
+evaluate), never at start-up. Class names are shown escaped (imgcls.names.shown) before they reach
+scikit-learn, so a text file holds every name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix
 
 from imgcls.names import shown
 
+DIGITS = 4  # the report's decimals: 4 tells 0.9993 from 0.9987 on a few thousand images
+
+
+def _labels(targets: Sequence[int], preds: Sequence[int], num_classes: int) -> list[int]:
+    """range(num_classes), once every index is in it. What scikit-learn lacks: given `labels`, it
+    drops the samples whose class is not among them (and prints a micro average where the accuracy
+    was), a report that is silently wrong; an index past the class names is a bug, so it raises."""
+    indices = np.concatenate([np.asarray(targets).reshape(-1), np.asarray(preds).reshape(-1)])
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_classes):
+        raise ValueError(f"a class index outside 0..{num_classes - 1}")
+    return list(range(num_classes))
+
 
 def confusion(targets: Sequence[int], preds: Sequence[int], num_classes: int) -> np.ndarray:
-    """(num_classes, num_classes) int64 counts: row = true class, column = predicted class."""
-    t = np.asarray(targets, dtype=np.int64).reshape(-1)
-    p = np.asarray(preds, dtype=np.int64).reshape(-1)
-    if t.shape != p.shape:
-        raise ValueError(f"{len(t)} targets but {len(p)} predictions")
-    if len(t) and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
-        raise ValueError(f"a class index outside 0..{num_classes - 1}")
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, -1)
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    return confusion_matrix(targets, preds, labels=_labels(targets, preds, num_classes))
 
 
-class Scores(NamedTuple):
-    """Per class (arrays of num_classes): precision, recall, F1 and support (true samples)."""
-
-    precision: np.ndarray
-    recall: np.ndarray
-    f1: np.ndarray
-    support: np.ndarray
-
-    def average(self, weighted: bool) -> tuple[float, float, float]:
-        """The macro (plain mean over classes) or support-weighted mean of precision, recall, F1;
-        0 when there is nothing to average."""
-        weights = self.support if weighted else np.ones_like(self.support)
-        total = weights.sum()
-        if not len(weights) or total == 0:
-            return 0.0, 0.0, 0.0
-        return tuple(
-            float((score * weights).sum() / total) for score in (self.precision, self.recall, self.f1)
-        )
+def report_text(targets: Sequence[int], preds: Sequence[int], class_names: Sequence[str]) -> str:
+    """A row per class (every class, never predicted or absent too: 0 where a score divides by
+    0), then accuracy, macro and weighted averages."""
+    return classification_report(
+        targets,
+        preds,
+        labels=_labels(targets, preds, len(class_names)),
+        target_names=[shown(c) for c in class_names],
+        digits=DIGITS,
+        zero_division=0,
+    )
 
 
-def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(numerator), dtype=np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator != 0)
-    return out
+def report_dict(targets: Sequence[int], preds: Sequence[int], class_names: Sequence[str]) -> dict:
+    """report_text's numbers for classification_report.json: {"classes": {name: {precision,
+    recall, f1, support}}, "accuracy", "macro avg", "weighted avg"}. The classes sit under their
+    own key, so that no class name can collide with an average (a class may be called "accuracy"),
+    and they keep the names as written (JSON holds any name)."""
+    report = classification_report(
+        targets,
+        preds,
+        labels=_labels(targets, preds, len(class_names)),
+        target_names=[str(i) for i in range(len(class_names))],  # digits: never an average's key
+        output_dict=True,
+        zero_division=0,
+    )
 
+    def row(scores: dict) -> dict:
+        return {
+            "precision": float(scores["precision"]),
+            "recall": float(scores["recall"]),
+            "f1": float(scores["f1-score"]),
+            "support": int(scores["support"]),
+        }
 
-def class_scores(cm: np.ndarray) -> Scores:
-    """Precision, recall, F1 and support of each class from a confusion matrix."""
-    tp = np.diag(cm).astype(np.float64)
-    predicted = cm.sum(axis=0).astype(np.float64)
-    true = cm.sum(axis=1)
-    return Scores(_divide(tp, predicted), _divide(tp, true.astype(np.float64)),
-                  _divide(2 * tp, true + predicted), true)  # fmt: skip
-
-
-def report_text(
-    targets: Sequence[int], preds: Sequence[int], class_names: Sequence[str], digits: int = 4
-) -> str:
-    """scikit-learn's classification report: a row per class, then accuracy, macro and weighted
-    averages. Names are shown escaped (imgcls.names.shown): a text file holds every name."""
-    class_names = [shown(c) for c in class_names]
-    cm = confusion(targets, preds, len(class_names))
-    s = class_scores(cm)
-    width = max([len(name) for name in class_names] + [len("weighted avg"), digits])
-    row = "{:>{width}s} " + " {:>9.{digits}f}" * 3 + " {:>9}\n"
-    lines = ["{:>{width}s} ".format("", width=width) + "".join(f" {h:>9}" for h in ("precision", "recall", "f1-score", "support")),
-             "\n\n"]  # fmt: skip
-    for i, name in enumerate(class_names):
-        lines.append(
-            row.format(
-                name, s.precision[i], s.recall[i], s.f1[i], int(s.support[i]), width=width, digits=digits
-            )
-        )
-    total = int(s.support.sum())
-    accuracy = float(np.trace(cm) / total) if total else 0.0
-    lines.append("\n")
-    lines.append(("{:>{width}s} " + " {:>9}" * 2 + " {:>9.{digits}f} {:>9}\n").format(
-        "accuracy", "", "", accuracy, total, width=width, digits=digits))  # fmt: skip
-    for name, weighted in (("macro avg", False), ("weighted avg", True)):
-        lines.append(row.format(name, *s.average(weighted), total, width=width, digits=digits))
-    return "".join(lines)
+    return {
+        "classes": {name: row(report[str(i)]) for i, name in enumerate(class_names)},
+        "accuracy": float(report["accuracy"]),
+        **{average: row(report[average]) for average in ("macro avg", "weighted avg")},
+    }
