@@ -16,7 +16,7 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from imgcls.files import atomic_write
-from imgcls.names import csv_text, literal_text, read_csv_text, shown
+from imgcls.names import csv_text, read_csv_text, shown
 from imgcls.pages import write_page
 from imgcls.pages.sweep_page import write_sweep_page
 from imgcls.sweeps import crossval
@@ -147,52 +147,6 @@ def format_table(jobs: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _numeric(values: list[str]) -> list[float] | None:
-    try:
-        return [float(v) for v in values]
-    except ValueError:
-        return None
-
-
-@literal_text()  # override keys and values drawn as written: "a$b$" is text, not math
-def plot_objective(jobs: list[dict[str, Any]], keys: list[str], path: Path) -> bool:
-    """One panel per swept key: the objective of every job that has one against the key's value."""
-    scored = [j for j in jobs if j[OBJECTIVE] is not None]
-    if not keys or not scored:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")  # sweeps run headless; never open a window
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        have = [j for j in scored if key in j["params"]]
-        raw = [shown(j["params"][key]) for j in have]
-        y = [j[OBJECTIVE] for j in have]
-        xs = _numeric(raw)
-        if xs is not None:
-            ax.scatter(xs, y)
-            # learning rates and the like span decades: a log axis spreads them evenly
-            if min(xs) > 0 and max(xs) / min(xs) >= 10:
-                ax.set_xscale("log")
-            if len(set(xs)) <= 8:  # a grid's few values: tick exactly those
-                ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
-                ax.minorticks_off()
-        else:
-            cats = sorted(set(raw))
-            ax.scatter([cats.index(v) for v in raw], y)
-            ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-        ax.set_xlabel(shown(key))
-        ax.set_ylabel(f"{OBJECTIVE} (best validation accuracy)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{len(scored)} of {len(jobs)} jobs with a validation accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)  # no title cut at the edges
-    plt.close(fig)
-    return True
-
-
 def _hparam_value(text: str) -> float | str:
     try:
         value = float(text)
@@ -237,7 +191,10 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
     folds = crossval.cv_groups(jobs, keys)  # [] unless jobs have a data.fold override
     if folds:
         crossval.write_csv(folds, sweep_dir / "cv_summary.csv")
-    plotted = plot_objective(jobs, keys, sweep_dir / "sweep_objective.png")
+    from imgcls.sweeps.plots import write_objective_plot  # lazy for start-up time: seaborn and matplotlib,
+    # ~2 s of imports, and train --help imports this module (the SweepSummary callback)
+
+    plotted = write_objective_plot(jobs, keys, sweep_dir / "sweep_objective.png")
     write_hparams(jobs, keys, sweep_dir / "hparams")
     page = write_page(write_sweep_page, sweep_dir)
     stream = stream or sys.stdout
