@@ -98,6 +98,11 @@ def test_the_wheel_ships_every_config(wheel: Path):
         n.removeprefix("imgcls/conf/") for n in names if n.startswith("imgcls/conf/") and n.endswith(".yaml")
     }
     assert shipped == {str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
+    # the pages' Jinja2 templates (pyproject's package-data for imgcls.pages)
+    templates = REPO / "src" / "imgcls" / "pages" / "templates"
+    assert {n for n in names if n.startswith("imgcls/pages/templates/")} == {
+        f"imgcls/pages/templates/{p.name}" for p in templates.iterdir()
+    }
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
     for command in ("imgcls-train", "imgcls-evaluate", "imgcls-predict", "imgcls-export", "imgcls-data"):

@@ -15,7 +15,8 @@ from conftest import REPO, cli
 from PIL import Image
 
 from imgcls.pages.curves import described_epochs
-from imgcls.pages.run_page import parse_summary, write_run_page
+from imgcls.pages.run_page import write_run_page
+from imgcls.run_record import read_run
 from imgcls.training.recorder import RunRecorder
 
 ARTIFACTS = Path(os.environ.get("IMGCLS_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -63,8 +64,8 @@ def test_curves_are_redrawn_after_an_epoch_and_continue_across_a_resume(tmp_path
     resumed.finish("completed")
     resumed.close()
     assert described_epochs(curves) == [1, 2, 3, 4]
-    fields, _, error, _ = parse_summary((tmp_path / "summary.txt").read_text())
-    assert fields["status"] == "completed" and not error
+    record = read_run(tmp_path)
+    assert record.status == "completed" and not record.error
     assert 'id="why"' not in (tmp_path / "report.html").read_text()
 
 

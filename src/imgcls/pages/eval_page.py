@@ -4,7 +4,6 @@ the comparison an ensemble (each member) or test-time augmentation (without it) 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -14,52 +13,40 @@ LABELS = {"acc": "accuracy", "loss": "loss", "ece": "expected calibration error"
 
 
 def write_eval_page(out: Path, pairs_shown: int = 10) -> Path | None:
-    """Write out/report.html from the files evaluate wrote there; None without metrics.json."""
-    try:
-        metrics = json.loads(h.read(out / "metrics.json") or "")
-    except json.JSONDecodeError:
+    """Write out/report.html from the files evaluate wrote there (metrics.json, classification_report.json,
+    members.csv, predictions.csv, the figures, config.yaml); None without metrics.json."""
+    metrics = h.read_json(out / "metrics.json")
+    if not isinstance(metrics, dict):
         return None
     split = str(metrics.get("split", ""))
-    sections = [
-        h.section("metrics", "Metrics", _metrics(metrics, split)),
-        h.section("comparison", "Comparison", _comparison(metrics, split, out)),
-        h.section("classes", "Per class", _classes(out)),
-        h.section(
-            "confusion",
-            "Confusion matrices",
-            h.figures(
-                [
-                    (out / "confusion_matrix.png", "counts"),
-                    (out / "confusion_matrix_normalized.png", "normalized by true class"),
-                ],
-                small=True,
-            ),
-        ),
-        h.section(
-            "calibration",
-            "Calibration",
-            h.figures([(out / "reliability_diagram.png", "reliability diagram")], small=True),
-        ),
-        h.section(
-            "errors",
-            "Most confident errors",
-            h.figures([(out / "most_confident_errors.png", "the most confidently wrong images")]),
-        ),
-        h.section("confused", "Most confused pairs", _confused(out / "predictions.csv", pairs_shown)),
-        h.section(
-            "config",
-            "Config",
-            f"<pre>{h.esc(h.read(out / 'config.yaml') or '')}</pre>"
-            if (out / "config.yaml").is_file()
-            else "",
-        ),
-    ]
     checkpoint = metrics.get("checkpoint") or metrics.get("combination", "")
-    title = f"Evaluation {out.name}"
-    return h.write(
-        out / "report.html",
-        h.page(title, f"{split} split, {checkpoint} (epoch {metrics.get('epoch', '-')})", sections),
+    page = h.render(
+        "eval.html.j2",
+        title=f"Evaluation {out.name}",
+        subtitle=f"{split} split, {checkpoint} (epoch {metrics.get('epoch', '-')})",
+        metrics=[
+            *_metric_rows(metrics, split),
+            *(
+                (k, metrics[k])
+                for k in ("checkpoint", "combination", "epoch", "top_k", "calibration_bins")
+                if k in metrics
+            ),
+        ],
+        tta=_tta(metrics, split),
+        members=_members(out / "members.csv"),
+        classes=h.report_rows(h.read_json(out / "classification_report.json")),
+        confusion=h.figures(
+            [
+                (out / "confusion_matrix.png", "counts"),
+                (out / "confusion_matrix_normalized.png", "normalized by true class"),
+            ]
+        ),
+        calibration=h.figures([(out / "reliability_diagram.png", "reliability diagram")]),
+        errors=h.figures([(out / "most_confident_errors.png", "the most confidently wrong images")]),
+        confused=_confused(out / "predictions.csv", pairs_shown),
+        config=h.read(out / "config.yaml"),
     )
+    return h.write(out / "report.html", page)
 
 
 def _metric_rows(metrics: dict, split: str) -> list[tuple[str, str]]:
@@ -85,62 +72,35 @@ def _metric_rows(metrics: dict, split: str) -> list[tuple[str, str]]:
     return rows
 
 
-def _metrics(metrics: dict, split: str) -> str:
-    rows = _metric_rows(metrics, split)
-    for key in ("checkpoint", "combination", "epoch", "top_k", "calibration_bins"):
-        if key in metrics:
-            rows.append((key, metrics[key]))
-    return h.fields(rows)
-
-
-def _comparison(metrics: dict, split: str, out: Path) -> str:
-    parts = []
+def _tta(metrics: dict, split: str) -> dict | None:
+    """The metrics with test-time augmentation beside those without it, when evaluate computed both."""
     tta = metrics.get("tta")
-    if isinstance(tta, dict) and isinstance(tta.get("without_tta"), dict):
-        with_, without = dict(_metric_rows(metrics, split)), dict(_metric_rows(tta["without_tta"], split))
-        rows = [(k, without.get(k, "-"), v) for k, v in with_.items()]
-        views = ", ".join(map(str, tta.get("views") or []))
-        parts.append(
-            f"<p>Test-time augmentation over the views {h.esc(views)} against the same images without it.</p>"
-        )
-        parts.append(h.table(["metric", "without TTA", "with TTA"], rows, numeric=(1, 2)))
-    members = h.read_csv(out / "members.csv")
-    if members:
-        head = list(members[0])
-        rows = [[(h.pct(r[c]) if c in ("acc", "top_k_acc") else r[c]) for c in head] for r in members]
-        parts.append(
-            "<p>Each member alone, and the ensemble (mean of the members' softmax probabilities).</p>"
-        )
-        parts.append(h.table(head, rows))
-    return "".join(parts)
+    if not (isinstance(tta, dict) and isinstance(tta.get("without_tta"), dict)):
+        return None
+    with_, without = dict(_metric_rows(metrics, split)), dict(_metric_rows(tta["without_tta"], split))
+    return {
+        "views": ", ".join(map(str, tta.get("views") or [])),
+        "rows": [(k, without.get(k, "-"), v) for k, v in with_.items()],
+    }
 
 
-def _classes(out: Path) -> str:
-    try:
-        scores = json.loads(h.read(out / "classification_report.json") or "")
-    except json.JSONDecodeError:
-        return ""
-    rows = [
-        (name, f"{s['precision']:.4f}", f"{s['recall']:.4f}", f"{s['f1']:.4f}", s["support"])
-        for name, s in (scores.get("classes") or {}).items()
-    ]
-    for name in ("macro avg", "weighted avg"):  # beside "classes", so no class name collides with them
-        s = scores.get(name)
-        if isinstance(s, dict):
-            rows.append((name, f"{s['precision']:.4f}", f"{s['recall']:.4f}", f"{s['f1']:.4f}", s["support"]))
-    return (
-        h.table(["class", "precision", "recall", "F1", "support"], rows, numeric=(1, 2, 3, 4)) if rows else ""
-    )
+def _members(path: Path) -> dict | None:
+    """An ensemble's members.csv: each member alone, then the ensemble."""
+    members = h.read_csv(path)
+    if not members:
+        return None
+    head = list(members[0])
+    rows = [[(h.pct(r[c]) if c in ("acc", "top_k_acc") else r[c]) for c in head] for r in members]
+    return {"head": head, "rows": rows}
 
 
-def _confused(predictions: Path, limit: int) -> str:
+def _confused(predictions: Path, limit: int) -> list[tuple] | None:
+    """The most frequent (true, predicted) errors of predictions.csv; [] when there is none, None
+    without the file (or without true labels)."""
     rows = h.read_csv(predictions)
     if not rows or "true" not in rows[0]:
-        return ""
+        return None
     per_class = Counter(r["true"] for r in rows)
     wrong = Counter((r["true"], r["predicted"]) for r in rows if r["true"] != r["predicted"])
-    if not wrong:
-        return "<p>No image of this split was misclassified.</p>"
     top = sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
-    table = [(t, p, n, f"{100 * n / per_class[t]:.1f}%") for (t, p), n in top]
-    return h.table(["true class", "predicted as", "images", "share of the true class"], table, numeric=(2, 3))
+    return [(t, p, n, f"{100 * n / per_class[t]:.1f}%") for (t, p), n in top]

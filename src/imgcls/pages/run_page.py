@@ -1,137 +1,116 @@
 """report.html in a run directory: status and timings, the curves, the accuracy of the best
 weights per split, the confusion matrices, the classification reports, the data check and the
-config; rewritten with the summary while the run goes on."""
+config; rewritten with the record while the run goes on. Every fact comes from the run's record
+(imgcls.run_record.read_run: run.json, or an old run's summary.txt read by its legacy reader) and
+from the files the record points to, never from a text view."""
 
 from __future__ import annotations
 
-import re
+from datetime import datetime
 from pathlib import Path
 
 from imgcls.pages import html as h
 from imgcls.pages.curves import write_curves
-
-SPLITS = ("train", "val", "test")
-_LINE = re.compile(r"^([a-z][\w ()/.-]*?):\s+(.*)$")
-STATUS_KEYS = ("status", "run dir", "started", "resumed", "ended", "duration", "heartbeat", "epoch")
-RESULT_KEYS = ("best val acc", "final val acc", "final train acc", "final losses", "speed", "bn recal cost")
-
-
-def parse_summary(text: str) -> tuple[dict[str, str], list[str], str, str]:
-    """(fields, notes, error, config) of a summary.txt: `key: value` lines, the `note:` lines, the
-    indented block under `error:`, and the YAML under `config:`."""
-    fields: dict[str, str] = {}
-    notes: list[str] = []
-    error: list[str] = []
-    config: list[str] = []
-    block = None
-    for line in text.splitlines()[1:]:  # the first line names the kind of file
-        if line in ("error:", "config:"):
-            block = error if line == "error:" else config
-            continue
-        if block is not None and (line.startswith("  ") or not line):
-            block.append(line[2:])
-            continue
-        block = None
-        m = _LINE.match(line)
-        if m:
-            key, value = m.group(1).strip(), m.group(2).strip()
-            if key == "note":
-                notes.append(value)
-            else:
-                fields.setdefault(key, value)
-    return fields, notes, "\n".join(error).strip(), "\n".join(config).rstrip()
+from imgcls.run_record import SPLITS, RunRecord, read_metrics, read_run, run_files
 
 
 def write_run_page(run_dir: Path, history: list[dict[str, float]] | None = None) -> Path | None:
     """Write plots/curves.png (from `history`, or metrics.csv) and report.html; None when the
-    directory holds no summary.txt yet."""
-    summary = h.read(run_dir / "summary.txt")
-    if summary is None:
+    directory holds no run record yet."""
+    record = read_run(run_dir)
+    if record is None:
         return None
-    if history is None:
-        history = [
-            {k: v for k, v in ((k, h.number(v)) for k, v in r.items()) if v is not None}
-            for r in h.read_csv(run_dir / "metrics.csv")
-        ]
-    write_curves(history, run_dir / "plots" / "curves.png")
-    fields, notes, error, config = parse_summary(summary)
-    status = fields.get("status", "unknown")
-    sections = [
-        _status(fields, notes, error, run_dir),
-        h.section(
-            "curves",
-            "Training curves",
-            h.figures([(run_dir / "plots" / "curves.png", "loss, accuracy and learning rate per epoch")]),
+    write_curves(read_metrics(run_dir) if history is None else history, run_dir / "plots" / "curves.png")
+    files = record.files or run_files(run_dir, record.final)
+    last = run_dir / files.get("last", "weights/last.pt")
+    page = h.render(
+        "run.html.j2",
+        title=f"Run {run_dir.resolve().name}",
+        subtitle=f"{record.status}: {record.run_dir or run_dir}",
+        status=record.status,
+        facts=_facts(record),
+        why=(
+            {"error": record.error or record.status, "resume": last if last.is_file() else None}
+            if record.error or record.status in ("failed", "interrupted")
+            else None
         ),
-        _accuracy(fields),
-        h.section(
-            "confusion",
-            "Confusion matrices (best weights)",
-            h.figures(((run_dir / "plots" / f"confusion_matrix_{s}.png", s) for s in SPLITS), small=True),
-        ),
-        _reports(run_dir),
-        _data_check(fields, run_dir),
-        h.section(
-            "setup",
-            "Setup",
-            h.fields(
-                (k, v)
-                for k, v in fields.items()
-                if k not in (*STATUS_KEYS, *RESULT_KEYS) and "acc (best weights)" not in k
-            ),
-        ),
-        h.section("config", "Config", f"<pre>{h.esc(config)}</pre>" if config else ""),
-    ]
-    name = run_dir.resolve().name
-    return h.write(
-        run_dir / "report.html",
-        h.page(f"Run {name}", f"{status}: {fields.get('run dir', run_dir)}", sections),
+        curves=h.figures([(run_dir / "plots" / "curves.png", "loss, accuracy and learning rate per epoch")]),
+        accuracy=[(s, h.pct(record.final[s].get("acc"))) for s in SPLITS if s in record.final],
+        confusion=h.figures((run_dir / f"plots/confusion_matrix_{s}.png", s) for s in SPLITS),
+        reports=_reports(run_dir, files.get("reports") or {}),
+        data_check={"summary": record.setup.get("data check"), "found": h.read(run_dir / "data_check.txt")},
+        setup=list(record.setup.items()),
+        config=h.read(run_dir / files.get("config", "config.yaml")),
     )
+    return h.write(run_dir / "report.html", page)
 
 
-def _status(fields: dict[str, str], notes: list[str], error: str, run_dir: Path) -> str:
-    status = fields.get("status", "unknown")
-    rows = [(k, fields[k]) for k in STATUS_KEYS if k in fields and k != "status"]
-    rows += [(k, fields[k]) for k in RESULT_KEYS if k in fields]
-    rows += [("note", n) for n in notes]
-    body = f'<p>status: <span class="status {h.esc(status)}">{h.esc(status)}</span></p>' + h.fields(rows)
-    if error or status in ("failed", "interrupted"):
-        last = run_dir / "weights" / "last.pt"
-        advice = (
-            f"Resume it with <code>python -m imgcls.train resume={h.esc(last)}</code> (add "
-            "<code>trainer.epochs=N</code> to extend it)."
-            if last.is_file()
-            else "No checkpoint was written (weights/last.pt is missing): fix the cause and start the run again."
+def _facts(r: RunRecord) -> list[tuple[str, str]]:
+    """The status table: where and when the run ran, how far it got, its best and last epochs."""
+    last = r.last_epoch
+    rows = [("run dir", r.run_dir), ("started", _time(r.started))]
+    rows += [("resumed", _time(r.resumed))] if r.resumed else []
+    rows += [("ended", _time(r.ended))]
+    if "total_s" in r.durations:
+        rows.append(("duration", _seconds(r.durations["total_s"])))
+    if r.heartbeat:
+        rows.append(("heartbeat", f"{_time(r.heartbeat)} (pid {r.pid} on {r.host})"))
+    rows.append(("epoch", f"{r.epochs_done} of {r.epochs_planned}"))
+    rows += [("note", note) for note in r.notes]
+    if r.best:
+        weights = " (EMA weights)" if r.best.metric == "val/acc_ema" else ""
+        rows.append(("best val acc", f"{h.pct(r.best.score)} at epoch {r.best.epoch}{weights}"))
+    if "val/acc" in last:
+        rows.append(("final val acc", h.pct(last["val/acc"])))
+    if "train/acc" in last:
+        rows.append(("final train acc", h.pct(last["train/acc"])))
+    if "train/loss" in last or "val/loss" in last:
+        loss = [f"{s} {last[f'{s}/loss']:.4f}" for s in ("train", "val") if f"{s}/loss" in last]
+        rows.append(("final losses", ", ".join(loss)))
+    if last.get("train/images_per_s") and "train/time_s" in last:
+        speed = f"train {last['train/images_per_s']:.1f} images/s ({last['train/time_s']:.1f} s/epoch)"
+        if "val/images_per_s" in last:
+            speed += f", val {last['val/images_per_s']:.1f} images/s"
+        rows.append(("speed", speed))
+    if last.get("bn_recal/time_s") is not None and last.get("train/time_s"):
+        share = last["bn_recal/time_s"] / last["train/time_s"]
+        rows.append(
+            (
+                "bn recal cost",
+                f"{last['bn_recal/time_s']:.1f} s before each validation ({share:.0%} of a training epoch)",
+            )
         )
-        body += f"<div class=error id=why><p><b>Why it stopped</b></p><pre>{h.esc(error or status)}</pre><p>{advice}</p></div>"
-    return h.section("status", "Status", body)
+    times = [(k.removesuffix("_s").replace("_", " "), v) for k, v in r.durations.items() if k != "total_s"]
+    rows += [(f"time: {name}", _seconds(v)) for name, v in times]
+    return rows
 
 
-def _accuracy(fields: dict[str, str]) -> str:
-    rows = []
+def _reports(run_dir: Path, reports: dict) -> list[tuple[str, list, str | None]]:
+    """(split, the report's rows from its JSON, else the text report shown as it is) for each split
+    the final reports wrote: the page reads the machine-readable report, never parses the text."""
+    shown = []
     for split in SPLITS:
-        value = fields.get(f"{split} acc (best weights)")
-        if value:
-            rows.append((split, value.split(" (")[-1].rstrip(")") if "(" in value else value))
-    return h.section(
-        "accuracy",
-        "Accuracy of the best weights",
-        h.table(["split", "accuracy"], rows, numeric=(1,)) if rows else "",
-    )
+        paths = reports.get(split) or {}
+        rows = h.report_rows(
+            h.read_json(run_dir / paths.get("json", f"logs/classification_report_{split}.json"))
+        )
+        text = (
+            None if rows else h.read(run_dir / paths.get("text", f"logs/classification_report_{split}.txt"))
+        )
+        if rows or text:
+            shown.append((split, rows, text))
+    return shown
 
 
-def _reports(run_dir: Path) -> str:
-    parts = []
-    for split in SPLITS:
-        text = h.read(run_dir / "logs" / f"classification_report_{split}.txt")
-        if text:
-            parts.append(f"<h3>{split}</h3>{h.report_table(text)}")
-    return h.section("reports", "Classification reports (best weights)", "".join(parts))
+def _time(iso: str | None) -> str:
+    """An ISO 8601 time as the summary shows it: 2026-01-02 10:00:00 +0100."""
+    try:
+        return datetime.fromisoformat(iso or "").strftime("%Y-%m-%d %H:%M:%S %z").strip()
+    except ValueError:
+        return iso or "-"
 
 
-def _data_check(fields: dict[str, str], run_dir: Path) -> str:
-    found = h.read(run_dir / "data_check.txt")
-    body = f"<p>{h.esc(fields['data check'])}</p>" if "data check" in fields else ""
-    if found:
-        body += f"<pre>{h.esc(found)}</pre>"
-    return h.section("data-check", "Data check", body)
+def _seconds(s: float) -> str:
+    """Seconds as h:mm:ss, as the summary shows a duration."""
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
