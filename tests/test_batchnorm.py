@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from imgcls.data.loading import Normalize
+from imgcls.data.loaders import Normalize
 from imgcls.training.batchnorm import Recalibration, batchnorm_layers, build_recalibration, recalibrate
 from imgcls.training.engine import Placement, evaluate
 

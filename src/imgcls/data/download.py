@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from imgcls.data.loading import DataError
+from imgcls.errors import DataError
 from imgcls.files import writing_into
 from imgcls.log import progress
 

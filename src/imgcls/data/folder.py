@@ -16,11 +16,10 @@ from imgcls.data.augment import setting
 from imgcls.data.cache import MODES
 from imgcls.data.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, MB
 from imgcls.data.listing import find_classes, scan_class
-from imgcls.data.loading import DataError
 from imgcls.data.record import DataRecord
 from imgcls.data.scan import scan_files
 from imgcls.data.splits import check_options
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, DataError
 
 ON_BAD_IMAGE = ("error", "skip")
 

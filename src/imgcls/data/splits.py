@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from imgcls.data.check import DataReport, Sample, shown
-from imgcls.data.loading import DataError
 from imgcls.data.scan import FileRecord
+from imgcls.errors import DataError
 
 
 def check_options(val_fraction: float | None, folds: Any, fold: Any, split_file: str | None) -> None:
