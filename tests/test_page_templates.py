@@ -184,6 +184,11 @@ def test_a_trained_runs_page_has_every_section(trained_run, tmp_path):
     assert [row[0] for row in accuracy[1:]] == ["train", "val", "test"]
     assert all(row[1].endswith("%") for row in accuracy[1:])
     assert "train (train/): 24 images in 3 classes" in "".join(page.text)
+    # each split's report from the JSON the final reports wrote beside the text (never parsed)
+    reports = [t for t in page.tables if t[0] == ["class", "precision", "recall", "F1", "support"]]
+    assert len(reports) == 3 and all(
+        [r[0] for r in t[-3:]] == ["accuracy", "macro avg", "weighted avg"] for t in reports
+    )
 
 
 def test_a_template_that_names_a_missing_value_fails(tmp_path):
