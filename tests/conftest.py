@@ -266,3 +266,11 @@ def trained_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = run_dirs(cwd)
     return run
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real one-node SLURM cluster (tools/slurm_cluster.sh), or a skip saying why: see tests/slurm.py."""
+    from slurm import slurm_cluster_session
+
+    yield from slurm_cluster_session()
