@@ -164,10 +164,13 @@ def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dic
 _SAVED_RUN = "imgcls_saved_run"
 
 
-def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict:
+def apply_overrides(config: dict, overrides: Sequence[str], source: str, resolve: bool = True) -> dict:
     """The saved config with `key=value`, `+key=value`, `++key=value` and `~key` applied by Hydra's
     compose API: the grammar, struct mode (an unknown key is refused) and the `+`/`~` rules are
-    training's. Hydra's refusals are reworded to name the key and say what to do."""
+    training's. The one way a saved config takes overrides: evaluate, predict and export (load_run)
+    and resume (training.resume.resume_config, with resolve=False: the checkpoint keeps its own-key
+    references, ${trainer.epochs}, live). Hydra's refusals are reworded to name the key and say
+    what to do."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -181,7 +184,7 @@ def apply_overrides(config: dict, overrides: Sequence[str], source: str) -> dict
     _refuse_group_switches(parsed, OmegaConf.create(config))
     try:
         with _composing(config) as compose:
-            return OmegaConf.to_container(compose(_SAVED_RUN, list(overrides)), resolve=True)
+            return OmegaConf.to_container(compose(_SAVED_RUN, list(overrides)), resolve=resolve)
     except HydraException as exc:
         raise ConfigError(_reworded(str(exc), parsed, config, source)) from None
 

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from imgcls.checkpoint import CheckpointError
 from imgcls.errors import ConfigError
+from imgcls.runs import apply_overrides
 
 # Where and how fast a run goes, and how long: everything else (model, data, transforms, loss,
 # optimizer, scheduler, seed) would make the resumed run a different run than the one saved.
@@ -66,23 +68,24 @@ def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], pat
                 "tracking=mlflow tracking.uri=<store> on the command line"
             )
     warn_ignored(ignored, source)
-    refused = []
-    base = OmegaConf.create(saved)
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if classify(key) == CURRENT:
+    kept, refused = [], []
+    # Hydra parsed these once already (they composed `composed`): its parser names their keys
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if classify(o.key_or_group) == CURRENT:
             continue  # read_saved took it from the command already
-        if key in RESUMABLE_KEYS:
-            OmegaConf.update(base, key, OmegaConf.select(composed, key), merge=False, force_add=True)
-        else:
-            refused.append(override)
+        if o.key_or_group not in RESUMABLE_KEYS:
+            refused.append(o.input_line)
+        elif o.is_delete():
+            kept.append(o.input_line)
+        else:  # ++: set whether or not the checkpoint has the key (an older one may lack data.cache)
+            kept.append("++" + o.input_line.lstrip("+"))
     if refused:
         raise ConfigError(
             f"resume={path}: {', '.join(refused)} would change the saved run (its model, data or "
             f"recipe); a resumed run keeps the config in its checkpoint. Only {', '.join(RESUMABLE_KEYS)} "
             "and tracking may be given with resume=; start a new run for anything else."
         )
-    unresolved = OmegaConf.to_container(base, resolve=False)
+    unresolved = apply_overrides(saved, kept, source, resolve=False)
     config = resolved(unresolved, source)
     done, epochs = ckpt["epoch"], config["trainer"]["epochs"]
     if epochs < done or (epochs == done and not ckpt.get("step")):
