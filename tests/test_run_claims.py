@@ -175,9 +175,10 @@ def test_kill_9_during_the_final_reports_then_resume_writes_only_them(tree, tmp_
     assert f"python -m imgcls.train resume={last}` writes them without training again" in summary
     assert (run / "logs" / "classification_report_train.txt").is_file()
     assert not (run / "logs" / "classification_report_test.txt").exists()
-    from imgcls.sweeps.summary import _summary_fields, job_status
+    from imgcls.run_record import read_run
+    from imgcls.sweeps.summary import job_status
 
-    assert job_status(_summary_fields(summary)) == "reports incomplete"  # the sweep leaderboard's view
+    assert job_status(read_run(run)) == "reports incomplete"  # the sweep leaderboard's view
 
     metrics, weights = (run / "metrics.csv").read_bytes(), last.read_bytes()
     result = cli_here("imgcls.train", f"resume={last}", cwd=tmp_path)

@@ -15,6 +15,7 @@ from loguru import logger
 
 from imgcls.errors import ConfigError
 from imgcls.files import atomic_write
+from imgcls.run_record import RUN_FILE, RunRecord
 
 RUN_ID_KEY = "mlflow_run_id"  # the checkpoint entry a resume reads to continue the same MLflow run
 PARENT_FILE = "mlflow_parent.json"  # in a sweep's directory: the parent run its jobs are nested under
@@ -243,8 +244,8 @@ class NullTracker:
     def log_epoch(self, metrics: dict[str, float]) -> None:
         pass
 
-    def log_final(self, final: dict[str, float]) -> None:
-        pass
+    def log_final(self, record: RunRecord) -> None:
+        """The run's results as its record (run.json) holds them, once the final reports are written."""
 
     @contextlib.contextmanager
     def ended(self, interrupted: tuple[type[BaseException], ...]) -> Iterator[None]:
@@ -317,8 +318,13 @@ class MlflowTracker(NullTracker):
         step = int(metrics["epoch"])
         self._metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
-    def log_final(self, final: dict[str, float]) -> None:
-        self._metrics(final, 0)
+    def log_final(self, record: RunRecord) -> None:
+        """<split>/acc_best_weights from the record's `final`, and best_epoch: the epoch best.pt,
+        the summary and the study name (run_record.best_of)."""
+        values = {f"{split}/acc_best_weights": v["acc"] for split, v in record.final.items() if "acc" in v}
+        if record.best is not None:
+            values["best_epoch"] = record.best.epoch
+        self._metrics(values, 0)
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         import time
@@ -338,7 +344,7 @@ class MlflowTracker(NullTracker):
     @contextlib.contextmanager
     def ended(self, interrupted: tuple[type[BaseException], ...]) -> Iterator[None]:
         """The MLflow run ends as the imgcls run did: FINISHED, KILLED (a signal, Ctrl-C: resume
-        continues it) or FAILED; with summary.txt and the reports as artifacts."""
+        continues it) or FAILED; with run.json, summary.txt and the reports as artifacts."""
         status = "FAILED"
         try:
             yield
@@ -351,7 +357,7 @@ class MlflowTracker(NullTracker):
                 self._end(status)
 
     def _end(self, status: str) -> None:
-        files = [self.run_dir / "summary.txt"]
+        files = [self.run_dir / RUN_FILE, self.run_dir / "summary.txt"]
         files += [p for pattern in REPORT_GLOBS for p in sorted(self.run_dir.glob(pattern))]
         if status == "FINISHED" and self.settings.get("log_checkpoint"):
             files.append(self.run_dir / "weights" / "best.pt")

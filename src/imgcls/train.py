@@ -1,4 +1,4 @@
-"""`python -m imgcls.train`: compose the config, build it, fit, report; returns best val accuracy."""
+"""`python -m imgcls.train`: compose the config, build it, fit, report; returns the record's best score."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from imgcls.cli import run_command
 from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
+from imgcls.run_record import Best
 
 register_resolvers()
 
@@ -117,7 +118,7 @@ def train_run(
     log_setup(recorder.info)
 
     def started(seconds: float) -> None:
-        recorder.info["startup"] = f"{seconds:.1f} s from process start to the first training step"
+        recorder.startup(seconds)
         logger.info(f"first training step after {seconds:.1f} s (from process start)")
 
     def on_epoch(metrics: dict[str, float], history: list[dict[str, float]]) -> None:
@@ -144,12 +145,16 @@ def train_run(
         recorder.reporting()  # a kill from here on leaves `reporting`: resume= writes the reports
         final = report_best_weights(run, run_dir, recorder, result["best_epoch"])
     recorder.finish("completed", final, note=result["stopped_early"])
-    tracker.log_final(final)
+    record = recorder.record()  # what run.json now says: MLflow, the log and the study read it
+    tracker.log_final(record)
+    # no epoch at all (trainer.epochs=0): the -1 fit starts from, as before the record
+    best = record.best or Best(0, float(result["best_acc"]), "val/acc")
+    ema = " (the EMA's weights)" if best.metric == "val/acc_ema" else ""
     logger.info(
-        f"done: best val acc {result['best_acc']:.4f} at epoch {result['best_epoch']}; "
+        f"done: best val acc {best.score:.4f} at epoch {best.epoch}{ema}; "
         f"finished {datetime.now():%H:%M:%S}; results in {run_dir}"
     )
-    return float(result["best_acc"])
+    return best.score  # the sweep's objective (Optuna): the record's best
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from imgcls.errors import UserError
+from imgcls.run_record import run_status
 
 # locked (see _held) before Hydra writes anything: of two runs given one directory, exactly one
 # gets it, whatever names the directory (a generated name or hydra.run.dir=); a resume holds it too
@@ -282,7 +283,7 @@ def _taken_message(path: Path, holder: str | None = None) -> str:
     if not entries:
         what = f"is taken by another run that started there ({holder or _holder(path / CLAIM_FILE)})"
     elif (path / "summary.txt").is_file() or (path / ".hydra").is_dir() or last.is_file():
-        status = run_status(path)
+        status = run_status(path)  # the run's record: run.json, or an old run's summary.txt
         what = f"already holds a run{f' (status {status})' if status else ''}"
         what += f", being written now ({holder})" if holder else ""
     else:
@@ -292,17 +293,6 @@ def _taken_message(path: Path, holder: str | None = None) -> str:
     ways = ways if last.is_file() else []
     ways.append("another directory: a new or empty hydra.run.dir, or none for a new dated one")
     return f"hydra.run.dir={path} {what}; nothing was written there. Use {', or '.join(ways)}."
-
-
-def run_status(run_dir: Path) -> str | None:
-    """The status its summary.txt records (running, reporting, completed, ...), or None."""
-    try:
-        for line in (Path(run_dir) / "summary.txt").read_text(encoding="utf-8").splitlines():
-            if line.startswith("status:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def env_rank() -> int:

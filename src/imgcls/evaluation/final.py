@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 from loguru import logger
 
 from imgcls.checkpoint import load_checkpoint
+from imgcls.files import atomic_write
+from imgcls.run_record import run_status
 from imgcls.training.engine import evaluate
 
 
-def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[str, float]:
+def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[str, dict[str, float]]:
     """Every split of a built training run evaluated with best.pt's weights (train through the eval
-    pipeline): the classification report, confusion matrices and TensorBoard entries (rank 0),
-    and {<split>/acc_best_weights} for the summary."""
-    from imgcls.evaluation.reports import write_split_report  # matplotlib: imported when the reports are due
+    pipeline): the classification report (logs/classification_report_<split>.txt and .json, the
+    record's files.reports), confusion matrices and TensorBoard entries (rank 0), and
+    {<split>: {acc, loss}}, the record's `final`."""
+    # scikit-learn and matplotlib: lazy for start-up time, imported when the reports are due
+    from imgcls.evaluation.reports import write_split_report
+    from imgcls.evaluation.scores import report_dict
 
     run.model.load_state_dict(load_checkpoint(run_dir / "weights" / "best.pt")["model"])
     # progress lines every 50 batches, as these reports always logged them
     place, final = replace(run.place, log_every=50), {}
     for split in run.loaders:
         metrics, targets, preds = evaluate(run.model, run.eval_loader(split), run.loss_fn, place, split)
-        final[f"{split}/acc_best_weights"] = metrics[f"{split}/acc"]
+        final[split] = {"acc": metrics[f"{split}/acc"], "loss": metrics[f"{split}/loss"]}
         if not place.d.main:
             continue
         note = one_class_note(targets, preds, run.class_names) if split == "val" else None
@@ -32,6 +38,11 @@ def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[s
         text = write_split_report(
             split, targets, preds, run.class_names, run_dir, recorder.writer, best_epoch
         )
+        # the same JSON as evaluate's classification_report.json: what pages and scripts read
+        scores = report_dict(targets, preds, run.class_names)
+        atomic_write(
+            run_dir / "logs" / f"classification_report_{split}.json", json.dumps(scores, indent=2) + "\n"
+        )
         logger.info(
             f"{split} (best weights, epoch {best_epoch}): accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
         )
@@ -40,10 +51,11 @@ def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[s
 
 def final_reports_due(resume: str) -> bool:
     """Whether the run `resume=<run>/weights/<ckpt>.pt` continues finished its training but not
-    its final reports: its summary records anything but `completed` (`reporting` after a kill -9
-    in them, `failed` after a fault there, `running` after a kill between the last checkpoint and
-    the reports) or was lost. Such a resume trains nothing and writes the reports."""
-    from imgcls.config.naming import resumed_dir, run_status
+    its final reports: its record (run.json, or an old run's summary.txt) says anything but
+    `completed` (`reporting` after a kill -9 in them, `failed` after a fault there, `running`
+    after a kill between the last checkpoint and the reports) or was lost. Such a resume trains
+    nothing and writes the reports."""
+    from imgcls.config.naming import resumed_dir
 
     run_dir = resumed_dir(resume)
     return run_dir is not None and run_status(run_dir) != "completed"

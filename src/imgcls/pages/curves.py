@@ -9,6 +9,7 @@ from pathlib import Path
 from imgcls.files import atomic_file
 from imgcls.names import literal_text
 from imgcls.pages.html import number
+from imgcls.run_record import Best, best_of
 
 PANELS = (  # (title, y label, [(metric key, label)])
     ("loss", "loss", [("train/loss", "train"), ("val/loss", "val")]),
@@ -22,14 +23,16 @@ PANELS = (  # (title, y label, [(metric key, label)])
 
 
 def best_epoch(history: Sequence[Mapping[str, float]]) -> int | None:
-    """The epoch summary.txt calls best: the first with the highest val/acc."""
-    scored = [r for r in history if r.get("val/acc") is not None]
-    return int(max(scored, key=lambda r: r["val/acc"])["epoch"]) if scored else None
+    """The epoch the run's record calls best (run_record.best_of: the first with the highest
+    selection score, val/acc or the EMA's when it is better), as best.pt and the summary."""
+    best = best_of(history)
+    return best.epoch if best else None
 
 
 @literal_text()  # every figure of the project draws its text as written (names.literal_text)
-def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
-    """plots/curves.png for the epochs in `history` (metrics.csv's rows); False when there is none.
+def write_curves(history: Sequence[Mapping[str, float]], path: Path, best: Best | None = None) -> bool:
+    """plots/curves.png for the epochs in `history` (metrics.csv's rows), the record's `best` epoch
+    marked (best_of(history), the same, when not given); False when there is no epoch.
 
     The PNG's Description names the epochs it shows and the best one, so a reader (or a test) can
     tell which history a file was drawn from without comparing pixels."""
@@ -43,7 +46,8 @@ def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     epochs = [int(r["epoch"]) for r in rows]
-    best = best_epoch(rows)
+    top = best or best_of(rows)
+    best = top.epoch if top else None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     for ax, (title, ylabel, series) in zip(axes, PANELS, strict=True):
         for key, label in series:
@@ -59,8 +63,8 @@ def write_curves(history: Sequence[Mapping[str, float]], path: Path) -> bool:
             ax.set_yscale("log")
         if ax.has_data():
             ax.legend(fontsize=8)
-    top = next((r for r in rows if int(r["epoch"]) == best), None)
-    acc = f"; best val acc {100 * float(top['val/acc']):.2f}% at epoch {best}" if top else ""
+    ema = " (EMA weights)" if top and top.metric == "val/acc_ema" else ""
+    acc = f"; best val acc {100 * top.score:.2f}% at epoch {best}{ema}" if top else ""
     fig.suptitle(f"training curves, epochs {epochs[0]}-{epochs[-1]}{acc}")
     description = f"epochs {','.join(map(str, epochs))}; best epoch {best if best is not None else '-'}"
     try:

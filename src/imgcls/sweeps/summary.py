@@ -16,9 +16,10 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from imgcls.files import atomic_write
-from imgcls.names import csv_text, read_csv_text, shown
+from imgcls.names import csv_text, shown
 from imgcls.pages import write_page
 from imgcls.pages.sweep_page import write_sweep_page
+from imgcls.run_record import RunRecord, read_run
 from imgcls.sweeps import crossval
 from imgcls.sweeps.crossval import OBJECTIVE
 
@@ -42,10 +43,6 @@ def next_job_num(sweep_dir: Path) -> int:
     return max(nums, default=-1) + 1
 
 
-def _summary_fields(text: str) -> dict[str, str]:
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^([a-z ]+):\s*(.*)$", text, re.M)}
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -56,40 +53,37 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def job_status(fields: dict[str, str]) -> str:
-    """summary.txt's status, except that `running` from a process that no longer exists is `killed`
-    (`reporting`, `reports incomplete`).
+def job_status(record: RunRecord | None) -> str:
+    """The status the job's record holds, except that `running` from a process that no longer
+    exists is `killed` (`reporting`, `reports incomplete`); no record: `failed` (Hydra ran the
+    job, and it died before training started).
 
     Only a heartbeat from this host can be checked; a job on another machine keeps `running`.
     """
-    status = fields.get("status", "unknown")
-    beat = re.search(r"\(pid (\d+) on (\S+)\)", fields.get("heartbeat", ""))
-    if status in ("running", "reporting") and beat and beat.group(2) == socket.gethostname():
-        if not pid_alive(int(beat.group(1))):
+    if record is None:
+        return "failed"
+    status = record.status
+    if status in ("running", "reporting") and record.pid and record.host == socket.gethostname():
+        if not pid_alive(record.pid):
             # `reporting`: trained to the end, killed in the final reports (resume= writes them)
             return "killed" if status == "running" else "reports incomplete"
     return status
 
 
 def read_job(job: Path) -> dict[str, Any]:
-    """One job's row, from its files alone: overrides, status, epochs and the objective."""
+    """One job's row, from its record alone (run.json, or an old job's summary.txt and metrics.csv):
+    overrides, status, epochs and the objective, the record's best (run_record.best_of)."""
     saved = job / ".hydra" / "overrides.yaml"  # missing only if the job died as Hydra set it up
     overrides = (yaml.safe_load(saved.read_text()) or []) if saved.is_file() else []
-    summary = job / "summary.txt"
-    # a job that died before training started has no summary: Hydra ran it, and it did not finish
-    fields = _summary_fields(summary.read_text()) if summary.is_file() else {"status": "failed"}
-    rows: list[dict[str, str]] = []
-    if (job / "metrics.csv").is_file():
-        rows = read_csv_text((job / "metrics.csv").read_text(encoding="utf-8", errors="replace"))
-    accs = [(float(r["val/acc"]), int(float(r["epoch"]))) for r in rows if r.get("val/acc")]
-    best = max(accs, key=lambda a: (a[0], -a[1]), default=None)  # first epoch that reached the best
-    planned = re.search(r"of (\d+)", fields.get("epoch", ""))
+    record = read_run(job)
+    best = record.best if record else None
+    planned = record.epochs_planned if record and record.epochs_planned else "?"
     return {
         "job": int(JOB_DIR.match(job.name).group(1)),
-        "status": job_status(fields),
-        OBJECTIVE: best[0] if best else None,
-        "best_epoch": best[1] if best else None,
-        "epochs": f"{len(rows)}/{planned.group(1) if planned else '?'}",
+        "status": job_status(record),
+        OBJECTIVE: best.score if best else None,
+        "best_epoch": best.epoch if best else None,
+        "epochs": f"{record.epochs_done if record else 0}/{planned}",
         "params": dict(o.split("=", 1) for o in overrides if "=" in o),
         "overrides": " ".join(overrides),
         "override_list": overrides,

@@ -14,6 +14,7 @@ from torch import nn
 
 from imgcls import __version__
 from imgcls.checkpoint import save_checkpoint
+from imgcls.run_record import best_of, selected_metric, selection_score
 from imgcls.training.distributed import any_rank, gather, sync_buffers
 from imgcls.training.engine import NonFiniteLossError, StopTraining, evaluate, is_finite, train_one_epoch
 from imgcls.training.recipes import (
@@ -21,9 +22,8 @@ from imgcls.training.recipes import (
     early_stop_reason,
     plateau_metric,
     scheduler_interval,
-    selection_score,
     top_k_epochs,
-)  # fmt: skip
+)
 from imgcls.training.resume import TrainingState
 from imgcls.training.run import Run
 from imgcls.training.seeding import epoch_seed, rng_state, seed_everything
@@ -106,10 +106,12 @@ def fit(run: Run, state: TrainingState, weights_dir: Path, hooks: FitHooks = Fit
         sync_buffers(run.model, run.dist)  # evaluate and save rank 0's model, the same on every rank
         val_metrics = validate(run, epoch, saver.last)
         step_schedule(run.scheduler, val_metrics)
-        improved = selection_score(val_metrics) > state.best_acc
-        if improved:
-            state.best_acc, state.best_epoch = selection_score(val_metrics), epoch
-        metrics = {"epoch": epoch, **train_metrics, **val_metrics, "val/acc_best": state.best_acc, "lr": lr}
+        row = {"epoch": epoch, **train_metrics, **val_metrics}
+        # the one definition of best (run_record.best_of), as the record and every view name it
+        best = best_of([*state.history, row])
+        improved = best.epoch == epoch
+        state.best_acc, state.best_epoch = best.score, best.epoch
+        metrics = {**row, "val/acc_best": best.score, "lr": lr}
         state.history.append(metrics)
         log_epoch(metrics, run.epochs, state, improved)
         # record first, then save: a kill in between redoes this epoch on resume, and the
@@ -233,7 +235,7 @@ class Checkpoints:
         epoch_state = self.state(ts, epoch, step=0, partial=None)
         self.save(epoch_state, self.last)
         if improved:
-            use_ema = ema is not None and row["val/acc_ema"] > row["val/acc"]
+            use_ema = ema is not None and selected_metric(row) == "val/acc_ema"
             best_state = dict(epoch_state, model=ema.module.state_dict(), best_source="ema") if use_ema else (
                 dict(epoch_state, best_source="raw"))  # fmt: skip
             self.save(best_state, self.weights_dir / "best.pt")
@@ -248,7 +250,7 @@ def keep_top(state: dict[str, Any], history: list[dict], k: int, weights_dir: Pa
     if epoch in keep:
         row = history[-1]
         name = f"top-epoch{epoch:03d}-acc{selection_score(row):.4f}.pt"
-        use_ema = ema is not None and row.get("val/acc_ema", -1) > row["val/acc"]
+        use_ema = ema is not None and selected_metric(row) == "val/acc_ema"
         save_checkpoint(dict(state, model=ema.module.state_dict()) if use_ema else state, weights_dir / name)
     for path in weights_dir.glob("top-epoch*.pt"):
         if int(path.name[len("top-epoch") : len("top-epoch") + 3]) not in keep:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
+from imgcls.run_record import selection_score  # the one definition of best (best.pt, views, study)
+
 
 @dataclass
 class Recipe:
@@ -113,11 +115,6 @@ class WarmupCosineLR(lr_scheduler.LambdaLR):
 def plateau_metric(scheduler: lr_scheduler.ReduceLROnPlateau, metrics: dict[str, float]) -> float:
     """ReduceLROnPlateau watches val/acc in mode max and val/loss in mode min."""
     return metrics["val/acc"] if scheduler.mode == "max" else metrics["val/loss"]
-
-
-def selection_score(metrics: dict[str, float]) -> float:
-    """What best.pt, early stopping and top-k rank by: val/acc, or the EMA's when it is better."""
-    return max(metrics["val/acc"], metrics.get("val/acc_ema", -1.0))
 
 
 def early_stop_reason(history: list[dict[str, float]], patience: int | None, min_delta: float) -> str | None:

@@ -1,5 +1,5 @@
-"""What a run writes as it goes: summary.txt, metrics.csv, TensorBoard scalars, and (through
-imgcls.pages) plots/curves.png and report.html."""
+"""What a run writes as it goes: its record run.json (imgcls.run_record) and the views rendered from
+it, summary.txt, metrics.csv, TensorBoard scalars and (through imgcls.pages) curves.png and report.html."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import os
 import socket
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from imgcls.files import WriteError, atomic_write, rewrite_in_place
 from imgcls.names import csv_text
 from imgcls.pages import write_page
 from imgcls.pages.run_page import write_run_page
+from imgcls.run_record import METRICS_FILE, RUN_FILE, SPLITS, SUMMARY_FILE, RunRecord, best_of, run_files
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -88,15 +89,20 @@ REPORTING_NOTE = (
 
 
 class NullRecorder:
-    """What ranks other than 0 get under torchrun: they train in step and write nothing."""
+    """What ranks other than 0 get under torchrun: they train in step and write nothing (the best
+    they return comes from the same history and the same best_of as rank 0's record)."""
 
     writer = None
 
     def __init__(self) -> None:
         self.info: dict[str, str] = {}
         self.started = _now()
+        self.history: list[dict[str, float]] = []
 
     def log_epoch(self, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
+        self.history = list(history)
+
+    def startup(self, seconds: float) -> None:
         pass
 
     def heartbeat(self) -> None:
@@ -111,19 +117,24 @@ class NullRecorder:
     def add_note(self, note: str) -> None:
         pass
 
+    def record(self) -> RunRecord:
+        return RunRecord(best=best_of(self.history))
+
     def close(self) -> None:
         pass
 
 
 class RunRecorder:
-    """Keeps summary.txt, metrics.csv and the TensorBoard event file current.
+    """The one writer of a run's record (run.json, imgcls.run_record) and its views summary.txt,
+    metrics.csv, the TensorBoard event file and (through imgcls.pages) curves.png and report.html.
 
-    The summary is rewritten atomically at the start, after every epoch and at the end, so a
-    reader never sees half a file and a run that died shows `running` with its last heartbeat
-    (`reporting` when it died after training, in the final reports).
+    The record is rewritten atomically at the start, on a heartbeat, after every epoch and at the
+    end, then summary.txt is rendered from it, so a reader never sees half a file and a run that
+    died shows `running` with its last heartbeat (`reporting` when it died after training, in the
+    final reports).
     """
 
-    HEARTBEAT_S = 30.0  # how often a long epoch refreshes the summary's heartbeat
+    HEARTBEAT_S = 30.0  # how often a long epoch refreshes the record's heartbeat
     # how often the curves and report.html are redrawn after an epoch (always when the run ends):
     # a redraw costs about 0.5 s of matplotlib, nothing beside a real epoch, most of a tiny one
     PAGE_EVERY_S = 10.0
@@ -138,36 +149,43 @@ class RunRecorder:
         started: str | None = None,
     ):
         """`history` and `started` come from a checkpoint when a run resumes: its metrics file and
-        summary carry on, and TensorBoard drops any point recorded after the checkpoint."""
+        record carry on, and TensorBoard drops any point recorded after the checkpoint."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
         self.config = config
         self.epochs = epochs
-        self.info = info  # device, model, data: fixed facts shown in the summary
+        self.info = info  # device, model, data: fixed facts, the record's `setup`
         self.status = "running"
         self.started = datetime.fromisoformat(started) if started else _now()
         self.resumed = _now() if history is not None else None
         self.ended: datetime | None = None
         self.history: list[dict[str, float]] = list(history or [])
-        self.final: dict[str, float] = {}
+        self.final: dict[str, dict[str, float]] = {}  # split -> {acc, loss} with best.pt's weights
         self.error: str | None = None
-        self.notes: list[str] = []  # `note:` lines: early stopping, a model that predicts one class
+        self.notes: list[str] = []  # early stopping, a model that predicts one class
+        self.durations: dict[str, float] = {}  # startup_s, final_reports_s: measured, not summed
+        self._reporting_since: float | None = None
         self._beat = 0.0
         self._page = time.monotonic()
         purge = len(self.history) + 1 if history is not None else None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         if history is not None:
             self.write_metrics()  # drop rows recorded after the checkpoint by the stopped process
-        self.write_summary()
+        self.write()
+
+    def startup(self, seconds: float) -> None:
+        """The process's age at its first training step (the record's durations.startup_s)."""
+        self.durations["startup_s"] = round(seconds, 3)
+        self.info["startup"] = f"{seconds:.1f} s from process start to the first training step"
 
     def heartbeat(self) -> None:
-        """Refresh the summary's heartbeat, at most every HEARTBEAT_S seconds: a summary that says
+        """Refresh the record's heartbeat, at most every HEARTBEAT_S seconds: a record that says
         `running` with an old heartbeat belongs to a process that died."""
         now = time.monotonic()
         if now - self._beat >= self.HEARTBEAT_S:
             self._beat = now
-            self.write_summary()
+            self.write()
 
     # -- per epoch -------------------------------------------------------------------------
     def log_epoch(self, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
@@ -178,7 +196,7 @@ class RunRecorder:
         self.writer.flush()
         self.history = list(history)
         self.write_metrics()
-        self.write_summary()
+        self.write()
         if time.monotonic() - self._page >= self.PAGE_EVERY_S:
             self._page = time.monotonic()
             write_page(write_run_page, self.run_dir, self.history)  # curves.png and report.html
@@ -189,29 +207,33 @@ class RunRecorder:
         for row in self.history:
             keys += [k for k in row if k not in keys]
         # full precision: a script reading it gets the exact values; cells through csv_text, as every CSV
-        atomic_write_text(self.run_dir / "metrics.csv", csv_text(keys, self.history))
+        atomic_write_text(self.run_dir / METRICS_FILE, csv_text(keys, self.history))
 
     # -- end -------------------------------------------------------------------------------
     def reporting(self) -> None:
-        """Training is over; best.pt's final reports are being written. A summary that a kill
-        leaves saying so tells how to complete them (see summary_text)."""
+        """Training is over; best.pt's final reports are being written. A record that a kill
+        leaves saying so tells how to complete them (REPORTING_NOTE)."""
         self.status = "reporting"
-        self.write_summary()
+        self._reporting_since = time.monotonic()
+        self.write()
 
     def finish(
         self,
         status: str,
-        final: dict[str, float] | None = None,
+        final: dict[str, dict[str, float]] | None = None,
         error: str | None = None,
         note: str | None = None,
     ) -> None:
+        """`final`: {split: {acc, loss}} of the final reports (evaluation.final.report_best_weights)."""
         if note:
             self.notes.append(note)
+        if self._reporting_since is not None:
+            self.durations["final_reports_s"] = round(time.monotonic() - self._reporting_since, 3)
         self.status = status
         self.final.update(final or {})
         self.error = error
         self.ended = _now()
-        self.write_summary()
+        self.write()
         write_page(write_run_page, self.run_dir, self.history)
         self.writer.flush()
 
@@ -221,9 +243,46 @@ class RunRecorder:
     def close(self) -> None:
         self.writer.close()
 
-    # -- summary.txt -----------------------------------------------------------------------
-    def write_summary(self) -> None:
-        path, text = self.run_dir / "summary.txt", self.summary_text()
+    # -- run.json, and summary.txt rendered from it ----------------------------------------
+    def record(self) -> RunRecord:
+        """The record as it stands now (imgcls.run_record lists every field)."""
+        now = _now()
+        last = dict(self.history[-1]) if self.history else {}
+        notes = self.notes[:]
+        if self.status == "reporting":
+            notes.append(REPORTING_NOTE.format(last=self.run_dir / "weights" / "last.pt"))
+        durations = {"total_s": round(((self.ended or now) - self.started).total_seconds(), 3)}
+        for key, metric in SUMMED:
+            if any(metric in row for row in self.history):
+                durations[key] = round(sum(row.get(metric, 0.0) for row in self.history), 3)
+        return RunRecord(
+            status=self.status,
+            run_dir=str(self.run_dir),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            heartbeat=_iso(now),
+            started=_iso(self.started),
+            resumed=_iso(self.resumed),
+            ended=_iso(self.ended),
+            durations={**durations, **self.durations},
+            epochs_done=int(last.get("epoch", 0)),
+            epochs_planned=int(self.epochs),
+            best=best_of(self.history),
+            last_epoch=last,
+            final={split: dict(values) for split, values in self.final.items()},
+            error=self.error,
+            notes=notes,
+            setup=dict(self.info),
+            files=run_files(self.run_dir, self.final),
+        )
+
+    def write(self) -> None:
+        """run.json first, then summary.txt rendered from the same record."""
+        record = self.record()
+        self._publish(self.run_dir / RUN_FILE, record.to_json())
+        self._publish(self.run_dir / SUMMARY_FILE, summary_text(record, self.config))
+
+    def _publish(self, path: Path, text: str) -> None:
         try:
             atomic_write(path, text)
         except WriteError:
@@ -231,52 +290,63 @@ class RunRecorder:
             if self.status == "running" or not path.is_file() or not rewrite_in_place(path, text):
                 raise
 
-    def summary_text(self) -> str:
-        now = self.ended or _now()
-        last = self.history[-1] if self.history else {}
-        best = max(self.history, key=lambda r: r.get("val/acc", -1), default={})
-        notes = self.notes[:]
-        if self.status == "reporting":
-            notes.append(REPORTING_NOTE.format(last=self.run_dir / "weights" / "last.pt"))
-        lines = [
-            "imgcls training run",
-            f"status:         {self.status}",
-            f"run dir:        {self.run_dir}",
-            f"started:        {_fmt_time(self.started)}",
-            *([f"resumed:        {_fmt_time(self.resumed)}"] if self.resumed else []),
-            f"ended:          {_fmt_time(self.ended)}",
-            f"duration:       {str(now - self.started).split('.')[0]}",
-            f"heartbeat:      {_fmt_time(_now())} (pid {os.getpid()} on {socket.gethostname()})",
-            f"epoch:          {int(last.get('epoch', 0))} of {self.epochs}",
-            *(f"note:           {note}" for note in notes),
-            "",
-            f"best val acc:   {_pct(best.get('val/acc'))} at epoch {int(best['epoch']) if best else '-'}",
-            f"final val acc:  {_pct(last.get('val/acc'))}",
-            f"final train acc:{' '}{_pct(last.get('train/acc'))}",
-            f"final losses:   train {last.get('train/loss', float('nan')):.4f}, val {last.get('val/loss', float('nan')):.4f}",
-        ]
-        if last.get("train/images_per_s"):
-            lines.append(
-                f"speed:          train {last['train/images_per_s']:.1f} images/s "
-                f"({last['train/time_s']:.1f} s/epoch), val {last['val/images_per_s']:.1f} images/s"
-            )
-        if last.get("bn_recal/time_s") is not None and last.get("train/time_s"):
-            lines.append(
-                f"bn recal cost:  {last['bn_recal/time_s']:.1f} s before each validation "
-                f"({last['bn_recal/time_s'] / last['train/time_s']:.0%} of a training epoch), "
-                f"{int(last['bn_recal/images'])} images"
-            )
-        for split in ("train", "val", "test"):
-            key = f"{split}/acc_best_weights"
-            if key in self.final:
-                lines.append(f"{split} acc (best weights): {_pct(self.final[key])}")
-        lines.append("")
-        lines += [f"{k + ':':<15} {v}" for k, v in self.info.items()]
-        if self.error:
-            lines += ["", "error:", *("  " + line for line in self.error.rstrip().splitlines())]
-        lines += [
-            "",
-            "config:",
-            *("  " + line for line in yaml.safe_dump(self.config, sort_keys=False).splitlines()),
-        ]
-        return "\n".join(lines) + "\n"
+
+# the record's durations that are sums of metrics.csv's per-epoch times
+SUMMED = (("train_s", "train/time_s"), ("validation_s", "val/time_s"), ("bn_recal_s", "bn_recal/time_s"))
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat(timespec="seconds") if t else None
+
+
+def _shown_time(iso: str | None) -> str:
+    """A record's ISO time as summary.txt shows it, in this machine's zone (its name, e.g. CET)."""
+    return _fmt_time(datetime.fromisoformat(iso).astimezone()) if iso else "-"
+
+
+def summary_text(record: RunRecord, config: dict[str, Any]) -> str:
+    """summary.txt: the record as text for people (and its config), the same lines as before run.json."""
+    last, best = record.last_epoch, record.best
+    total = timedelta(seconds=int(record.durations.get("total_s", 0)))
+    ema = " (the EMA's weights: val/acc_ema)" if best and best.metric != "val/acc" else ""
+    lines = [
+        "imgcls training run",
+        f"status:         {record.status}",
+        f"run dir:        {record.run_dir}",
+        f"started:        {_shown_time(record.started)}",
+        *([f"resumed:        {_shown_time(record.resumed)}"] if record.resumed else []),
+        f"ended:          {_shown_time(record.ended)}",
+        f"duration:       {total}",
+        f"heartbeat:      {_shown_time(record.heartbeat)} (pid {record.pid} on {record.host})",
+        f"epoch:          {record.epochs_done} of {record.epochs_planned}",
+        *(f"note:           {note}" for note in record.notes),
+        "",
+        f"best val acc:   {_pct(best.score if best else None)} at epoch {best.epoch if best else '-'}{ema}",
+        f"final val acc:  {_pct(last.get('val/acc'))}",
+        f"final train acc:{' '}{_pct(last.get('train/acc'))}",
+        f"final losses:   train {last.get('train/loss', float('nan')):.4f}, val {last.get('val/loss', float('nan')):.4f}",
+    ]
+    if last.get("train/images_per_s"):
+        lines.append(
+            f"speed:          train {last['train/images_per_s']:.1f} images/s "
+            f"({last['train/time_s']:.1f} s/epoch), val {last['val/images_per_s']:.1f} images/s"
+        )
+    if last.get("bn_recal/time_s") is not None and last.get("train/time_s"):
+        lines.append(
+            f"bn recal cost:  {last['bn_recal/time_s']:.1f} s before each validation "
+            f"({last['bn_recal/time_s'] / last['train/time_s']:.0%} of a training epoch), "
+            f"{int(last['bn_recal/images'])} images"
+        )
+    for split in SPLITS:
+        if "acc" in record.final.get(split, {}):
+            lines.append(f"{split} acc (best weights): {_pct(record.final[split]['acc'])}")
+    lines.append("")
+    lines += [f"{k + ':':<15} {v}" for k, v in record.setup.items()]
+    if record.error:
+        lines += ["", "error:", *("  " + line for line in record.error.rstrip().splitlines())]
+    lines += [
+        "",
+        "config:",
+        *("  " + line for line in yaml.safe_dump(config, sort_keys=False).splitlines()),
+    ]
+    return "\n".join(lines) + "\n"
