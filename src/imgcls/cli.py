@@ -29,9 +29,6 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
-# Hydra's flags that take their value as the next argument (`--cfg job`, `-cn evaluate`)
-_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
-_FLAGS_WITH_VALUE |= {"--cfg", "-c", "--package", "-p", "--info", "-i", "--experimental-rerun"}
 # the hydra.callbacks that conf/train.yaml names, for Hydra's execution whitelist (Hydra 1.4 warns
 # about, and 1.5 refuses, a config-named target that trusted code did not list)
 CALLBACKS = (
@@ -46,17 +43,23 @@ def split_argv(
     """Split the command line into Hydra's part (flags, hydra.*, the entry's own keys) and the
     overrides of the run's saved config (everything else, e.g. data.root=/other/tree).
 
-    Hydra's struct mode would refuse `data.root=...` on a primary config without a `data` node;
-    these overrides are applied to the saved config instead, with the same grammar. Values of
-    `path_keys` are quoted for Hydra: run directories are named like `10-31-07_batch_size=32,lr=0.01`,
-    whose `=` and `,` Hydra's grammar would reject or read as a sweep.
+    Hydra's own command-line parser says which arguments are overrides (what is left is its flags
+    and their values); struct mode would refuse `data.root=...` on a primary config without a `data`
+    node, so those overrides are applied to the saved config instead (runs.apply_overrides), with
+    the same grammar. Values of `path_keys` are quoted for Hydra: run directories are named like
+    `10-31-07_batch_size=32,lr=0.01`, whose `=` and `,` Hydra's grammar would reject or read as a
+    sweep.
     """
+    # lazy for start-up time: a command without a config (imgcls.sweep) never imports Hydra (0.2 s)
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main reads sys.argv with
+
+    # intermixed: `run_dir=... --cfg job data.root=...` is one command line, as split_argv always read it
+    overrides = get_args_parser().parse_intermixed_args(argv).overrides
     hydra_args: list[str] = []
     run_overrides: list[str] = []
-    takes_value = False
     for arg in argv:
-        if takes_value or arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
-            takes_value = arg in _FLAGS_WITH_VALUE
+        # a flag, a flag's value (`-cn evaluate`), or no override at all (Hydra says what is wrong)
+        if arg not in overrides or ("=" not in arg and not arg.startswith("~")):
             hydra_args.append(arg)
             continue
         key, _, value = arg.partition("=")
@@ -99,16 +102,23 @@ def run_command(
     argv = list(sys.argv[1:] if argv is None else argv)
     if config_name is None:
         return _reported(lambda: task(argv))
+    overrides = None
     if run_paths is not None:
         argv, overrides = split_argv(argv, primary_keys(Path(CONFIG_DIR) / f"{config_name}.yaml"), run_paths)
-        task = _over_run(task, overrides)
     result: list[Any] = []
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, execution_whitelist=CALLBACKS)
     @functools.wraps(task)  # Hydra names the job after the command's module, as it always has
     def job(cfg) -> Any:
+        def call() -> Any:
+            if overrides is None:
+                return task(cfg)
+            from omegaconf import OmegaConf
+
+            return task(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), overrides)
+
         try:
-            result.append(_reported(lambda: task(cfg)))
+            result.append(_reported(call))
         finally:
             _stop_loader_workers()
         return result[-1]  # a sweep's objective (imgcls.train's best val accuracy)
@@ -128,18 +138,6 @@ def _quick_exit() -> None:
     if not getattr(_quick_exit, "registered", False):
         atexit.register(gc.freeze)  # before the command registers its own handlers: runs after them
         _quick_exit.registered = True
-
-
-def _over_run(task: Callable[[dict, list[str]], Any], overrides: list[str]) -> Callable[[Any], Any]:
-    """task(plain cfg, overrides) as a Hydra task function."""
-
-    @functools.wraps(task)
-    def with_overrides(cfg) -> Any:
-        from omegaconf import OmegaConf
-
-        return task(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), overrides)
-
-    return with_overrides
 
 
 @contextmanager
