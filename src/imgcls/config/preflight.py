@@ -11,11 +11,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
+from imgcls.cli import CONFIG_DIR
 from imgcls.config.naming import claim_new_run_dir, env_rank, hold_run_dir, release_all, resumed_dir
-from imgcls.config.targets import locate
+from imgcls.config.targets import group_of, locate, target_problem
 from imgcls.errors import ConfigError, UserError
 
 # keys instantiate() itself reads in any `_target_` node
@@ -50,7 +55,6 @@ def start_run(config: DictConfig) -> None:
     check_added_keys(config, list(config.hydra.overrides.task))
     if env_rank() > 0:
         return  # torchrun: rank 0 claims the directory and hands it to the others
-    from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(config)  # ${hydra:job.override_dirname} in the name reads it
     path = Path(str(OmegaConf.select(config, "hydra.run.dir")))
@@ -73,9 +77,6 @@ def check_added_keys(config: DictConfig, overrides: list[str]) -> None:
     with the value ignored. A key is read when it is an argument of the `_target_` node it is
     added to (`+optimizer.foreach=true`; a `**kwargs` constructor takes any); `+group=option`
     selects a config and `hydra.*` is Hydra's."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-
     adds = [
         o
         for o in OverridesParser.create().parse_overrides(overrides)
@@ -120,8 +121,6 @@ def _hint(config: DictConfig, key: str, known: list[str]) -> str:
 
 def _is_group(config: DictConfig, name: str) -> bool:
     """`+experiment=digits_fast` picks a config file: a group Hydra composed, or a conf/ folder."""
-    from imgcls.cli import CONFIG_DIR
-
     choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
     return name in choices or (Path(CONFIG_DIR) / name).is_dir()
 
@@ -142,8 +141,6 @@ def _parameters(target: str, key: str) -> set[str] | None:
     """The keyword arguments `target` (the node at `key`) takes ("**" for **kwargs); None when it
     cannot be told: a target the build refuses with its own message, or one without a signature.
     Only targets the node's group allows are imported (imgcls.config.targets)."""
-    from imgcls.config.targets import group_of, target_problem
-
     key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)  # transforms.train.0 -> transforms.train[0]
     group = group_of(key)
     if group is None or target_problem(target, group, key) is not None:
@@ -209,8 +206,6 @@ def _existing(keys: list[str], added: set[str]) -> list[str]:
 
 def _compose_without_adds(config: DictConfig, overrides: list[str]) -> DictConfig:
     """The config as composed from the command line without its `+`/`++` overrides."""
-    from hydra import compose
-
     kept = [o for o in overrides if not o.startswith("+")]
     name = OmegaConf.select(config, "hydra.job.config_name") or "train"
     return compose(config_name=name, overrides=kept)

@@ -12,6 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from loguru import logger
+from omegaconf import OmegaConf
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+from omegaconf.grammar_parser import parse
+
 from imgcls.errors import ConfigError
 
 SAVED, CURRENT = "saved", "current"
@@ -97,8 +103,6 @@ def read_saved(raw: Any, source: str, current: Any = None) -> tuple[dict, dict[s
 
 def warn_ignored(ignored: Mapping[str, Any], source: str) -> None:
     """One warning line per saved value that the command's own replaced."""
-    from loguru import logger
-
     for key, value in ignored.items():
         logger.warning(
             f"{key}={_short(value)} from {source} ignored: a saved run does not choose {POLICY[key][1]}; "
@@ -118,8 +122,6 @@ def refuse_resolvers(node: Any, source: str, path: str = "") -> None:
         for i, v in enumerate(node):
             refuse_resolvers(v, source, f"{path}[{i}]")
     elif isinstance(node, str) and "${" in node:
-        from omegaconf.errors import GrammarParseError
-
         try:
             name = _resolver_in(node)
         except GrammarParseError:
@@ -151,8 +153,6 @@ def with_recorded_values(unresolved: Any, recorded: Any) -> Any:
             with_recorded_values(v, inner[i] if i < len(inner) else _ABSENT) for i, v in enumerate(unresolved)
         ]
     if isinstance(unresolved, str) and "${" in unresolved and recorded is not _ABSENT:
-        from omegaconf.errors import GrammarParseError
-
         try:
             calls = _resolver_in(unresolved) is not None
         except GrammarParseError:
@@ -165,9 +165,6 @@ def with_recorded_values(unresolved: Any, recorded: Any) -> Any:
 def resolved(config: dict, source: str) -> dict:
     """The config with its own-key references (the only interpolations read_saved lets through)
     replaced by their values; a reference to a key that is not there is a ConfigError."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         return OmegaConf.to_container(OmegaConf.create(config), resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
@@ -179,9 +176,6 @@ def resolved(config: dict, source: str) -> dict:
 
 def _resolver_in(text: str) -> str | None:
     """The first resolver `text` calls, by OmegaConf's own grammar (what OmegaConf would run)."""
-    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
-    from omegaconf.grammar_parser import parse
-
     stack = [parse(text)]
     while stack:
         tree = stack.pop()
@@ -209,8 +203,6 @@ def _get(config: dict, key: str) -> Any:
 
 
 def _select(current: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
-
     if not OmegaConf.is_config(current):
         return _get(current or {}, key)
     value = OmegaConf.select(current, key, default=_ABSENT, throw_on_missing=False)

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from imgcls.errors import ConfigError
@@ -103,8 +104,6 @@ def trusted_targets() -> dict[str, frozenset[str]]:
 
 @functools.lru_cache(maxsize=8)
 def _trusted(variable: str) -> dict[str, frozenset[str]]:
-    from importlib.metadata import entry_points
-
     entries = [(ep.name.split(".")[0], ep.value.replace(":", "."), f"entry point {ep.name} = {ep.value}")
                for ep in entry_points(group=ENTRY_POINT_GROUP)]  # fmt: skip
     for item in filter(None, (part.strip() for part in re.split(r"[,\s]+", variable))):

@@ -7,6 +7,7 @@ import sys
 from omegaconf import DictConfig
 
 from imgcls.cli import run_command
+from imgcls.config.build import build_data
 from imgcls.errors import DataError
 
 USAGE = "usage: python -m imgcls.data check [data=<option>] [data.<key>=<value> ...]"
@@ -14,8 +15,6 @@ USAGE = "usage: python -m imgcls.data check [data=<option>] [data.<key>=<value> 
 
 def check(cfg: DictConfig) -> None:
     """Print the report; raise (exit 2) when training would refuse this tree, return (exit 0) otherwise."""
-    from imgcls.config.build import build_data
-
     data = build_data(cfg.data)
     report, _ = data.inspect()  # a UserError here stopped before the scan (no root, no train/)
     print(report.text())

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torchvision.ops  # noqa: F401  registers torch.ops.torchvision (DeviceCrop.apply's roi_align)
 from torch.utils.data import get_worker_info
+from torchvision.transforms import v2
 
 from imgcls.errors import ConfigError
 
@@ -73,8 +75,6 @@ class Crops(NamedTuple):
 
     def apply(self, device: torch.device) -> torch.Tensor:
         """(N, C, height, width) float in [0, 255] on `device`: each region resized, then flipped."""
-        import torchvision.ops  # noqa: F401  registers torch.ops.torchvision
-
         pixels = self.pixels.to(device, non_blocking=True)
         rois = self.rois.to(device, non_blocking=True)
         flips = self.flips.to(device, non_blocking=True)
@@ -117,8 +117,6 @@ class DeviceCrop:
     def of(cls, pipeline: Any) -> DeviceCrop | None:
         """The DeviceCrop doing what `pipeline` (a v2.Compose) does, or None when it does more
         or other things than a bilinear RandomResizedCrop, optionally then a RandomHorizontalFlip."""
-        from torchvision.transforms import v2
-
         steps = list(getattr(pipeline, "transforms", None) or [])
         if not steps or type(steps[0]) is not v2.RandomResizedCrop or len(steps) > 2:
             return None

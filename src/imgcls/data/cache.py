@@ -23,6 +23,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from imgcls.data.images import (
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_FORMATS,
+    MB,
+    BadImageError,
+    file_problem,
+    load_image,
+    reason,
+)
+from imgcls.errors import DataError
 from imgcls.files import atomic_path, atomic_write
 
 MODES = ("none", "memory", "disk")
@@ -34,8 +45,6 @@ def decode(
     """RGB uint8 CHW (imgcls.data.load_image: EXIF orientation, alpha, 16-bit); with `size`, the
     shorter side is resized to it (never enlarged) once here, instead of at full resolution every
     epoch. Only a regular file of at most max_bytes is read (data.max_file_mb)."""
-    from imgcls.data.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, MB, load_image
-
     image = load_image(path, max_pixels or DEFAULT_MAX_PIXELS, max_bytes or DEFAULT_MAX_FILE_MB * MB)
     if size and min(image.size) > size:
         w, h = image.size
@@ -47,9 +56,6 @@ def decode(
 def changed_since_check(path: str | Path, exc: Exception) -> Exception:
     """The error for a file that the data check (or predict's) decoded and that now fails: it
     changed or vanished since. A DataError naming the file, never a traceback."""
-    from imgcls.data.images import BadImageError, reason
-    from imgcls.errors import DataError
-
     why = str(exc) if isinstance(exc, BadImageError) else f"cannot decode ({reason(exc)})"
     return DataError(f"cannot decode image {path}: {why} (it decoded when checked: it changed since)")
 
@@ -57,8 +63,6 @@ def changed_since_check(path: str | Path, exc: Exception) -> Exception:
 def decoded_shape(path: str | Path, size: int | None = None) -> tuple[int, int, int]:
     """The CHW shape `decode(path, size)` returns, from the file's header alone (EXIF rotations by
     90 degrees swap the sides)."""
-    from imgcls.data.images import IMAGE_FORMATS
-
     with Image.open(
         path, formats=IMAGE_FORMATS
     ) as im:  # the header only: Pillow decodes nothing until load()
@@ -160,8 +164,6 @@ def build_store(
             raise changed_since_check(path, exc) from exc
 
     def shape(path: str) -> tuple[int, int, int]:
-        from imgcls.data.images import BadImageError, file_problem
-
         try:
             problem = file_problem(path, max_bytes) if max_bytes else file_problem(path)
             if problem:  # swapped for a FIFO or a device since the check: Image.open would block on it

@@ -21,7 +21,7 @@ FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 
 def split_indices(targets: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
     """A stratified train/val/test split of range(len(targets)), the same for the same seed."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # lazy: scikit-learn's start-up, data=digits only
 
     index = np.arange(len(targets))
     rest = FRACTIONS["val"] + FRACTIONS["test"]
@@ -37,7 +37,7 @@ def split_indices(targets: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, np.n
 
 def write_digits(root: Path) -> None:
     """Write <root>/{train,val,test}/<digit>/<index>.png atomically (a temp folder, then a rename)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn's start-up, data=digits only
 
     digits = load_digits()
     # 0..16 gray levels -> 0..255 so the PNGs look like what they are

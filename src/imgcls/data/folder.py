@@ -14,6 +14,7 @@ from typing import Any
 from imgcls.data import check, splits
 from imgcls.data.augment import setting
 from imgcls.data.cache import MODES
+from imgcls.data.download import fetch_tree
 from imgcls.data.images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, MB
 from imgcls.data.listing import find_classes, scan_class
 from imgcls.data.record import DataRecord
@@ -112,7 +113,6 @@ class ImageFolderData:
                     "someone else. Fetch the tree yourself (python -m imgcls.data check with the same "
                     "data options), or point data.root at it."
                 )
-            from imgcls.data.download import fetch_tree
 
             fetch_tree(root=self.root, **self.download)
         if not self.root.is_dir():

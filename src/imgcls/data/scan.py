@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.data.images import DEFAULT_MAX_FILE_MB, MB, BadImageError, load_image, read_image_file
+from imgcls.files import WriteError, atomic_write
 from imgcls.log import progress
 
 CACHE_VERSION = 1  # bump when what a record means changes: old caches are then ignored
@@ -139,7 +140,6 @@ def _write_cache(path: Path, root: Path, limits: dict[str, int], records: dict[s
             rel: [r.size, r.mtime_ns, r.sha256, r.width, r.height, r.error] for rel, r in records.items()
         },
     }
-    from imgcls.files import WriteError, atomic_write
 
     try:  # a concurrent run reads the old cache or the new one, never half
         atomic_write(path, json.dumps(payload, separators=(",", ":")), durable=False)

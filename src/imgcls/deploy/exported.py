@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from imgcls.data.images import DEFAULT_MAX_PIXELS, load_image
 from imgcls.errors import UserError
 
 METADATA_KEY = "imgcls"  # the JSON document every export carries (ONNX metadata_props, safetensors header)
@@ -71,8 +73,6 @@ def apply_steps(image, steps: Sequence[dict]) -> np.ndarray:
     """A decoded RGB Pillow image through the steps -> uint8 CHW array, as the eval pipeline gives
     it to the model (Pillow's bilinear resize stands in for torchvision's antialiased one: pixel
     values can differ by a few levels; `python -m imgcls.export` measures by how much)."""
-    from PIL import Image
-
     for step in steps:
         op = step["op"]
         if op == "resize_shorter_pil":
@@ -110,7 +110,7 @@ def weights_digest(arrays: Sequence[tuple[str, bytes]]) -> str:
 
 def onnx_digest(model) -> str:
     """The digest of an ONNX graph: its initializers and nodes (metadata_props is outside it)."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # lazy: onnx costs 1 s of start-up, and only ONNX files need it
 
     arrays = [(f"init:{t.name}", numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer]
     arrays.append(("graph:nodes", b"".join(n.SerializeToString() for n in model.graph.node)))
@@ -120,8 +120,8 @@ def onnx_digest(model) -> str:
 def read_onnx(path: Path):
     """(onnx ModelProto, metadata): refuses a file that is missing, not ONNX, not an imgcls export,
     or whose graph changed since export (digest)."""
-    import onnx
-    from google.protobuf.message import DecodeError
+    import onnx  # lazy: 1 s of start-up, and only ONNX files need it
+    from google.protobuf.message import DecodeError  # protobuf comes with onnx
 
     path = Path(path)
     if not path.is_file():
@@ -164,7 +164,7 @@ class OnnxClassifier:
     """An exported ONNX model under ONNX Runtime: images in, class probabilities out."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: only the ONNX predictor runs a model here
 
         self.path = Path(path)
         model, self.metadata = read_onnx(self.path)
@@ -192,8 +192,6 @@ class OnnxClassifier:
         return self.session.run(["logits"], {self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
 
     def preprocess(self, path: str | Path, max_pixels: int | None = None) -> np.ndarray:
-        from imgcls.data.images import DEFAULT_MAX_PIXELS, load_image
-
         if self.torch_free_problem:
             raise ExportError(f"{self.path}: {self.torch_free_problem}. Predict with the run instead: "
                               "python -m imgcls.predict run_dir=<run> inputs=[...]")  # fmt: skip

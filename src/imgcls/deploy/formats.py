@@ -3,14 +3,32 @@ names, preprocessing and a weights digest as metadata. Called by `python -m imgc
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import warnings
 from pathlib import Path
+
+import numpy as np
+import torch
+from loguru import logger
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from imgcls.data.images import DEFAULT_MAX_PIXELS, load_image
+from imgcls.deploy.exported import (
+    METADATA_KEY,
+    ExportError,
+    OnnxClassifier,
+    apply_steps,
+    onnx_digest,
+    parse_metadata,
+    weights_digest,
+)
 
 
 def tensor_bytes(state: dict) -> list[tuple[str, bytes]]:
     """(name, raw bytes) of each tensor, for formats' weights digests (any dtype, bfloat16 too)."""
-    import torch
-
     return [
         (k, v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         for k, v in state.items()
@@ -18,16 +36,7 @@ def tensor_bytes(state: dict) -> list[tuple[str, bytes]]:
 
 
 def write_onnx(path: Path, model, images, metadata: dict, cfg: dict):
-    import logging
-    import warnings
-
-    import numpy as np
-    import onnx
-    import torch
-    from loguru import logger
-
-    from imgcls.data.images import DEFAULT_MAX_PIXELS, load_image
-    from imgcls.deploy.exported import METADATA_KEY, OnnxClassifier, apply_steps, onnx_digest
+    import onnx  # lazy: 1 s of start-up, for format=onnx only
 
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their optimizer passes log at INFO, per pass
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -88,12 +97,6 @@ def write_onnx(path: Path, model, images, metadata: dict, cfg: dict):
 
 
 def write_torchscript(path: Path, model, images, metadata: dict):
-    import warnings
-
-    import torch
-
-    from imgcls.deploy.exported import weights_digest
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, and still works
         traced = torch.jit.trace(model, images, check_trace=False)
@@ -106,12 +109,6 @@ def write_torchscript(path: Path, model, images, metadata: dict):
 
 def read_torchscript(path: Path):
     """(scripted module, metadata), refusing a file whose weights changed since export."""
-    import warnings
-
-    import torch
-
-    from imgcls.deploy.exported import ExportError, parse_metadata, weights_digest
-
     files = {"imgcls.json": ""}
     try:
         with warnings.catch_warnings():
@@ -128,13 +125,6 @@ def read_torchscript(path: Path):
 
 
 def write_safetensors(path: Path, restored, images, metadata: dict):
-    import copy
-
-    import torch
-    from safetensors.torch import save_file
-
-    from imgcls.deploy.exported import METADATA_KEY, weights_digest
-
     state = {k: v.detach().cpu().contiguous().clone() for k, v in restored.model.state_dict().items()}
     metadata = {**metadata, "weights_sha256": weights_digest(tensor_bytes(state))}
     save_file(state, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
@@ -150,11 +140,6 @@ def write_safetensors(path: Path, restored, images, metadata: dict):
 def read_safetensors(path: Path) -> tuple[dict, dict]:
     """(state dict, metadata), refusing a file whose weights changed since export. Load the state
     dict into the model that metadata["config"]["model"] builds (normalization is not inside)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    from imgcls.deploy.exported import METADATA_KEY, ExportError, parse_metadata, weights_digest
-
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

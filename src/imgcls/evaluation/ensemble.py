@@ -10,6 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from imgcls.config import build as b
+from imgcls.data.loaders import make_loader
+from imgcls.evaluation import metrics as m
+from imgcls.evaluation.inference import Predictions, predict
+from imgcls.evaluation.labels import checked_record, labelled_record
+from imgcls.runs import find_checkpoint, load_run, restore
+
 
 @dataclass
 class Member:
@@ -29,11 +36,6 @@ class Member:
 
     def predict(self, views: list[str], crop_scale: float) -> None:
         """Build the model on its device, predict every sample of the split, free the model."""
-        from imgcls.config import build as b
-        from imgcls.data.loaders import make_loader
-        from imgcls.evaluation.inference import predict
-        from imgcls.runs import restore
-
         restored = restore(self.config, self.state, self.checkpoint)
         # class-weighted losses weigh by the train split's counts, which the checkpoint keeps
         loss_fn = b.build_loss(self.config["loss"], class_counts=self.state.get("class_counts"))
@@ -61,10 +63,6 @@ class Member:
 def load_member(run_dir: Path, cfg: dict, overrides: list[str], split: str) -> Member:
     """The run's checkpoint and config (overrides on top, every _target_ checked) and its split's
     samples labelled by the checkpoint's classes: every error here comes before any prediction."""
-    from imgcls.config import build as b
-    from imgcls.evaluation.labels import checked_record, labelled_record
-    from imgcls.runs import find_checkpoint, load_run
-
     checkpoint = find_checkpoint(run_dir, cfg["checkpoint"])
     config, state = load_run(run_dir, checkpoint, overrides)
     class_names = list(state["class_names"])
@@ -78,8 +76,6 @@ def load_member(run_dir: Path, cfg: dict, overrides: list[str], split: str) -> M
 def ensemble_predictions(members: list[Any]):
     """The mean of the members' softmax probabilities, sample by sample (they share one loader
     order); logits are its log, losses the negative log-likelihood of the true class."""
-    from imgcls.evaluation.inference import Predictions
-
     probs = np.mean([p.probs for p in members], axis=0)
     targets = members[0].targets
     log_probs = np.log(np.maximum(probs, np.finfo(np.float64).tiny))  # a 0 is floored, not -inf
@@ -88,8 +84,6 @@ def ensemble_predictions(members: list[Any]):
 
 
 def member_row(member: Member, split: str, k: int, n_bins: int) -> dict:
-    from imgcls.evaluation import metrics as m
-
     s = m.summary(split, member.predictions, k, n_bins)
     return {
         "run_dir": str(member.run_dir),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 # machine-wide, so two sweeps started side by side share the GPUs out instead of doubling up
 LOCK_DIR = Path(tempfile.gettempdir()) / f"imgcls-gpu-slots-{os.getuid()}"
@@ -53,12 +54,10 @@ class OneGpuPerJob(Callback):
         self.fd: int | None = None
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        from omegaconf import OmegaConf
-
         multirun = str(OmegaConf.select(config, "hydra.mode")).endswith("MULTIRUN")
         if not multirun or str(config.get("device")) not in ("auto", "cuda"):
             return
-        import torch
+        import torch  # lazy: 1.5 s of start-up; only a multirun on CUDA asks it for the GPU count
 
         count = torch.cuda.device_count()
         if count > 1:

@@ -17,11 +17,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from loguru import logger
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from imgcls.data.loaders import make_loader
+from imgcls.data.sampling import mix, set_epoch
+from imgcls.errors import ConfigError
 from imgcls.training.distributed import SINGLE, Dist
+from imgcls.training.engine import to_device
 from imgcls.training.speed import FP32, Precision
 
 if TYPE_CHECKING:
@@ -54,8 +59,6 @@ def recalibrate(
     gives over all the ranks' batches. Momentum, num_batches_tracked, the train/eval flag of every
     module and the global random generators are left as they were (dropout and stochastic depth
     draw from `seed` inside a fork). Returns the number of batches (over all ranks); 0 changes nothing."""
-    from imgcls.training.engine import to_device
-
     layers = batchnorm_layers(model)
     if not layers:
         return 0
@@ -80,8 +83,6 @@ def recalibrate(
                     s[1] += m.running_var.double()
                 count += 1
         if d.enabled:
-            import torch.distributed as dist
-
             flat = torch.cat(
                 [s.flatten() for s in sums] + [torch.tensor([count], dtype=torch.float64, device=device)]
             )
@@ -120,8 +121,6 @@ class Recalibration:
 
     def __call__(self, models: Iterable[nn.Module], epoch: int) -> dict[str, float]:
         """{"bn_recal/time_s", "bn_recal/images"}: what it cost; {} when no model has BatchNorm."""
-        from imgcls.data.sampling import mix, set_epoch
-
         models = [m for m in models if batchnorm_layers(m)]
         if not models:
             return {}
@@ -150,10 +149,6 @@ def build_recalibration(
 ) -> Recalibration | None:
     """trainer.bn_recalibration -> a Recalibration, or None when it is off. `max_share` caps its
     batches at that share of an epoch's `epoch_batches` training batches, rounded up."""
-    from imgcls.data.loaders import make_loader
-    from imgcls.data.sampling import mix
-    from imgcls.errors import ConfigError
-
     settings = settings or {}
     if not settings.get("enabled"):
         return None

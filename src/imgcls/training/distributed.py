@@ -11,6 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from imgcls.errors import UserError
+from imgcls.log import setup_logging
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -63,8 +66,6 @@ def enter(cfg: Any, run_dir: Path) -> tuple[Dist, str, Path, list[int]]:
     Under torchrun every rank runs this; rank 0 names the run directory and alone writes to it and
     logs into it (a resume once it is accepted: a refused one leaves the run as it was); the other
     ranks log errors only, or everything with trainer.log_all_ranks."""
-    from imgcls.log import setup_logging
-
     d, device_spec = init(str(cfg.get("device") or "auto"))
     if not d.main and run_dir.name.startswith("imgcls-rank"):
         run_dir.rmdir()  # the placeholder naming.run_dir gave Hydra on this rank
@@ -96,8 +97,6 @@ def rank0_first(fn: Callable[[], Any], d: Dist) -> Any:
     """fn() on rank 0, then on the others (which then find its files and caches ready); returns
     this rank's fn(). A user error on rank 0 stops every rank with its message, instead of
     leaving them waiting forever."""
-    from imgcls.errors import UserError
-
     if not d.enabled:
         return fn()
     result = None

@@ -5,19 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from loguru import logger
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from imgcls.checkpoint import CheckpointError
+from imgcls.config import build as b
 from imgcls.errors import ConfigError
+from imgcls.models import TIMM_TARGET as TIMM
+from imgcls.models.pretrained_input import with_pretrained_input
+from imgcls.models.torchvision import architecture_only, count_parameters
+from imgcls.training.batchnorm import batchnorm_layers
 from imgcls.training.distributed import SINGLE, Dist
-from imgcls.training.engine import Placement
-from imgcls.training.recipes import Recipe
-from imgcls.training.speed import FP32, Precision
-
-if TYPE_CHECKING:
-    from imgcls.training.run_data import DataParts
+from imgcls.training.engine import Placement, resolve_device
+from imgcls.training.recipes import Recipe, build_mix, make_ema, scheduler_interval
+from imgcls.training.run_data import DataParts, build_data
+from imgcls.training.seeding import configure_determinism, seed_everything
+from imgcls.training.speed import FP32, Precision, compile_model, resolve_channels_last, resolve_precision
 
 
 @dataclass
@@ -81,8 +88,6 @@ def resolve_speed(trainer: dict, device: torch.device, train: bool) -> tuple[Pre
     """(precision, channels_last), the one place both are resolved: evaluation then runs in the
     memory format training ran in (`auto` per device, as in training). Evaluation and prediction
     stay in fp32 (as they always were): their numbers do not depend on a training speed setting."""
-    from imgcls.training.speed import resolve_channels_last, resolve_precision
-
     channels_last = resolve_channels_last(trainer.get("channels_last", "auto"), device)
     if not train:
         return FP32, channels_last
@@ -105,14 +110,6 @@ def build_run(
     and, for a resume (`ckpt`), the checkpoint's split and classes; the states are restored by
     resume.resume_into. Otherwise the model of the config with `weights` = (checkpoint state,
     its path), on the device and in the memory format training used."""
-    from loguru import logger
-
-    from imgcls.config import build as b
-    from imgcls.models.pretrained_input import with_pretrained_input
-    from imgcls.training.engine import resolve_device
-    from imgcls.training.run_data import build_data
-    from imgcls.training.seeding import configure_determinism, seed_everything
-
     b.check_sizes(config)  # every command's config, a saved run's too: by key, before anything is allocated
     trainer = config.get("trainer") or {}
     if train:
@@ -144,10 +141,6 @@ def build_run(
 
 
 def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
-    from imgcls.checkpoint import CheckpointError
-    from imgcls.config import build as b
-    from imgcls.models.torchvision import architecture_only
-
     # the checkpoint holds every weight: a run evaluates without its pretrained weights or the network
     model = b.build_model(architecture_only(config["model"]), num_classes=len(state["class_names"]))
     try:
@@ -169,11 +162,6 @@ def _placed(model: nn.Module, place: Placement) -> nn.Module:
 def _build_training(
     config: dict, place: Placement, pipelines: dict, parts: DataParts, resumed: bool = False
 ) -> Run:
-    from imgcls.config import build as b
-    from imgcls.models.torchvision import architecture_only
-    from imgcls.training.recipes import build_mix, make_ema, scheduler_interval
-    from imgcls.training.speed import compile_model
-
     trainer, d = config["trainer"], place.d
     # a resume restores every weight: it rebuilds without its pretrained weights or the network
     node = architecture_only(config["model"]) if resumed else config["model"]
@@ -196,8 +184,6 @@ def _build_training(
     model = _placed(model, place)
     train_model = model
     if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         device = place.device
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -223,10 +209,6 @@ def _build_training(
 
 def describe(run: Run) -> dict[str, str]:
     """The summary's lines about what the run is: device, model, data, settings, batch."""
-    from imgcls.models import TIMM_TARGET as TIMM
-    from imgcls.models.torchvision import count_parameters
-    from imgcls.training.batchnorm import batchnorm_layers
-
     config, trainer, device = run.config, run.trainer, run.device
     if device.type == "cuda":
         where = f"{device} ({torch.cuda.get_device_name(device)})"

@@ -7,8 +7,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from loguru import logger
+
+from imgcls.config import build as b
+from imgcls.data.augment import resolve as resolve_augment
+from imgcls.data.loaders import make_loader
+from imgcls.data.splits import describe
 from imgcls.names import shown
+from imgcls.training import distributed
+from imgcls.training.batchnorm import build_recalibration
 from imgcls.training.engine import Placement
+from imgcls.training.losses import class_counts
+from imgcls.training.resume import check_classes
 
 
 @dataclass
@@ -31,17 +41,6 @@ class DataParts:
 
 def build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | None, split_file) -> DataParts:
     """Every use of the data object while a training run is built: checked, split, loaded."""
-    from loguru import logger
-
-    from imgcls.config import build as b
-    from imgcls.data.augment import resolve as resolve_augment
-    from imgcls.data.loaders import make_loader
-    from imgcls.data.splits import describe
-    from imgcls.training import distributed
-    from imgcls.training.batchnorm import build_recalibration
-    from imgcls.training.losses import class_counts
-    from imgcls.training.resume import check_classes
-
     d, device = place.d, place.device
     data = b.build_data(config["data"])
     recorded = ckpt.get("data_split") if ckpt else None  # a carved val split or fold: the same files
