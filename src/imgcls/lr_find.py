@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from loguru import logger
 from omegaconf import DictConfig
 
 from imgcls.cli import run_command
+from imgcls.config.build import plain
 from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
+from imgcls.log import setup_logging, teardown_logging
 from imgcls.names import csv_text, literal_text
 
 register_resolvers()  # lr_find.yaml names its run directory with ${run_label:...}
@@ -48,8 +52,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 
 
 def find(config: dict, run_dir: Path) -> float:
-    from loguru import logger
-
+    # lazy: torch and the run builder load after Hydra has parsed the command line (--help stays fast)
     from imgcls.training.engine import to_device
     from imgcls.training.run import build_run
 
@@ -106,7 +109,7 @@ def find(config: dict, run_dir: Path) -> float:
 
 @literal_text()  # every figure of the project draws its text as written (names.literal_text)
 def plot(lrs: list[float], smoothed: list[float], best: float, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib's start-up, for the one figure at the end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,10 +134,6 @@ def main() -> None:
 
 def job(cfg: DictConfig) -> float:
     """The range test as Hydra's job, logging to <its directory>/lr_find.log."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from imgcls.config.build import plain
-    from imgcls.log import setup_logging, teardown_logging
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ids = setup_logging(run_dir / "lr_find.log")

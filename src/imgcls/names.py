@@ -117,7 +117,7 @@ def literal_text() -> Iterator[None]:
     "$\\frac{$" raises at the first draw (tight_layout, savefig). A Text keeps the setting it was
     made with; figures are built and saved inside this context, so the tick labels matplotlib
     makes while it draws are literal too. usetex off: LaTeX would read a name as markup."""
-    import matplotlib
+    import matplotlib  # lazy: names is on every command's start-up path, figures are not
 
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
         yield
@@ -125,7 +125,7 @@ def literal_text() -> Iterator[None]:
 
 def draw_literally(fig) -> None:
     """Every text already in `fig` drawn as written (for a figure made outside literal_text)."""
-    from matplotlib.text import Text
+    from matplotlib.text import Text  # lazy: see literal_text
 
     for text in fig.findobj(Text):
         text.set_parse_math(False)
