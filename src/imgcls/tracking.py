@@ -15,7 +15,7 @@ from loguru import logger
 
 from imgcls.errors import ConfigError
 from imgcls.files import atomic_write
-from imgcls.run_record import RUN_FILE, RunRecord
+from imgcls.run_record import RunRecord
 
 RUN_ID_KEY = "mlflow_run_id"  # the checkpoint entry a resume reads to continue the same MLflow run
 PARENT_FILE = "mlflow_parent.json"  # in a sweep's directory: the parent run its jobs are nested under
@@ -344,7 +344,7 @@ class MlflowTracker(NullTracker):
     @contextlib.contextmanager
     def ended(self, interrupted: tuple[type[BaseException], ...]) -> Iterator[None]:
         """The MLflow run ends as the imgcls run did: FINISHED, KILLED (a signal, Ctrl-C: resume
-        continues it) or FAILED; with run.json, summary.txt and the reports as artifacts."""
+        continues it) or FAILED; with summary.txt and the reports as artifacts."""
         status = "FAILED"
         try:
             yield
@@ -357,7 +357,7 @@ class MlflowTracker(NullTracker):
                 self._end(status)
 
     def _end(self, status: str) -> None:
-        files = [self.run_dir / RUN_FILE, self.run_dir / "summary.txt"]
+        files = [self.run_dir / "summary.txt"]
         files += [p for pattern in REPORT_GLOBS for p in sorted(self.run_dir.glob(pattern))]
         if status == "FINISHED" and self.settings.get("log_checkpoint"):
             files.append(self.run_dir / "weights" / "best.pt")
