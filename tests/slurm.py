@@ -96,7 +96,9 @@ def slurm_cluster_session():
     why, cluster = _why_not(conf)
     if why and os.environ.get("IMGCLS_TEST_START_SLURM") == "1":
         _start(conf)
-        started = True
+        # under pytest-xdist each worker runs this fixture and the first to finish would stop the cluster
+        # under the others: there it stays up (tools/slurm_cluster.sh stop ends it)
+        started = not os.environ.get("PYTEST_XDIST_WORKER")
         why, cluster = _why_not(conf)
     if why:
         message = f"no SLURM cluster: {why}; start one with `tools/slurm_cluster.sh start`"

@@ -153,13 +153,14 @@ wait_for() {  # wait_for <seconds> <what> <command...>: poll until the command s
 }
 
 # every daemon's stdin and stdout go to /dev/null and its log: one holding the caller's stdout would keep
-# a pipe (`tools/slurm_cluster.sh start | tee`, CI's log) open after this script exits
+# a pipe (`tools/slurm_cluster.sh start | tee`, CI's log) open after this script exits, and none keeps the
+# start lock (fd 9) that would make the next start or stop wait for it
 start_munged() {
   pid_of munged >/dev/null && return 0
   [[ -s $DIR/run/munge.key ]] || (umask 077 && mungekey --create --keyfile="$DIR/run/munge.key" >&2)
   rm -f "$DIR/run/munge.socket" "$DIR/run/munge.socket.lock"
   munged --key-file="$DIR/run/munge.key" --socket="$DIR/run/munge.socket" --pid-file="$DIR/run/munged.pid" \
-    --log-file="$DIR/log/munged.log" --seed-file="$DIR/run/munged.seed" --num-threads=2 </dev/null >/dev/null 2>&1 \
+    --log-file="$DIR/log/munged.log" --seed-file="$DIR/run/munged.seed" --num-threads=2 </dev/null >/dev/null 2>&1 9>&- \
     || die "munged did not start: $DIR/log/munged.log"
   wait_for 10 "munged answering" timeout 10 sh -c "echo | munge --socket='$DIR/run/munge.socket' | unmunge --socket='$DIR/run/munge.socket'"
 }
@@ -177,7 +178,7 @@ start_mariadbd() {
     setsid mariadbd --no-defaults --datadir="$DIR/mysql" --user=root --socket="$DIR/run/mysqld.sock" \
       --pid-file="$DIR/run/mariadbd.pid" --port="$DB_PORT" --bind-address=127.0.0.1 \
       --log-error="$DIR/log/mariadb.log" --innodb-buffer-pool-size=512M --innodb-log-file-size=64M --innodb-lock-wait-timeout=900 \
-      </dev/null >/dev/null 2>&1 &
+      </dev/null >/dev/null 2>&1 9>&- &
     wait_for 60 "MariaDB answering on $DIR/run/mysqld.sock" mariadb_sql -e "SELECT 1"
   fi
   # over TCP from 127.0.0.1 MariaDB may see the client as localhost or 127.0.0.1: grant both
@@ -192,15 +193,15 @@ EOF
 
 start_slurm_daemons() {
   if ! pid_of slurmdbd >/dev/null; then
-    slurmdbd </dev/null >/dev/null 2>&1 || die "slurmdbd did not start: $DIR/log/slurmdbd.log"
+    slurmdbd </dev/null >/dev/null 2>&1 9>&- || die "slurmdbd did not start: $DIR/log/slurmdbd.log"
     # slurmctld registers the cluster with slurmdbd when it connects, so slurmdbd must answer first
     wait_for 60 "slurmdbd answering" timeout 20 sacctmgr -n list cluster
   fi
   if ! pid_of slurmctld >/dev/null; then
-    slurmctld </dev/null >/dev/null 2>&1 || die "slurmctld did not start: $DIR/log/slurmctld.log"
+    slurmctld </dev/null >/dev/null 2>&1 9>&- || die "slurmctld did not start: $DIR/log/slurmctld.log"
   fi
   if ! pid_of slurmd >/dev/null; then
-    slurmd </dev/null >/dev/null 2>&1 || die "slurmd did not start: $DIR/log/slurmd.log"
+    slurmd </dev/null >/dev/null 2>&1 9>&- || die "slurmd did not start: $DIR/log/slurmd.log"
   fi
   wait_for 60 "the node $(hostname -s) idle in sinfo" timeout 20 sh -c "sinfo -h -N -n '$(hostname -s)' -o %t | grep -qx 'idle\|mix\|alloc'"
   wait_for 30 "cluster $CLUSTER registered in slurmdbd" timeout 20 sh -c "sacctmgr -n -P list cluster format=cluster | grep -qx '$CLUSTER'"
@@ -271,9 +272,17 @@ stop() {
   rm -f "$DIR"/run/*.pid
 }
 
+# one start or stop at a time per folder (test workers may each ask for the cluster): the second waits,
+# then finds the daemons running and only checks them
+lock() {
+  mkdir -p "$DIR"
+  exec 9>"$DIR/lock"
+  flock -w 600 9 || die "another tools/slurm_cluster.sh holds $DIR/lock"
+}
+
 case $cmd in
-  start) start ;;
-  stop) stop ;;
+  start) lock && start ;;
+  stop) lock && stop ;;
   status) status ;;
   *) echo "usage: $0 start|stop|status [dir]   (dir: default /tmp/imgcls-slurm)" >&2; exit 2 ;;
 esac
