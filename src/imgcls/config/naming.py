@@ -138,7 +138,8 @@ class RunDirBusy(RunDirTaken):
 # two hosts sharing a run folder exclude each other too; POSIX locks drop when the process closes
 # ANY descriptor of the file, which is why the holder writes its content through the locked
 # descriptor and never opens the file again (only other processes read it, for their message).
-# resolved run directory -> (the descriptor holding its flock, what this process wrote in the file)
+# resolved run directory -> (the descriptor holding its flock, what this process wrote in the file,
+# what the file said before)
 _held: dict[Path, tuple[int, str]] = {}
 
 
@@ -206,7 +207,7 @@ def _take(path: Path, fd: int, before: str) -> None:
         )
     stamp = _stamp("claimed")
     _write_claim(fd, stamp)
-    _held[path.resolve()] = fd, stamp
+    _held[path.resolve()] = fd, stamp, before
 
 
 def _stamp(what: str) -> str:
@@ -261,12 +262,14 @@ def hold_run_dir(path: Path) -> None:
 
 def release_run_dir(path: Path) -> None:
     """Let go of this process's claim on `path` (its final summary is written): the claim then
-    says it was released, so the next process that takes it does not call it stale."""
-    fd, _ = _held.pop(Path(path).resolve(), (None, ""))
+    says it was released, so the next process that takes it does not call it stale. A claim that
+    was released before (a resumed run, a sweep job) gets its old text back: a refused resume
+    leaves its run byte for byte as it was."""
+    fd, _, before = _held.pop(Path(path).resolve(), (None, "", ""))
     if fd is None:
         return
     try:
-        _write_claim(fd, _stamp("released"))
+        _write_claim(fd, before if before.startswith("released by") else _stamp("released"))
     except OSError:
         pass  # a full disk: the lock still goes with the descriptor, and a stale claim is harmless
     os.close(fd)

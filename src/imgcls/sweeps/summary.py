@@ -179,7 +179,12 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
     """
 
     sweep_dir = Path(sweep_dir)
+    stream = stream or sys.stdout
     jobs = rank([read_job(j) for j in job_dirs(sweep_dir)])
+    if not jobs:  # a sweep refused before its first job (a misspelt key, a bad storage URL): no folder made
+        print(f"\nsweep {sweep_dir}: no job ran; nothing written", file=stream)
+        stream.flush()
+        return jobs
     keys = swept_keys(jobs)
     write_csv(jobs, keys, sweep_dir / "sweep_summary.csv")
     folds = crossval.cv_groups(jobs, keys)  # [] unless jobs have a data.fold override
@@ -191,7 +196,6 @@ def summarize(sweep_dir: Path, stream=None) -> list[dict[str, Any]]:
     plotted = write_objective_plot(jobs, keys, sweep_dir / "sweep_objective.png")
     write_hparams(jobs, keys, sweep_dir / "hparams")
     page = write_page(write_sweep_page, sweep_dir)
-    stream = stream or sys.stdout
     counts = {s: sum(j["status"] == s for j in jobs) for s in dict.fromkeys(j["status"] for j in jobs)}
     print(
         f"\nsweep {sweep_dir}: {len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())})",
