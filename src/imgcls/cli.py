@@ -45,7 +45,7 @@ def split_argv(
 
     Hydra's own command-line parser says which arguments are overrides (what is left is its flags
     and their values); struct mode would refuse `data.root=...` on a primary config without a `data`
-    node, so those overrides are applied to the saved config instead (runs.apply_overrides), with
+    node, so those overrides are applied to the saved config instead (config.overrides.apply_overrides), with
     the same grammar. Values of `path_keys` are quoted for Hydra: run directories are named like
     `10-31-07_batch_size=32,lr=0.01`, whose `=` and `,` Hydra's grammar would reject or read as a
     sweep.

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from loguru import logger
 
+from imgcls.config.naming import run_label
+from imgcls.config.overrides import apply_overrides
+from imgcls.config.renamed import current_names
+from imgcls.config.saved import read_saved, resolved, warn_ignored
+from imgcls.config.targets import check_targets
 from imgcls.errors import ConfigError, UserError
+from imgcls.files import write_error
 
 # where or how fast an evaluation goes, not what it measures: left out of its folder's name
 # (the same keys train.yaml leaves out of run directory names)
@@ -99,9 +105,6 @@ def find_checkpoint(run: Path, spec: str) -> Path:
 
 def _checked(config: Any, source: str) -> dict:
     """The config with today's names of renamed project targets, every `_target_` checked."""
-    from imgcls.config.renamed import current_names
-    from imgcls.config.targets import check_targets
-
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: not a config (a mapping of keys), got {type(config).__name__}")
     config = current_names(config)
@@ -116,8 +119,6 @@ def read_run_config(raw: Any, source: str) -> tuple[dict, dict]:
     """A saved config as evaluate, predict and export take it: no resolver in it runs, the keys a
     saved run may not decide are this command's (imgcls.config.saved), its own-key references are
     resolved and every `_target_` is checked. Returns (config, the saved values ignored)."""
-    from imgcls.config.saved import read_saved, resolved
-
     config, ignored = read_saved(raw, source)
     ignored.pop("tracking", None)  # evaluate, predict and export track nothing: not worth a warning
     return _checked(resolved(config, source), source), ignored
@@ -125,13 +126,12 @@ def read_run_config(raw: Any, source: str) -> tuple[dict, dict]:
 
 def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dict, dict]:
     """(config, checkpoint state): the run's config.yaml with the overrides on top, and the
-    checkpoint loaded weights_only. Both configs are read by read_run_config (every `_target_`
+    checkpoint loaded weights_only, overrides applied by
+    imgcls.config.overrides.apply_overrides. Both configs are read by read_run_config (every `_target_`
     checked against the registry, imgcls.config.targets, no resolver run), and so is the result,
     before anything is built."""
-    from loguru import logger
-
+    # lazy: torch; this module is on the ONNX predictor's path, which runs without torch
     from imgcls.checkpoint import CheckpointError, load_checkpoint
-    from imgcls.config.saved import warn_ignored
 
     saved = run / "config.yaml"
     base = None
@@ -160,110 +160,8 @@ def load_run(run: Path, checkpoint: Path, overrides: Sequence[str]) -> tuple[dic
     return config, state
 
 
-# the name the saved config is stored under for Hydra to compose it (ConfigStore, this process only)
-_SAVED_RUN = "imgcls_saved_run"
-
-
-def apply_overrides(config: dict, overrides: Sequence[str], source: str, resolve: bool = True) -> dict:
-    """The saved config with `key=value`, `+key=value`, `++key=value` and `~key` applied by Hydra's
-    compose API: the grammar, struct mode (an unknown key is refused) and the `+`/`~` rules are
-    training's. The one way a saved config takes overrides: evaluate, predict and export (load_run)
-    and resume (training.resume.resume_config, with resolve=False: the checkpoint keeps its own-key
-    references, ${trainer.epochs}, live). Hydra's refusals are reworded to name the key and say
-    what to do."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
-    if not overrides:
-        return config
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as exc:
-        raise ConfigError(f"cannot parse the overrides {list(overrides)}: {exc}") from None
-    _refuse_group_switches(parsed, OmegaConf.create(config))
-    try:
-        with _composing(config) as compose:
-            return OmegaConf.to_container(compose(_SAVED_RUN, list(overrides)), resolve=resolve)
-    except HydraException as exc:
-        raise ConfigError(_reworded(str(exc), parsed, config, source)) from None
-
-
-def _refuse_group_switches(parsed: list, config: Any) -> None:
-    """Hydra would replace a whole node of the saved config by a value (`data=hymenoptera` as the
-    string "hymenoptera"): a trained run has no config groups to pick from, so that is refused, as
-    are sweeps (the run's config takes one value per key)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    for o in parsed:
-        line, key = o.input_line, o.key_or_group
-        if o.is_sweep_override() or o.package is not None:
-            raise ConfigError(f"{line}: one value per key of the run's config (no sweeps, no @package)")
-        current = OmegaConf.select(config, key, default=None)
-        if isinstance(current, DictConfig) and not (
-            o.is_delete() or o.is_add() or isinstance(o.value(), dict)
-        ):
-            raise ConfigError(
-                f"{line}: {key} is a config node of the run, not a value; config groups cannot be switched "
-                f"on a trained run: override its keys instead ({key}.<key>=...: {', '.join(map(str, current))})"
-            )
-
-
-def _reworded(message: str, parsed: list, config: dict, source: str) -> str:
-    """Hydra's refusal of an override, naming the key and what to do instead."""
-    import re
-
-    from omegaconf import DictConfig, OmegaConf
-
-    found = re.search(r"override '([^']+)'|already at '([^']+)'|delete from config\. '([^']+)'", message)
-    key = next((k for k in found.groups() if k), None) if found else None
-    line = next((o.input_line for o in parsed if o.key_or_group == key), key)
-    if key is None:
-        return f"{' '.join(o.input_line for o in parsed)}: {message.splitlines()[0]} ({source})"
-    if "already at" in message:
-        return (
-            f"{line}: {key} is already in the run's config; drop the + to change it (++ sets it either way)"
-        )
-    if "delete from config" in message:
-        return f"{line}: {key} is not in the run's config ({source})"
-    parent = key.rpartition(".")[0]
-    node = OmegaConf.select(OmegaConf.create(config), parent, default=None) if parent else config
-    has = (
-        f"{parent or 'its top level'} has: {', '.join(map(str, node))}"
-        if isinstance(node, dict | DictConfig)
-        else ""
-    )
-    own = "" if parent else " (the command's own keys are listed by --help)"
-    return f"{line}: {key} is not in the run's config ({source}); {has}{own}. Add a new key with +{line}"
-
-
-@contextmanager
-def _composing(config: dict) -> Iterator[Callable]:
-    """Hydra's `compose`, with `config` stored as the primary config `_SAVED_RUN`.
-
-    The entries call this from inside their own Hydra job (hydra.main), and Hydra holds one
-    global instance: it is set aside while the saved config is composed, and given back after."""
-    from hydra import compose, initialize
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    # replace: an earlier command in this process stored its own run under the same name
-    ConfigStore.instance().store(name=_SAVED_RUN, node=config, replace=True)
-    entry = GlobalHydra.instance().hydra
-    GlobalHydra.instance().clear()
-    try:
-        with initialize(config_path=None, job_name="saved_run"):
-            yield compose
-    finally:
-        GlobalHydra.instance().clear()
-        if entry is not None:
-            GlobalHydra.instance().initialize(entry)
-
-
 def output_dir(parent: Path, name: str, overrides: Sequence[str]) -> Path:
     """A new folder <parent>/<name>[_<overrides>][_N]: a second evaluation never overwrites the first."""
-    from imgcls.config.naming import run_label
-
     named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in UNNAMED_KEYS]
     if named:
         name = f"{name}_{run_label(','.join(named))}"
@@ -278,8 +176,6 @@ def output_dir(parent: Path, name: str, overrides: Sequence[str]) -> Path:
         except FileExistsError:
             n += 1
         except OSError as exc:  # read-only or full: the commands' check up front makes this rare
-            from imgcls.files import write_error
-
             raise write_error(path, exc, OUT_DIR_HINT, into=True) from None
 
 
@@ -287,6 +183,7 @@ def restore(config: dict, state: dict, checkpoint: Path):
     """The run of `config` with the checkpoint's weights (training.run.build_run): on the device,
     in the memory format and with the determinism settings that training used (cuDNN picks its
     kernels by them), with the eval pipelines of its config."""
+    # lazy: torch; this module is on the ONNX predictor's path, which runs without torch
     from imgcls.training.run import build_run
 
     return build_run(config, train=False, weights=(state, checkpoint))

@@ -13,9 +13,17 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from imgcls.checkpoint import CheckpointError
+from imgcls.checkpoint import CheckpointError, load_checkpoint
+from imgcls.config import build as b
+from imgcls.config.naming import resumed_dir
+from imgcls.config.overrides import apply_overrides
+from imgcls.config.renamed import current_names
+from imgcls.config.saved import CURRENT, classify, read_saved, resolved, warn_ignored, with_recorded_values
 from imgcls.errors import ConfigError
-from imgcls.runs import apply_overrides
+from imgcls.evaluation.final import final_reports_due
+from imgcls.models.pretrained_input import with_pretrained_input
+from imgcls.tracking import RUN_ID_KEY, continued_store
+from imgcls.training.seeding import set_rng_state
 
 # Where and how fast a run goes, and how long: everything else (model, data, transforms, loss,
 # optimizer, scheduler, seed) would make the resumed run a different run than the one saved.
@@ -36,18 +44,6 @@ def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], pat
     may not decide (tracking, cache folders, ...) comes from this command's composed config.
     References to its own keys stay live (the checkpoint keeps the unresolved config too), so a
     scheduler horizon written as ${trainer.epochs} follows an extended trainer.epochs."""
-    from imgcls.config.naming import resumed_dir
-    from imgcls.config.renamed import current_names
-    from imgcls.config.saved import (
-        CURRENT,
-        classify,
-        read_saved,
-        resolved,
-        warn_ignored,
-        with_recorded_values,
-    )
-    from imgcls.tracking import RUN_ID_KEY, continued_store
-
     source = f"{path} (its config)"
     raw = ckpt.get("config_unresolved") or ckpt["config"]
     if ckpt.get("config_unresolved") and isinstance(ckpt.get("config"), dict):
@@ -89,8 +85,6 @@ def resume_config(ckpt: dict[str, Any], composed: Any, overrides: list[str], pat
     config = resolved(unresolved, source)
     done, epochs = ckpt["epoch"], config["trainer"]["epochs"]
     if epochs < done or (epochs == done and not ckpt.get("step")):
-        from imgcls.evaluation.final import final_reports_due
-
         if epochs == done and final_reports_due(path):
             # trained to the end, reports cut short: train_run writes only those
             return config, unresolved
@@ -176,8 +170,6 @@ def resume_into(run, ckpt: dict[str, Any] | None) -> TrainingState:
     """The checkpoint's training state put back into a built run (weights, optimizer, schedule,
     loss scale, EMA, and mid-epoch the random generators), and where training stands; a fresh
     TrainingState without a checkpoint."""
-    from imgcls.training.seeding import set_rng_state
-
     if not ckpt:
         return TrainingState()
     path, config, scheduler = run.config["resume"], run.config, run.scheduler
@@ -208,10 +200,6 @@ def resume_into(run, ckpt: dict[str, Any] | None) -> TrainingState:
 def config_to_run(cfg: DictConfig | dict, overrides: list[str]) -> tuple[dict, dict, dict | None]:
     """The plain config to run, its unresolved form, and the checkpoint when `resume` names one
     (loaded first, so a corrupt file or a refused override stops before the run is touched)."""
-    from imgcls.checkpoint import load_checkpoint
-    from imgcls.config import build as b
-    from imgcls.models.pretrained_input import with_pretrained_input
-
     try:
         config = b.plain(cfg)
     except MissingMandatoryValue as exc:
