@@ -23,11 +23,21 @@ The schema of run.json (RUN_FILE; SCHEMA = 1), every key always present:
     schema          int     SCHEMA: the layout version of this file
     status          str     running | reporting (training done, the final reports being written: a
                             kill here is completed by `resume=<run>/weights/last.pt`) | completed |
-                            interrupted (a signal, Ctrl-C: resume continues) | failed (see error)
+                            interrupted (a signal, Ctrl-C: resume continues) | failed (see error) |
+                            pruned (an Optuna sweep's pruner stopped it after epochs_done, with
+                            last.pt saved: the reason is in notes, no final reports are written,
+                            `resume=<run>/weights/last.pt` continues it and the status then follows
+                            the resumed run; imgcls.sweeps.pruning). A pruned job's process raises
+                            optuna.TrialPruned from train.run, which Hydra hands the sweeper as
+                            the job's return value (JobReturn status FAILED, _return_value an
+                            optuna.TrialPruned): the sweeper tells its trial PRUNED
     run_dir         str     the run directory as the run was given it
     pid             int?    the process that writes the record (null in a legacy record that
     host            str?      names none); with `heartbeat`, a reader on `host` can tell a dead
     heartbeat       str?      writer: status running, heartbeat old, pid gone -> killed
+    slurm_job_id    str?    SLURM_JOB_ID of the process writing the record (null outside SLURM):
+    slurm_array_job_id str?   with SLURM_ARRAY_JOB_ID / _TASK_ID (submitit's job arrays), what
+    slurm_array_task_id str?  tells `sacct` which job ran the run, on any node
     started         str?    ISO 8601 times with their UTC offset: the run's first start, the
     resumed         str?      latest resume (null if never resumed), the end (null while it runs)
     ended           str?
@@ -126,6 +136,9 @@ class RunRecord:
     pid: int | None = None
     host: str | None = None
     heartbeat: str | None = None
+    slurm_job_id: str | None = None
+    slurm_array_job_id: str | None = None
+    slurm_array_task_id: str | None = None
     started: str | None = None
     resumed: str | None = None
     ended: str | None = None
@@ -179,6 +192,14 @@ def read_run(run_dir: Path | str) -> RunRecord | None:
         return None  # not a record this version wrote: say nothing rather than something wrong
 
 
+def pruned_reason(record: RunRecord) -> str | None:
+    """Why a pruned run was stopped (the note imgcls.sweeps.pruning wrote, with the epoch and how to
+    resume it); None for a run that is not pruned."""
+    if record.status != "pruned":
+        return None
+    return next((n for n in record.notes if n.startswith("pruned")), "pruned")
+
+
 def run_status(run_dir: Path | str) -> str | None:
     """The status the run's record holds (running, reporting, completed, ...), or None."""
     record = read_run(run_dir)
@@ -201,7 +222,7 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, float]]:
 _FIELD = re.compile(r"^([a-z][\w ()/.-]*?):\s*(.*)$")
 # the summary's lines that are not setup: status, timings, results (see RunRecorder.summary_text)
 _NOT_SETUP = {
-    "status", "run dir", "started", "resumed", "ended", "duration", "heartbeat", "epoch", "note",
+    "status", "run dir", "started", "resumed", "ended", "duration", "heartbeat", "slurm job", "epoch", "note",
     "best val acc", "final val acc", "final train acc", "final losses", "speed", "bn recal cost",
 }  # fmt: skip
 _PCT = re.compile(r"^(-?[\d.]+(?:e-?\d+)?)")

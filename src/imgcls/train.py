@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -14,6 +15,7 @@ from imgcls.cli import run_command
 from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
 from imgcls.run_record import Best
+from imgcls.sweeps.pruning import RunPruned, TrialLink, TrialReporter, trial_link, trial_pruned
 
 register_resolvers()
 
@@ -24,10 +26,13 @@ def run(
     overrides: list[str] = (),
     record: Callable[[Path], None] | None = None,
     sweep_dir: Path | None = None,
+    trial: TrialLink | None = None,
 ) -> float:
     """Train the composed config in run_dir. Heavy imports live here so --help stays instant.
     `record(run_dir)` writes a resume's record once the resume is accepted; `sweep_dir` is set for
-    a job of a -m sweep (a tracked job is nested under the sweep's parent run)."""
+    a job of a -m sweep (a tracked job is nested under the sweep's parent run); `trial` links a job
+    of an Optuna sweep to its trial: it reports each epoch and stops when the pruner says so,
+    raising optuna.TrialPruned (its record then says `pruned`)."""
     from imgcls.config.naming import env_rank, hold_run_dir, release_run_dir
 
     run_dir = Path(run_dir)
@@ -36,12 +41,14 @@ def run(
         # sweep's job claims its numbered folder here; held until the final summary is written
         hold_run_dir(run_dir)
     try:
-        return _run(cfg, run_dir, overrides, record, sweep_dir)
+        return _run(cfg, run_dir, overrides, record, sweep_dir, trial)
+    except RunPruned as exc:
+        raise trial_pruned(exc) from None  # the sweeper tells the trial PRUNED
     finally:
         release_run_dir(run_dir)
 
 
-def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | None) -> float:
+def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | None, trial) -> float:
     """run() while this process holds the run's claim."""
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.tracking import NullTracker, make_tracker
@@ -75,8 +82,9 @@ def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | Non
     tracker = make_tracker(config.get("tracking"), run_dir, sweep_dir) if d.main else NullTracker()
     try:
         # the tracker ends its run after the recorder has written the final summary.txt
-        with tracker.ended(interrupted=(RunInterrupted, KeyboardInterrupt)), outcome(recorder):
-            return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec, tracker)
+        # a pruned run ends KILLED in MLflow, as an interrupted one: resume= continues it
+        with tracker.ended(interrupted=(RunInterrupted, KeyboardInterrupt, RunPruned)), outcome(recorder):
+            return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec, tracker, trial)
     finally:
         recorder.close()
         teardown_logging(log_ids)
@@ -85,7 +93,8 @@ def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | Non
 
 
 def train_run(
-    config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None, d, device_spec: str, tracker
+    config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None, d, device_spec: str, tracker,
+    trial: TrialLink | None = None,
 ) -> float:
     """Build the run from the plain config, restore the checkpoint if any, fit, report."""
     from loguru import logger
@@ -128,6 +137,8 @@ def train_run(
     with stop_on_signals() as stop:
         hooks = FitHooks(
             on_epoch=on_epoch, on_step=FirstStep(recorder.heartbeat, started), should_stop=stop.requested,
+            # rank 0 alone reports to the study (fit stops every rank with it)
+            should_prune=TrialReporter(trial, run.epochs, run_dir / "weights" / "last.pt") if trial and d.main else FitHooks.should_prune,
             # the unresolved config keeps interpolations live for a later resume (${trainer.epochs});
             # a tracked run adds its MLflow run id, which a resume continues
             checkpoint_extra={
@@ -174,7 +185,8 @@ def job(cfg: DictConfig) -> float:
     nodes = {"config": cfg, "hydra": HydraConfig.instance().cfg, "overrides": hc.overrides.task}
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     record = functools.partial(write_resume_record, nodes=nodes)
-    return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record, sweep_dir)
+    trial = trial_link(os.environ, hc.sweeper)  # set per job by the Optuna sweeper (sweeps/pruning.py)
+    return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), record, sweep_dir, trial)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from imgcls.pages import html as h
 from imgcls.pages.curves import write_curves
-from imgcls.run_record import SPLITS, RunRecord, read_metrics, read_run, run_files
+from imgcls.run_record import SPLITS, RunRecord, pruned_reason, read_metrics, read_run, run_files
 
 
 def write_run_page(run_dir: Path, history: list[dict[str, float]] | None = None) -> Path | None:
@@ -30,8 +30,9 @@ def write_run_page(run_dir: Path, history: list[dict[str, float]] | None = None)
         status=record.status,
         facts=_facts(record),
         why=(
-            {"error": record.error or record.status, "resume": last if last.is_file() else None}
-            if record.error or record.status in ("failed", "interrupted")
+            {"error": record.error or pruned_reason(record) or record.status,
+             "resume": last if last.is_file() else None}
+            if record.error or record.status in ("failed", "interrupted", "pruned")
             else None
         ),
         curves=h.figures([(run_dir / "plots" / "curves.png", "loss, accuracy and learning rate per epoch")]),
@@ -55,6 +56,9 @@ def _facts(r: RunRecord) -> list[tuple[str, str]]:
         rows.append(("duration", _seconds(r.durations["total_s"])))
     if r.heartbeat:
         rows.append(("heartbeat", f"{_time(r.heartbeat)} (pid {r.pid} on {r.host})"))
+    if r.slurm_job_id:
+        array = f" (array {r.slurm_array_job_id}_{r.slurm_array_task_id})" if r.slurm_array_job_id else ""
+        rows.append(("slurm job", f"{r.slurm_job_id}{array}"))
     rows.append(("epoch", f"{r.epochs_done} of {r.epochs_planned}"))
     rows += [("note", note) for note in r.notes]
     if r.best:

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from imgcls.pages import html as h
-from imgcls.run_record import read_run
+from imgcls.run_record import pruned_reason, read_run
 
 OBJECTIVE = "val/acc_best"
-NOT_DONE = ("failed", "killed", "interrupted")
+NOT_DONE = ("failed", "killed", "interrupted", "pruned")  # listed below the leaderboard, with why
 
 
 def write_sweep_page(sweep_dir: Path) -> Path | None:
@@ -21,10 +21,11 @@ def write_sweep_page(sweep_dir: Path) -> Path | None:
     if not jobs:
         return None
     done = sum(j.get("status") == "completed" for j in jobs)
+    pruned = sum(j.get("status") == "pruned" for j in jobs)
     page = h.render(
         "sweep.html.j2",
         title=f"Sweep {sweep_dir.resolve().name}",
-        subtitle=f"{len(jobs)} jobs, {done} completed: {sweep_dir.resolve()}",
+        subtitle=f"{len(jobs)} jobs, {done} completed{f', {pruned} pruned' if pruned else ''}: {sweep_dir.resolve()}",
         leaderboard=_leaderboard(jobs, sweep_dir),
         objective=h.figures([(sweep_dir / "sweep_objective.png", f"{OBJECTIVE} per job")]),
         cv=_cv(sweep_dir / "cv_summary.csv"),
@@ -83,7 +84,9 @@ def _problems(jobs: list[dict[str, str]], sweep_dir: Path) -> list[list]:
         folder = _job_dir(j, sweep_dir)
         record = read_run(folder)
         error = (
-            record.error
+            pruned_reason(record)  # the pruner's reason, with the epoch and how to resume it
+            if record and record.status == "pruned"
+            else record.error
             if record and record.error
             else "the process ended while the job was running (no error was recorded)"
             if j.get("status") == "killed"

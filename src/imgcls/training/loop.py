@@ -15,6 +15,7 @@ from torch import nn
 from imgcls import __version__
 from imgcls.checkpoint import save_checkpoint
 from imgcls.run_record import best_of, selected_metric, selection_score
+from imgcls.sweeps.pruning import RunPruned
 from imgcls.training.distributed import any_rank, gather, sync_buffers
 from imgcls.training.engine import NonFiniteLossError, StopTraining, evaluate, is_finite, train_one_epoch
 from imgcls.training.recipes import (
@@ -66,11 +67,13 @@ def training_state(
 class FitHooks:
     """What the caller gives the loop besides the run: callbacks after each epoch (the recorder)
     and each optimizer step (the heartbeat), a stop request (a signal's number) checked at step
-    boundaries, and checkpoint entries of its own (plain values)."""
+    boundaries, a pruning check after each epoch (an Optuna sweep's trial: the reason to stop, or
+    None) and checkpoint entries of its own (plain values)."""
 
     on_epoch: Callable[[dict[str, float], list[dict[str, float]]], None] = lambda m, h: None
     on_step: Callable[[], None] = lambda: None
     should_stop: Callable[[], int | None] = lambda: None
+    should_prune: Callable[[int, list[dict[str, float]]], str | None] = lambda epoch, history: None
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,7 +83,8 @@ def fit(run: Run, state: TrainingState, weights_dir: Path, hooks: FitHooks = Fit
     holds) and the top-k epochs; stop early when the score stalls (trainer.early_stopping).
     Training continues after `state` (a resumed run's, restored by resume.resume_into; mid-epoch
     too). A signal or a non-finite loss stops the epoch at a step boundary: last.pt then holds that
-    mid-epoch state and RunInterrupted / NonFiniteLossError propagate. Under torchrun every rank
+    mid-epoch state and RunInterrupted / NonFiniteLossError propagate; a run the study's pruner
+    stops (hooks.should_prune) raises RunPruned after its epoch is saved. Under torchrun every rank
     runs this loop in step and rank 0 alone writes checkpoints.
 
     Returns {"history", "best_acc", "best_epoch", "stopped_early"}."""
@@ -121,6 +125,11 @@ def fit(run: Run, state: TrainingState, weights_dir: Path, hooks: FitHooks = Fit
         stopped_early = early_stop_reason(state.history, *run.early_stopping)
         if stopped_early:
             logger.info(stopped_early)
+        # beside early stopping, after last.pt holds this epoch (resume= continues a pruned run);
+        # rank 0 alone asks the study, and every rank stops with it
+        reason = None if stopped_early else hooks.should_prune(epoch, state.history)
+        if any_rank(1 if reason else None, run.dist, run.device) and epoch < run.epochs:
+            raise RunPruned(reason or f"pruned at epoch {epoch} of {run.epochs}", epoch)
         signum = any_rank(hooks.should_stop(), run.dist, run.device)
         if signum is not None and epoch < run.epochs and not stopped_early:
             raise RunInterrupted(signum, epoch + 1, 0, str(saver.last))

@@ -18,6 +18,7 @@ from imgcls.names import csv_text
 from imgcls.pages import write_page
 from imgcls.pages.run_page import write_run_page
 from imgcls.run_record import METRICS_FILE, RUN_FILE, SPLITS, SUMMARY_FILE, RunRecord, best_of, run_files
+from imgcls.sweeps.pruning import RunPruned
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -38,8 +39,9 @@ def _pct(x: float | None) -> str:
 
 @contextlib.contextmanager
 def outcome(recorder):
-    """Whatever ends a run early is said in its summary: interrupted (a signal, Ctrl-C) or failed
-    (with the traceback, unless it is a user's error whose message says what to do)."""
+    """Whatever ends a run early is said in its summary: pruned (by an Optuna sweep's pruner, the
+    epoch and the reason in a note), interrupted (a signal, Ctrl-C) or failed (with the traceback,
+    unless it is a user's error whose message says what to do)."""
     import traceback
 
     from loguru import logger
@@ -49,6 +51,10 @@ def outcome(recorder):
 
     try:
         yield
+    except RunPruned as exc:  # the sweep's pruner stopped it: not an error, last.pt resumes it
+        recorder.finish("pruned", note=str(exc))
+        logger.info(str(exc))
+        raise
     except RunInterrupted as exc:
         recorder.finish("interrupted", error=str(exc))
         logger.warning(f"interrupted: {exc}")
@@ -261,6 +267,10 @@ class RunRecorder:
             pid=os.getpid(),
             host=socket.gethostname(),
             heartbeat=_iso(now),
+            # which scheduler job runs the process: a sweep tells a killed job by it on any node
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            slurm_array_job_id=os.environ.get("SLURM_ARRAY_JOB_ID"),
+            slurm_array_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"),
             started=_iso(self.started),
             resumed=_iso(self.resumed),
             ended=_iso(self.ended),
@@ -304,6 +314,11 @@ def _shown_time(iso: str | None) -> str:
     return _fmt_time(datetime.fromisoformat(iso).astimezone()) if iso else "-"
 
 
+def _slurm_text(record: RunRecord) -> str:
+    array = record.slurm_array_job_id
+    return record.slurm_job_id + (f" (array {array}_{record.slurm_array_task_id})" if array else "")
+
+
 def summary_text(record: RunRecord, config: dict[str, Any]) -> str:
     """summary.txt: the record as text for people (and its config), the same lines as before run.json."""
     last, best = record.last_epoch, record.best
@@ -318,6 +333,7 @@ def summary_text(record: RunRecord, config: dict[str, Any]) -> str:
         f"ended:          {_shown_time(record.ended)}",
         f"duration:       {total}",
         f"heartbeat:      {_shown_time(record.heartbeat)} (pid {record.pid} on {record.host})",
+        *([f"slurm job:      {_slurm_text(record)}"] if record.slurm_job_id else []),
         f"epoch:          {record.epochs_done} of {record.epochs_planned}",
         *(f"note:           {note}" for note in record.notes),
         "",
