@@ -67,7 +67,6 @@ def _refuse_group_switches(parsed: list, config: Any) -> None:
 def _reworded(message: str, parsed: list, config: dict, source: str) -> str:
     """Hydra's refusal of an override, naming the key and what to do instead."""
 
-
     found = re.search(r"override '([^']+)'|already at '([^']+)'|delete from config\. '([^']+)'", message)
     key = next((k for k in found.groups() if k), None) if found else None
     line = next((o.input_line for o in parsed if o.key_or_group == key), key)
