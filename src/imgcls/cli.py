@@ -13,9 +13,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import hydra
 import yaml
+from hydra._internal.utils import get_args_parser  # the parser hydra.main reads sys.argv with
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from imgcls.errors import ConfigError, UserError
+from imgcls.files import FULL_OR_READ_ONLY, write_error
+from imgcls.training.signals import RunInterrupted
 
 
 def _config_dir() -> str:
@@ -50,9 +58,6 @@ def split_argv(
     `10-31-07_batch_size=32,lr=0.01`, whose `=` and `,` Hydra's grammar would reject or read as a
     sweep.
     """
-    # lazy for start-up time: a command without a config (imgcls.sweep) never imports Hydra (0.2 s)
-    from hydra._internal.utils import get_args_parser  # the parser hydra.main reads sys.argv with
-
     # intermixed: `run_dir=... --cfg job data.root=...` is one command line, as split_argv always read it
     overrides = get_args_parser().parse_intermixed_args(argv).overrides
     hydra_args: list[str] = []
@@ -96,8 +101,6 @@ def run_command(
 
     A UserError prints `error: <message>` and exits 2 (in a -m sweep it fails that job instead);
     Ctrl-C exits 130, and a training stopped by a signal 128 + its number."""
-    import hydra
-
     _quick_exit()
     argv = list(sys.argv[1:] if argv is None else argv)
     if config_name is None:
@@ -113,8 +116,6 @@ def run_command(
         def call() -> Any:
             if overrides is None:
                 return task(cfg)
-            from omegaconf import OmegaConf
-
             return task(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), overrides)
 
         try:
@@ -153,8 +154,6 @@ def _command_line(prog: str, argv: list[str]) -> Iterator[None]:
 
 def _reported(run: Callable[[], Any]) -> Any:
     """run(), with the user's errors as `error: ...` + exit 2 and Ctrl-C as the shell expects."""
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
     try:
         try:
             return run()
@@ -170,8 +169,6 @@ def _reported(run: Callable[[], Any]) -> Any:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
-        from imgcls.files import FULL_OR_READ_ONLY, write_error
-
         if exc.errno not in FULL_OR_READ_ONLY or _in_sweep():
             raise
         # a write outside imgcls.files and writing_into (a log, TensorBoard) on a full or read-only disk
@@ -182,8 +179,6 @@ def _reported(run: Callable[[], Any]) -> Any:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
-        from imgcls.training.signals import RunInterrupted
-
         if not isinstance(exc, RunInterrupted):
             raise
         # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
@@ -199,7 +194,4 @@ def _stop_loader_workers() -> None:
 
 
 def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

@@ -7,9 +7,14 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import sqlite3
+import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from loguru import logger
 
@@ -54,10 +59,6 @@ def continued_store(settings: dict, run_id: str | None, run_dir: Path) -> str | 
 
 def _local_store_holds(uri: str, run_id: str, run_dir: Path) -> bool:
     """Whether `uri` is an existing SQLite MLflow store holding `run_id` as a run of `run_dir`."""
-    import sqlite3
-    import stat
-    from urllib.parse import quote
-
     if not uri.startswith("sqlite:///"):
         return False
     path = Path(uri.split("?")[0][len("sqlite:///") :])
@@ -91,6 +92,7 @@ def open_client(uri: str, source: str = "tracking.uri", timeout_s: float | None 
     A tracking server gets one try of at most `timeout_s` seconds (tracking.timeout_s); the run's
     later requests keep MLflow's retries, for a server that is up but briefly busy."""
     try:
+        # lazy: mlflow (seconds to import) for tracked runs only, and it is an optional extra
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
         raise ConfigError(
@@ -143,8 +145,6 @@ def _one_quick_try(timeout_s: float) -> Iterator[None]:
 def _unreachable(exc: Exception) -> str | None:
     """Why a server could not be reached, in words, from MLflow's text of the requests error
     (it keeps only the text): None when the server answered (with an error of its own)."""
-    import re
-
     text = str(exc)
     if "timed out" in text.lower() or "timeout" in text.lower():
         return "timed out"
@@ -183,7 +183,7 @@ def experiment_id(client, name: str) -> str:
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
     """The config as MLflow params: `optimizer.lr` -> "0.01"; lists as JSON. MLflow refuses values
     over 6000 characters and keys over 250: those are cut, and the value says so."""
-    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # lazy: see open_client
 
     out: dict[str, str] = {}
     for key, value in config.items():
@@ -304,7 +304,7 @@ class MlflowTracker(NullTracker):
         return run_id
 
     def _log_params(self, params: dict[str, str], run_id: str | None = None) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: see open_client
 
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
@@ -327,9 +327,7 @@ class MlflowTracker(NullTracker):
         self._metrics(values, 0)
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: see open_client
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
