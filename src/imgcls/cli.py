@@ -23,7 +23,6 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from imgcls.errors import ConfigError, UserError
 from imgcls.files import FULL_OR_READ_ONLY, write_error
-from imgcls.training.signals import RunInterrupted
 
 
 def _config_dir() -> str:
@@ -179,6 +178,9 @@ def _reported(run: Callable[[], Any]) -> Any:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
+        # lazy: loguru (which signals imports) is not on --help's path; only a failed command gets here
+        from imgcls.training.signals import RunInterrupted
+
         if not isinstance(exc, RunInterrupted):
             raise
         # SystemExit passes through Hydra's job runner: a signal stops a whole sweep too
