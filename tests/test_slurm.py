@@ -74,8 +74,10 @@ def test_grid_sweep_runs_on_slurm(slurm_cluster, tmp_path: Path):
     assert submitted, sorted((sweep / ".submitit").rglob("*"))
     ids = sorted({p.parent.name for p in (sweep / ".submitit").glob("*/*_result.pkl")})
     assert len(ids) == 2, sorted((sweep / ".submitit").rglob("*"))
-    for job_id in ids:
-        assert slurm_cluster.job_state(job_id) == "COMPLETED", job_id
+    for job_id in ids:  # sacct records the end a moment after the job wrote its result
+        _wait(
+            f"job {job_id} COMPLETED", lambda j=job_id: slurm_cluster.job_state(j) == "COMPLETED", timeout=30
+        )
     # and asked for what a CPU partition gives: no GPU flag reached sbatch
     sbatch = submitted[0].read_text()
     assert f"#SBATCH --partition={slurm_cluster.partition}" in sbatch

@@ -8,6 +8,8 @@ resumed into the same directory never writes into a finished job's folder.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from hydra.core.utils import JobStatus
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
-from imgcls.sweeps.summary import next_job_num
+from imgcls.sweeps.summary import next_job_num, summarize
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,24 @@ def report_failures(returns: Any) -> int:
         # the job's summary.txt holds the traceback; one line here keeps the sweep's log readable
         log.warning(f"job failed, the sweep goes on: {' '.join(r.overrides)}: {r._return_value!r}")
     return len(failed)
+
+
+@contextmanager
+def stop_on_ctrl_c(sweep_dir: Path) -> Iterator[None]:
+    """Ctrl-C of a sweep: the leaderboard of what ran, then exit 130. Hydra skips the callbacks'
+    on_multirun_end when the sweep raises; a job run in this process (the basic launcher) turned
+    its Ctrl-C into exit 130 already (imgcls.cli), the SLURM launcher cancelled its jobs."""
+    try:
+        yield
+        return
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as exc:
+        if exc.code != 130:
+            raise
+    log.warning(f"Ctrl-C: the sweep stops; resume it with the same command and hydra.sweep.dir={sweep_dir}")
+    summarize(sweep_dir)
+    raise SystemExit(130)
 
 
 class GridSweeper(BasicSweeper):
@@ -50,7 +70,8 @@ class GridSweeper(BasicSweeper):
         while not self.is_done():
             batch = self.get_job_batch()
             self.validate_batch_is_legal(batch)  # a typo in an override fails before any job runs
-            results = self.launcher.launch(batch, initial_job_idx=next_job_num(sweep_dir))
+            with stop_on_ctrl_c(sweep_dir):
+                results = self.launcher.launch(batch, initial_job_idx=next_job_num(sweep_dir))
             failed += report_failures(results)
             returns.append(results)
         if failed:

@@ -17,8 +17,10 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.imgcls_sweepers import report_failures
-from imgcls.sweeps.summary import next_job_num, pid_alive
+from hydra_plugins.imgcls_sweepers import report_failures, stop_on_ctrl_c
+from hydra_plugins.imgcls_sweepers.slurm import job_dir_of, record_scheduler_end
+from imgcls.run_record import read_run
+from imgcls.sweeps.summary import job_status, next_job_num, pid_alive
 
 log = logging.getLogger(__name__)
 # trials that never ran to an end: they do not count towards n_trials
@@ -61,10 +63,10 @@ class ResumableImpl(OptunaSweeperImpl):
         if study.trials:
             # a fixed seed would replay the first run's proposals and rerun its first trials
             self.sampler.reseed_rng()
-        killed = _fail_killed_trials(study)
+        killed = _reconcile_running_trials(study, sweep_dir)
         log.info(
             f"Study {study.study_name} in {self.storage}: {len(study.trials)} trials so far"
-            + (f", {killed} left running by a killed sweep marked FAIL" if killed else "")
+            + (f", {killed} left running by a killed sweep told from their jobs" if killed else "")
         )
         host, pid = socket.gethostname(), os.getpid()
         while True:
@@ -81,21 +83,36 @@ class ResumableImpl(OptunaSweeperImpl):
                 trial.set_user_attr("host", host)
                 trial.set_user_attr("pid", pid)
                 trial.set_user_attr("job_num", first + i)
+            if hasattr(self.launcher, "on_submitted"):  # imgcls's SLURM launcher: each trial's job id
+                self.launcher.on_submitted = lambda ids, b=batch, f=first: [
+                    t.set_user_attr("slurm_job_id", ids[f + i]) for i, t in enumerate(b)
+                ]
             try:
-                returns = self.launcher.launch(overrides, initial_job_idx=first)
-            except BaseException:  # Ctrl-C: the asked trials did not finish
-                for trial in batch:
-                    trial.set_user_attr("interrupted", True)
-                    study.tell(trial, state=TrialState.FAIL)
+                with stop_on_ctrl_c(sweep_dir):
+                    returns = self.launcher.launch(overrides, initial_job_idx=first)
+            except BaseException:  # Ctrl-C: each trial as its job ended (SLURM: cancelled, or kept)
+                for i, trial in enumerate(batch):
+                    record = _record_of(sweep_dir, first + i)
+                    if record is not None and record.status in ("running", "reporting") and _kept(self):
+                        continue  # still running on the cluster: a rerun adopts it
+                    if not _tell_from_record(study, trial, record):
+                        trial.set_user_attr("interrupted", True)
+                        study.tell(trial, state=TrialState.FAIL)
                 raise
             failed = report_failures(returns)
-            for trial, ret in zip(batch, returns, strict=True):
+            for i, (trial, ret) in enumerate(zip(batch, returns, strict=True)):
+                # the job's own record decides, never the batch: a trial whose job completed is
+                # COMPLETE with its best, whatever happened to the others
+                if _tell_from_record(study, trial, _record_of(sweep_dir, first + i)):
+                    continue
                 value = ret._return_value if ret.status == JobStatus.COMPLETED else None
                 if isinstance(value, (int, float)):
                     study.tell(trial, values=[float(value)])
                 else:
                     if value is not None or ret.status == JobStatus.COMPLETED:
                         log.warning(f"trial {trial.number}: the job returned {value!r}, not a number")
+                    if value is None and ret.status != JobStatus.COMPLETED:
+                        trial.set_user_attr("reason", _first_line(ret._return_value))
                     study.tell(trial, state=TrialState.FAIL)
             if failed / len(returns) > self.max_failure_rate:
                 log.error(
@@ -238,13 +255,88 @@ def _within_budget(study: Any, asked: list[Any], n_trials: int) -> list[Any]:
     return [t for t in asked if t.number in keep]
 
 
-def _fail_killed_trials(study: Any) -> int:
-    """Mark FAIL (user attr killed) the RUNNING trials whose process on this host is gone."""
+def _record_of(sweep_dir: Path, num: Any) -> Any:
+    """The run record of job number `num` of the sweep, or None (no folder yet, or no record)."""
+    job_dir = job_dir_of(sweep_dir, int(num)) if num is not None else None
+    return read_run(job_dir) if job_dir else None
+
+
+def _kept(sweeper: Any) -> bool:
+    return getattr(sweeper.launcher, "on_interrupt", "cancel") == "keep"
+
+
+# the run statuses that end a trial, and how the study is told
+ENDED = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL,
+         "interrupted": TrialState.FAIL, "killed": TrialState.FAIL}  # fmt: skip
+
+
+def _tell_from_record(study: Any, trial: Any, record: Any) -> bool:
+    """Tell the trial what its job's run record says, if the record says the run ended: completed
+    (its best score), pruned, failed or interrupted (FAIL, user attr reason; interrupted ones do
+    not count towards n_trials). False when there is no ended record to go by."""
+    status = job_status(record) if record is not None else None
+    if status not in ENDED:
+        return False
+    number = trial.number if hasattr(trial, "number") else trial
+    trial_id = trial._trial_id
+    if status == "completed" and record.best is not None:
+        study.tell(number, values=[float(record.best.score)])
+        return True
+    if status == "pruned":
+        study.tell(number, state=TrialState.PRUNED)
+        return True
+    study._storage.set_trial_user_attr(trial_id, "reason", _first_line(record.error or status))
+    if status in ("interrupted", "killed"):
+        study._storage.set_trial_user_attr(trial_id, status, True)
+    study.tell(number, state=TrialState.FAIL)
+    return True
+
+
+def _scheduler_state(job_id: str, sweep_dir: Path) -> str | None:
+    """The SLURM state of a job (submitit, through sacct/squeue), or None when it cannot be read."""
+    try:
+        import submitit  # lazy: only a resumed SLURM sweep asks
+
+        return str(submitit.SlurmJob(folder=sweep_dir / ".submitit" / "%j", job_id=job_id).state)
+    except Exception as exc:  # noqa: BLE001 - no sacct here: judge by the record alone
+        log.warning(f"SLURM job {job_id}: its state cannot be read ({exc})")
+        return None
+
+
+def _reconcile_running_trials(study: Any, sweep_dir: Path, poll_s: float = 5.0) -> int:
+    """Settle the trials a killed sweep left RUNNING, each from its own job, never from the dead
+    sweep's process: a job whose record ended tells its trial that end; a SLURM job still queued
+    or running is adopted (waited for, then told from its record); a job the scheduler ended
+    without a record of it gets the scheduler's reason; a local job whose process is gone is FAIL
+    `killed`. Returns how many trials were settled."""
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and pid is not None and not pid_alive(int(pid)):
+        attrs, num = t.user_attrs, t.user_attrs.get("job_num")
+        if attrs.get("host") == host and pid_alive(int(attrs.get("pid", -1))):
+            continue  # a sweep of this host still runs it
+        job_id = attrs.get("slurm_job_id")
+        while job_id:
+            state = _scheduler_state(job_id, sweep_dir)
+            if state is None or state.split()[0] not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING",
+                                                          "COMPLETING", "SUSPENDED", "UNKNOWN"):  # fmt: skip
+                break
+            log.info(f"trial {t.number}: SLURM job {job_id} is {state}; waiting for it (adopted)")
+            time.sleep(poll_s)
+        if _tell_from_record(study, t, _record_of(sweep_dir, num)):
+            n += 1
+            continue
+        if job_id and num is not None and state:  # ended without recording it: the scheduler says why
+            job_dir = job_dir_of(sweep_dir, int(num))
+            if job_dir is not None:
+                record_scheduler_end(job_dir, [], state, job_id)
+                if _tell_from_record(study, t, _record_of(sweep_dir, num)):
+                    n += 1
+                    continue
+        if attrs.get("host") == host or job_id:  # never started, or its process on this host is gone
             study._storage.set_trial_user_attr(t._trial_id, "killed", True)
+            study._storage.set_trial_user_attr(
+                t._trial_id, "reason", "its sweep was killed before the job ended"
+            )
             study.tell(t.number, state=TrialState.FAIL)
             n += 1
     return n
