@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from conftest import TINY, cli_here, make_tree
 
 # one torch thread per job: two jobs share the node's two cores; 3 epochs leave time to cancel one
@@ -170,3 +171,45 @@ def test_ctrl_c_of_a_slurm_sweep_cancels_its_jobs(slurm_cluster, tmp_path: Path,
         assert all(f"{i} RUNNING" in queue for i in ids), queue
         assert "keep running (hydra.launcher.on_interrupt=keep)" in out
         slurm_cluster.run("scancel", *ids)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_killed_optuna_sweep_adopts_its_running_slurm_jobs(slurm_cluster, tmp_path: Path):
+    tree = make_tree(tmp_path / "tiny")
+    args = ["-m", "hparams_search=optuna", "hydra/launcher=slurm_cpu",
+            f"hydra.launcher.partition={slurm_cluster.partition}", "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.n_trials=2", *FAULT_TINY, "trainer.epochs=6", f"data.root={tree}"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgcls.train", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:  # kill -9 the sweep while both its SLURM jobs train: they run on
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (_training(tmp_path, 0) and _training(tmp_path, 1)):
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (sweep,) = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
+    ids = slurm_cluster.run("squeue", "-h", "-t", "R", "-o", "%i").stdout.split()
+    assert len(ids) == 2, ids  # still running on the cluster
+
+    # the rerun waits for them and tells each trial its job's result: none rerun, none lost
+    result = cli_here("imgcls.train", *args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="imgcls", storage=f"sqlite:///{sweep}/optuna.db")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # today: FAIL killed, and 2 more run
+    assert sorted(p.name.split("_")[0] for p in sweep.iterdir() if re.match(r"\d+_", p.name)) == ["0", "1"]
+    for t in trials:
+        assert t.value == _record(_job(sweep, t.user_attrs["job_num"]))["best"]["score"]
+    rows = _rows(sweep)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
+    assert best == max(float(r["val/acc_best"]) for r in rows)
