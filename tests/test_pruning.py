@@ -3,7 +3,9 @@ study's storage and stops when the study's pruner says so; the run says `pruned`
 
 from __future__ import annotations
 
+import csv
 import json
+import signal
 from pathlib import Path
 
 import optuna
@@ -127,3 +129,30 @@ def test_an_optuna_sweep_with_a_median_pruner_prunes_a_hopeless_trial(tmp_path: 
         row = rows[t.user_attrs["job_num"]]
         assert row["status"] == "pruned" and int(row["epochs"].split("/")[0]) < 4
         assert (Path(row["run_dir"]) / "weights" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_job_resumed_with_m_continues_in_its_own_folder_with_its_overrides(tmp_path: Path):
+    """Issue 25, item 4: `-m ... resume=<sweep>/<job>/weights/last.pt` keeps the job's identity."""
+    tree = make_tree(tmp_path / "tiny")
+    args = ["-m", *TINY, f"data.root={tree}", "optimizer.lr=0.02"]
+    cut = cli_here("imgcls.train", *args, cwd=tmp_path, signal_at=("first training step", signal.SIGTERM))
+    assert cut.returncode != 0
+    (sweep,) = (p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir())
+    (job,) = (p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert read_job(job)["status"] == "interrupted"
+    overrides = (job / ".hydra" / "overrides.yaml").read_text()
+
+    resumed = cli_here("imgcls.train", "-m", f"resume={job / 'weights' / 'last.pt'}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # no new job folder, and no new sweep folder: the job's own folder holds the resumed run
+    assert [p for p in sweep.iterdir() if (p / ".hydra").is_dir()] == [job]
+    assert [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()] == [sweep]
+    record = json.loads((job / "run.json").read_text())
+    assert record["status"] == "completed" and record["epochs_done"] == 2 and record["resumed"]
+    assert (job / ".hydra" / "overrides.yaml").read_text() == overrides  # its overrides, as they were
+    assert "lr: 0.02" in (job / "config.yaml").read_text()
+    # the leaderboard, rebuilt over the sweep, shows the resumed result in the job's row
+    (row,) = csv.DictReader(open(sweep / "sweep_summary.csv"))
+    assert (row["job"], row["status"], row["epochs"]) == ("0", "completed", "2/2")
+    assert float(row["val/acc_best"]) == record["best"]["score"]

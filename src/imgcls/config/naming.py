@@ -298,6 +298,21 @@ def _taken_message(path: Path, holder: str | None = None) -> str:
     return f"hydra.run.dir={path} {what}; nothing was written there. Use {', or '.join(ways)}."
 
 
+def sweep_dir(resume: str | None, new_dir: str) -> str:
+    """hydra.sweep.dir: for `-m ... resume=<sweep>/<job>/weights/last.pt`, the job's own sweep (its
+    leaderboard is rebuilt with the resumed result in the job's row); else `new_dir`."""
+    resumed = resumed_dir(resume)
+    return str(resumed.parent) if resumed else new_dir
+
+
+def sweep_subdir(resume: str | None, new_subdir: str) -> str:
+    """hydra.sweep.subdir: a resumed job's own folder, absolute (Hydra joins it to the sweep dir
+    with os.path.join, which keeps an absolute path: right even when resume= itself is swept),
+    so it continues with its overrides and .hydra record; else `new_subdir`."""
+    resumed = resumed_dir(resume)
+    return str(resumed.resolve()) if resumed else new_subdir
+
+
 def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -332,6 +347,8 @@ def register_resolvers() -> None:
         "unique_dir": unique_dir,
         "run_dir": run_dir,
         "hydra_subdir": hydra_subdir,
+        "sweep_dir": sweep_dir,
+        "sweep_subdir": sweep_subdir,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
