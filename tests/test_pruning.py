@@ -116,7 +116,7 @@ def test_an_optuna_sweep_with_a_median_pruner_prunes_a_hopeless_trial(tmp_path: 
     args = [
         "-m", "hparams_search=optuna", *EPOCHS4, f"data.root={tree}", "hydra.sweeper.n_trials=4",
         # hopeless: 1e-7 learns nothing in 4 epochs; the first trial (0.05) sets the median
-        "hydra.sweeper.params={optimizer.lr: 'choice(0.05, 1e-7)'}", f"hydra.sweeper.pruner={MEDIAN}",
+        "optimizer.lr=choice(0.05, 1e-7)", f"hydra.sweeper.pruner={MEDIAN}",
     ]  # fmt: skip
     result = cli("imgcls.train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
