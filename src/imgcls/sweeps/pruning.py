@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from loguru import logger
 from omegaconf import OmegaConf
 
 from imgcls.errors import ConfigError
@@ -89,6 +88,8 @@ def trial_link(env: Mapping[str, str], sweeper: Any) -> TrialLink | None:
     # only the keys read here are resolved: others may interpolate keys of the job's config (${seed})
     storage, study, pruner = (_plain(sweeper, key) for key in ("storage", "study_name", "pruner"))
     if not isinstance(storage, str):
+        from loguru import logger  # lazy for start-up time: train --help imports this module, not loguru
+
         logger.warning(
             f"{TRIAL_ENV} is set but hydra.sweeper.storage is {storage!r}: a study in memory cannot be "
             "reached from the job, which trains without reporting to its trial (give a storage URL)"
@@ -133,6 +134,8 @@ class TrialReporter:
             self._retry(lambda: trial.report(best.score, epoch))
             pruned = epoch < self.epochs and self._retry(trial.should_prune)
         except Exception as exc:  # a study that cannot be reached must not fail the run
+            from loguru import logger  # lazy for start-up time: train --help imports this module
+
             self.broken = True
             logger.warning(
                 f"optuna: reporting epoch {epoch} to trial id {self.link.trial_id} of study {self.link.study} "
