@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
@@ -92,7 +95,26 @@ class ResumableOptunaSweeper(OptunaSweeper):
       more trials (without raising) once a batch fails more than that fraction.
     """
 
-    def __init__(self, sampler: Any, **kwargs: Any) -> None:  # the keys of hydra/sweeper/optuna
+    def __init__(
+        self, sampler: Any, pruner: Any = None, **kwargs: Any
+    ) -> None:  # hydra/sweeper/optuna's keys
         from hydra_plugins.imgcls_sweepers._optuna import ResumableImpl, build_sampler  # optuna loads here
+        from imgcls.sweeps.pruning import build_pruner  # lazy with optuna: it builds Optuna's pruners
 
         self.sweeper = ResumableImpl(sampler=build_sampler(sampler), **kwargs)
+        self.sweeper.pruner = build_pruner(pruner)
+
+
+@dataclass
+class ImgclsOptunaConf(OptunaSweeperConf):
+    """hydra/sweeper/imgcls_optuna_schema: hydra-optuna-sweeper's options plus `pruner` (null: none;
+    else `_target_: optuna.pruners.MedianPruner` and its arguments, imgcls.sweeps.pruning)."""
+
+    _target_: str = "hydra_plugins.imgcls_sweepers.ResumableOptunaSweeper"
+    pruner: Any = None
+
+
+# Hydra imports this module when it scans for plugins, before it composes the config
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="imgcls_optuna_schema", node=ImgclsOptunaConf, provider="imgcls"
+)

@@ -59,7 +59,9 @@ class ResumableImpl(OptunaSweeperImpl):
                 "validation accuracy), so give one direction, e.g. maximize"
             )
         check_storage(self.storage)  # a URL that cannot work is an error before any trial runs
-        study = _open_study(self.study_name, self.storage, self.sampler, directions)
+        study = _open_study(
+            self.study_name, self.storage, self.sampler, directions, getattr(self, "pruner", None)
+        )
         if study.trials:
             # a fixed seed would replay the first run's proposals and rerun its first trials
             self.sampler.reseed_rng()
@@ -78,6 +80,12 @@ class ResumableImpl(OptunaSweeperImpl):
             if not batch:
                 continue
             overrides = self._configure_trials(batch, space, fixed, fixed_overrides)
+            # each job finds its trial (imgcls.sweeps.pruning: it reports every epoch's score there)
+            overrides = [
+                [*o, f"++hydra.job.env_set.IMGCLS_OPTUNA_TRIAL_ID={t._trial_id}",
+                 f"++hydra.job.env_set.IMGCLS_OPTUNA_STUDY={study.study_name}"]
+                for o, t in zip(overrides, batch, strict=True)
+            ]  # fmt: skip
             first = next_job_num(sweep_dir)
             for i, trial in enumerate(batch):
                 trial.set_user_attr("host", host)
@@ -130,7 +138,7 @@ class ResumableImpl(OptunaSweeperImpl):
             )
 
 
-def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) -> Any:
+def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str], pruner: Any = None) -> Any:
     """create_study(load_if_exists=True), retried: workers started together on a new database
     race to create its tables, and all but one get "table ... already exists" or, one step later,
     "UNIQUE constraint failed: alembic_version.version_num" (both seen with SQLite)."""
@@ -139,7 +147,12 @@ def _open_study(name: Any, storage: Any, sampler: Any, directions: list[str]) ->
     for attempt in range(5):
         try:
             return optuna.create_study(
-                study_name=name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
+                study_name=name,
+                storage=storage,
+                sampler=sampler,
+                directions=directions,
+                load_if_exists=True,
+                pruner=pruner,
             )
         except (OperationalError, IntegrityError) as exc:
             if attempt == 4:  # a server that refuses us, a file SQLite cannot open: not a race
