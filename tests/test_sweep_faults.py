@@ -213,3 +213,34 @@ def test_a_killed_optuna_sweep_adopts_its_running_slurm_jobs(slurm_cluster, tmp_
     assert [r["status"] for r in rows] == ["completed", "completed"]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
     assert best == max(float(r["val/acc_best"]) for r in rows)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_running_record_of_an_ended_slurm_job_reads_killed_on_any_host(slurm_cluster, tmp_path: Path):
+    from imgcls.run_record import RunRecord
+    from imgcls.sweeps.summary import job_status
+
+    def submit(command: str) -> str:
+        out = slurm_cluster.run("sbatch", "--parsable", f"--partition={slurm_cluster.partition}",
+                                f"--chdir={tmp_path}", "--wrap", command)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().split(";")[0]
+
+    ended, running = submit("true"), submit("sleep 120")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            slurm_cluster.job_state(ended) == "COMPLETED" and slurm_cluster.job_state(running) == "RUNNING"
+        ):
+            time.sleep(0.5)
+        # records a job on another node left `running` (its pid means nothing here)
+        dead = RunRecord(status="running", host="node-b", pid=1, slurm_job_id=ended)
+        alive = RunRecord(status="running", host="node-b", pid=1, slurm_job_id=running)
+        assert job_status(dead) == "killed"  # today: running
+        assert job_status(alive) == "running"
+        assert job_status(RunRecord(status="reporting", host="node-b", pid=1, slurm_job_id=ended)) == (
+            "reports incomplete"
+        )
+    finally:
+        slurm_cluster.run("scancel", running)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,20 +54,45 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# SLURM states of a job that has not ended (sacct's State column, first word)
+SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                "SIGNALING", "STAGE_OUT", "REQUEUE_HOLD", "REQUEUE_FED")  # fmt: skip
+
+
+def slurm_state(job_id: str) -> str | None:
+    """The job's state as SLURM's accounting has it (`sacct -X`, e.g. RUNNING, CANCELLED by 0), or
+    None where sacct is missing, fails or does not know the job (then nothing is judged from it)."""
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return lines[0] if out.returncode == 0 and lines else None
+
+
 def job_status(record: RunRecord | None) -> str:
     """The status the job's record holds, except that `running` from a process that no longer
     exists is `killed` (`reporting`, `reports incomplete`); no record: `failed` (Hydra ran the
     job, and it died before training started).
 
-    Only a heartbeat from this host can be checked; a job on another machine keeps `running`.
+    A job that ran under SLURM (the record names its slurm_job_id) is judged by the scheduler on
+    any node: a `running` record whose SLURM job has ended (sacct) is killed. Otherwise only a
+    process on this host can be checked; a job on another machine keeps `running`.
     """
     if record is None:
         return "failed"
     status = record.status
-    if status in ("running", "reporting") and record.pid and record.host == socket.gethostname():
-        if not pid_alive(record.pid):
-            # `reporting`: trained to the end, killed in the final reports (resume= writes them)
-            return "killed" if status == "running" else "reports incomplete"
+    if status not in ("running", "reporting"):
+        return status
+    if record.slurm_job_id:
+        state = slurm_state(record.slurm_job_id)
+        dead = state is not None and state.split()[0] not in SLURM_ACTIVE
+    else:
+        dead = bool(record.pid) and record.host == socket.gethostname() and not pid_alive(record.pid)
+    if dead:
+        # `reporting`: trained to the end, killed in the final reports (resume= writes them)
+        return "killed" if status == "running" else "reports incomplete"
     return status
 
 
