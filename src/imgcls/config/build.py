@@ -229,6 +229,13 @@ def build(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build {key} ({node.get('_target_')}): {cause}") from exc
 
 
+def build_named(node: Any, allowed: tuple[str, ...]) -> Any:
+    """instantiate(node) for a node outside the config groups' registry whose `_target_` must be one of
+    `allowed`, exactly (hydra.sweeper.pruner: imgcls.sweeps.pruning); Hydra's execution whitelist
+    holds it to that list."""
+    return instantiate(node, _execution_whitelist_=allowed)
+
+
 def build_data(cfg: Any):
     node = plain(cfg)
     if isinstance(node, Mapping):

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from imgcls.config.build import build_named
 from imgcls.errors import ConfigError
 from imgcls.run_record import best_of
 
@@ -65,7 +65,7 @@ def build_pruner(node: Any) -> Any:
             f"{', '.join(PRUNER_TARGETS)} (e.g. hydra.sweeper.pruner._target_=optuna.pruners.MedianPruner), "
             "or hydra.sweeper.pruner=null for none"
         )
-    return instantiate(node, _execution_whitelist_=PRUNER_TARGETS)
+    return build_named(node, PRUNER_TARGETS)
 
 
 @dataclass(frozen=True)
