@@ -155,7 +155,7 @@ WRITERS = [
     "imgcls.data.download.unpack",
     "imgcls.data.digits.write_digits",
     "imgcls.checkpoint.save_checkpoint",
-    "imgcls.training.recorder.atomic_write_text",
+    "imgcls.files.atomic_write",
     "imgcls.data.scan._write_cache",
     "torchvision.datasets.MNIST",  # download=True writes files
     "torchvision.datasets.CIFAR10",

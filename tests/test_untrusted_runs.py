@@ -150,7 +150,7 @@ def test_a_target_given_on_the_command_line_is_checked_too(trained_run: Path, tm
         "os.system", "subprocess.Popen", "builtins.exec", "builtins.eval", "pickle.loads", "shutil.rmtree",
         "torch.load", "torch.hub.load", "torch.jit.load", "torch.os.system", "imgcls.data.folder.os.system",
         "torch.nn.modules.module.torch.hub.load", "imgcls.models.torchvision.torchvision.io.write_file",
-        "imgcls.training.recorder.atomic_write_text", "imgcls.checkpoint.save_checkpoint", "torch.nn", 42,
+        "imgcls.files.atomic_write", "imgcls.checkpoint.save_checkpoint", "torch.nn", 42,
     ],
 )  # fmt: skip
 def test_check_targets_refuses_and_names_the_key(target):

@@ -104,10 +104,10 @@ def _writers(tmp_path: Path):
     from imgcls.data.cache import build_store
     from imgcls.data.digits import write_digits
     from imgcls.data.download import unpack
+    from imgcls.files import atomic_write
     from imgcls.pages.curves import write_curves
     from imgcls.pages.html import write
     from imgcls.sweeps.summary import write_csv
-    from imgcls.training.recorder import atomic_write_text
 
     tree = make_tree(tmp_path / "tiny", counts={"train": 16})
     samples = [(str(p), 0) for p in sorted(tree.rglob("*.jpg"))]
@@ -122,7 +122,7 @@ def _writers(tmp_path: Path):
     return {
         "report.html": lambda d: write(d / "report.html", "<p>" + "x" * 200_000),
         "curves.png": lambda d: write_curves(history, d / "plots" / "curves.png"),
-        "metrics.csv": lambda d: atomic_write_text(d / "metrics.csv", "epoch\n" * 50_000),
+        "metrics.csv": lambda d: atomic_write(d / "metrics.csv", "epoch\n" * 50_000),
         "sweep_summary.csv": lambda d: write_csv([job] * 20, ["lr"], d / "sweep_summary.csv"),
         "image cache": lambda d: build_store(samples, "disk", None, d / "cache"),
         "digits": lambda d: write_digits(d / "digits"),

@@ -100,9 +100,10 @@ def train_run(
     from loguru import logger
 
     from imgcls.evaluation.final import report_best_weights
+    from imgcls.files import atomic_write
     from imgcls.training import distributed
     from imgcls.training.loop import FitHooks, fit
-    from imgcls.training.recorder import atomic_write_text, log_setup
+    from imgcls.training.recorder import log_setup
     from imgcls.training.resume import remove_stale_temp_files, resume_into
     from imgcls.training.run import build_run, describe
     from imgcls.training.signals import stop_on_signals
@@ -118,7 +119,7 @@ def train_run(
     )  # fmt: skip
     state = resume_into(run, ckpt)
     if d.main:
-        atomic_write_text(run_dir / "data_check.txt", run.record.report.text())  # shown on report.html
+        atomic_write(run_dir / "data_check.txt", run.record.report.text())  # shown on report.html
     if ckpt and d.main:
         remove_stale_temp_files(run_dir / "weights")
     recorder.info.update(describe(run))

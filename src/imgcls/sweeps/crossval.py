@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
+from imgcls.files import atomic_write
 from imgcls.names import csv_text
-from imgcls.training.recorder import atomic_write_text
 
 OBJECTIVE = "val/acc_best"  # what train.run returns and the Optuna sweeper maximizes; a job's score
 
@@ -101,7 +101,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         + [r["note"], " ".join(map(str, r["jobs"]))]
         for r in rows
     ]
-    atomic_write_text(path, csv_text(head, cells))  # a reader never sees half a table
+    atomic_write(path, csv_text(head, cells))  # a reader never sees half a table
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -21,10 +21,6 @@ from imgcls.run_record import METRICS_FILE, RUN_FILE, SPLITS, SUMMARY_FILE, RunR
 from imgcls.sweeps.pruning import RunPruned
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
 def _now() -> datetime:
     return datetime.now().astimezone()
 
@@ -213,7 +209,7 @@ class RunRecorder:
         for row in self.history:
             keys += [k for k in row if k not in keys]
         # full precision: a script reading it gets the exact values; cells through csv_text, as every CSV
-        atomic_write_text(self.run_dir / METRICS_FILE, csv_text(keys, self.history))
+        atomic_write(self.run_dir / METRICS_FILE, csv_text(keys, self.history))
 
     # -- end -------------------------------------------------------------------------------
     def reporting(self) -> None:
