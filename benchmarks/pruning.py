@@ -1,15 +1,18 @@
-"""Pruning across jobs: the same Optuna search unpruned, then pruned, side by side (issue 25).
+"""Asynchronous, pruned sweeps: the same Optuna search synchronous and unpruned, then asynchronous
+and pruned, side by side (issue 25).
 
     python benchmarks/pruning.py                          # 16 trials x 2, n_jobs=2: about 20-40 min on 2 cores
     python benchmarks/pruning.py --trials 2 --epochs 2 --per-class 8,4   # a tiny check that it runs
 
 Both sweeps search the same 4-parameter space (lr, weight decay, batch size, label smoothing) with
-the same sampler seed, n_jobs=2 on the parallel launcher, over Hymenoptera at a reduced size
+the same sampler seed, 2 jobs at once, over Hymenoptera at a reduced size
 (symlinks to the first images of each class; a ShuffleNetV2 0.5x from scratch at 32 px, the
 tests' tiny model, so a trial is cheap).
-The first sweep has no pruner; the second adds a MedianPruner (`--pruner` to try another, e.g.
-'{_target_: optuna.pruners.SuccessiveHalvingPruner, min_resource: 1}') and `--pruned-extra`
-overrides (e.g. an asynchronous sweeper option). Printed side by side: the best validation
+The first sweep is the reference: no pruner, on Hydra's own joblib launcher (`hydra/launcher=joblib`),
+which runs each batch of n_jobs trials to its end before the next, as Hydra's sweeps run. The second
+runs on imgcls's parallel launcher, whose slots start a trial as soon as one ends, and adds a
+MedianPruner (`--pruner` to try another, e.g. '{_target_: optuna.pruners.SuccessiveHalvingPruner,
+min_resource: 1}'; `--pruned-extra` for more overrides). Printed side by side: the best validation
 accuracy (the leaderboard's first row), the epochs all trials trained (the sum of each job's
 run.json epochs_done), the trials pruned and the wall time, with the ratios against the targets
 (best within 1 point, <= 40% of the epochs, <= 50% of the wall time).
@@ -70,7 +73,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--per-class", default="60,30", help="train,val images per class (Hymenoptera)")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed, the same for both sweeps")
-    parser.add_argument("--pruner", default=MEDIAN, help="hydra.sweeper.pruner; none: no pruner (checks the script)")
+    parser.add_argument(
+        "--pruner", default=MEDIAN, help="hydra.sweeper.pruner; none: no pruner (checks the script)"
+    )
     parser.add_argument("--pruned-extra", nargs="*", default=[], help="overrides for the pruned sweep only")
     opts = parser.parse_args()
     n_train, n_val = (int(n) for n in opts.per_class.split(","))
@@ -78,18 +83,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tree = subset_tree(HYMENOPTERA, Path(tmp) / "data", {"train": n_train, "val": n_val})
         common = [
-            "hparams_search=optuna", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
-            "hydra.sweeper.n_jobs=2", f"hydra.sweeper.n_trials={opts.trials}",
+            "hparams_search=optuna", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2", f"hydra.sweeper.n_trials={opts.trials}",
             f"hydra.sweeper.sampler.seed={opts.seed}", *SPACE,
             "data=imagefolder", f"data.root={tree}", "data.num_workers=0", "transforms=digits",
             "model.name=shufflenet_v2_x0_5",
             "trainer.num_threads=1", f"trainer.epochs={opts.epochs}", "device=cpu",
         ]  # fmt: skip
-        plain = sweep("unpruned", common, Path(tmp))
+        plain = sweep("unpruned", ["hydra/launcher=joblib", *common], Path(tmp))
         pruner = [] if opts.pruner == "none" else [f"hydra.sweeper.pruner={opts.pruner}"]
-        pruned = sweep("pruned", [*common, *pruner, *opts.pruned_extra], Path(tmp))
+        pruned = sweep("pruned", ["hydra/launcher=parallel", *common, *pruner, *opts.pruned_extra], Path(tmp))
     rows = [["sweep", "best val acc", "trained epochs", "pruned trials", "wall time"]]
-    for name, r in (("unpruned, synchronous", plain), ("pruned", pruned)):
+    for name, r in (
+        ("synchronous, unpruned (Hydra's joblib launcher)", plain),
+        ("asynchronous, pruned (hydra/launcher=parallel)", pruned),
+    ):
         rows.append([name, f"{100 * r['best']:.2f}%", str(r["epochs"]), f"{r['pruned']} of {r['trials']}",
                      f"{r['wall_s']:.0f} s"])  # fmt: skip
     rows.append([

@@ -47,16 +47,19 @@ def _training(root: Path, num: int) -> bool:
     return bool(logs) and "first training step" in logs[0].read_text(errors="replace")
 
 
-def _task_id(cluster, task: int) -> str | None:
-    """The SLURM id (<array>_<task>) of array task `task` running now, from squeue."""
-    out = cluster.run("squeue", "-h", "-t", "R", "-o", "%i").stdout.split()
-    return next((i for i in out if i.endswith(f"_{task}")), None)
+def _job_id(root: Path, num: int) -> str | None:
+    """The SLURM id of job `num` of the one sweep under root, as its run record names it."""
+    records = list(root.glob(f"multirun/*/*/{num}_*/run.json"))
+    try:
+        return json.loads(records[0].read_text()).get("slurm_job_id") if records else None
+    except ValueError:  # being replaced at this moment
+        return None
 
 
-def _cancel_when_training(cluster, root: Path, num: int, task: int, out: dict) -> None:
+def _cancel_when_training(cluster, root: Path, num: int, out: dict) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if _training(root, num) and (job_id := _task_id(cluster, task)):
+        if _training(root, num) and (job_id := _job_id(root, num)):
             out["job_id"] = job_id
             out["scancel"] = cluster.run("scancel", job_id)
             return
@@ -67,12 +70,12 @@ def _cancel_when_training(cluster, root: Path, num: int, task: int, out: dict) -
 @pytest.mark.slow
 def test_a_cancelled_slurm_job_becomes_its_row_and_the_grid_goes_on(slurm_cluster, tmp_path: Path):
     tree = make_tree(tmp_path / "tiny")
-    # two batches: jobs 0 and 1, then job 2; job 0 is cancelled while it trains
+    # two slots: jobs 0 and 1, then job 2 as soon as one ends; job 0 is cancelled while it trains
     args = ["-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.partition={slurm_cluster.partition}",
-            "hydra.sweeper.max_batch_size=2", *FAULT_TINY, f"data.root={tree}", "optimizer.lr=0.01,0.02,0.03"]  # fmt: skip
+            "hydra.launcher.array_parallelism=2", *FAULT_TINY, f"data.root={tree}", "optimizer.lr=0.01,0.02,0.03"]  # fmt: skip
     cancelled: dict = {}
     canceller = threading.Thread(
-        target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, 0, cancelled)
+        target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, cancelled)
     )
     canceller.start()
     result = cli_here("imgcls.train", *args, cwd=tmp_path)
@@ -105,7 +108,7 @@ def test_each_optuna_trial_is_told_from_its_own_slurm_job(slurm_cluster, tmp_pat
             "hydra.sweeper.n_trials=2", *FAULT_TINY, f"data.root={tree}"]  # fmt: skip
     cancelled: dict = {}
     canceller = threading.Thread(
-        target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, 0, cancelled)
+        target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, cancelled)
     )
     canceller.start()
     result = cli_here("imgcls.train", *args, cwd=tmp_path)
@@ -115,7 +118,7 @@ def test_each_optuna_trial_is_told_from_its_own_slurm_job(slurm_cluster, tmp_pat
     (sweep,) = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
     study = optuna.load_study(study_name="imgcls", storage=f"sqlite:///{sweep}/optuna.db")
     trials = sorted(study.trials, key=lambda t: t.number)
-    # trial 0's job was cancelled: FAIL with the scheduler's reason; its batch-mate completed with its value
+    # trial 0's job was cancelled: FAIL with the scheduler's reason; the trial beside it completed with its value
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs["interrupted"] is True
     assert trials[0].user_attrs["slurm_job_id"] == cancelled["job_id"]
     assert trials[1].state.name == "COMPLETE"

@@ -62,7 +62,7 @@ def test_hparams_search_options_compose_and_build(tmp_path: Path, monkeypatch):
 
 def test_launcher_options_compose_and_build():
     parallel = plugin(compose_train("hydra/launcher=parallel", "hydra.sweep.dir=x").hydra.launcher)
-    assert type(parallel).__name__ == "JoblibLauncher" and parallel.joblib["n_jobs"] == 2
+    assert type(parallel).__name__ == "ParallelLauncher" and parallel.n_slots() == 2
     cfg = compose_train("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.sweep.dir=s")
     slurm = plugin(cfg.hydra.launcher)
     assert type(slurm).__name__ == "SlurmLauncher"

@@ -22,24 +22,32 @@ from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
-from imgcls.sweeps.summary import next_job_num, summarize
-
 log = logging.getLogger(__name__)
 
 
-def report_failures(returns: Any) -> int:
-    failed = [r for r in returns if r.status == JobStatus.FAILED]
-    for r in failed:
-        # the job's summary.txt holds the traceback; one line here keeps the sweep's log readable
-        log.warning(f"job failed, the sweep goes on: {' '.join(r.overrides)}: {r._return_value!r}")
-    return len(failed)
+def pruned(ret: Any) -> bool:
+    """The job stopped because the study's pruner said so (it raised optuna.TrialPruned): not a failure."""
+    return type(getattr(ret, "_return_value", None)).__name__ == "TrialPruned"
+
+
+def report_end(ret: Any) -> bool:
+    """Log a job that did not complete, as it ends; True when it failed (a pruned job did not)."""
+    if ret.status != JobStatus.FAILED:
+        return False
+    if pruned(ret):
+        log.info(f"job pruned: {' '.join(ret.overrides)}: {ret._return_value}")
+        return False
+    # the job's summary.txt holds the traceback; one line here keeps the sweep's log readable
+    log.warning(f"job failed, the sweep goes on: {' '.join(ret.overrides)}: {ret._return_value!r}")
+    return True
 
 
 @contextmanager
 def stop_on_ctrl_c(sweep_dir: Path) -> Iterator[None]:
-    """Ctrl-C of a sweep: the leaderboard of what ran, then exit 130. Hydra skips the callbacks'
-    on_multirun_end when the sweep raises; a job run in this process (the basic launcher) turned
-    its Ctrl-C into exit 130 already (imgcls.cli), the SLURM launcher cancelled its jobs."""
+    """Ctrl-C of a sweep: exit 130 with how to resume. The slots stopped (SLURM: cancelled) the
+    running jobs first, and a job run in this process (the basic launcher) turned its Ctrl-C into
+    exit 130 already (imgcls.cli). Hydra 1.4 runs the callbacks' on_multirun_end on the way out
+    (its `finally`), which writes the leaderboard of what ran."""
     try:
         yield
         return
@@ -49,18 +57,21 @@ def stop_on_ctrl_c(sweep_dir: Path) -> Iterator[None]:
         if exc.code != 130:
             raise
     log.warning(f"Ctrl-C: the sweep stops; resume it with the same command and hydra.sweep.dir={sweep_dir}")
-    summarize(sweep_dir)
     raise SystemExit(130)
 
 
 class GridSweeper(BasicSweeper):
-    """Hydra's basic (grid) sweeper, except that a failed job is logged and the sweep goes on.
+    """Hydra's basic (grid) sweeper, except that a failed job is logged and the sweep goes on, and
+    the launcher's slots stay busy: with imgcls's parallel and SLURM launchers the next grid point
+    starts as soon as any job ends (hydra_plugins.imgcls_sweepers.slots).
 
     Hydra's own stops at the first batch with a failure and raises, which skips the callbacks'
     on_multirun_end and so the leaderboard. Failed jobs say why in their own summary.txt.
     """
 
     def sweep(self, arguments: list[str]) -> Any:
+        from hydra_plugins.imgcls_sweepers.slots import launcher_slots, run_in_slots
+
         params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(
             params
@@ -69,17 +80,25 @@ class GridSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        returns, failed = [], 0
-        while not self.is_done():
-            batch = self.get_job_batch()
+        for batch in self.overrides:
             self.validate_batch_is_legal(batch)  # a typo in an override fails before any job runs
-            with stop_on_ctrl_c(sweep_dir):
-                results = self.launcher.launch(batch, initial_job_idx=next_job_num(sweep_dir))
-            failed += report_failures(results)
-            returns.append(results)
-        if failed:
-            log.warning(f"{failed} of {sum(len(r) for r in returns)} jobs failed")
-        return returns
+        todo = [list(o) for batch in self.overrides for o in batch]
+        # at once: the launcher's slots (parallel: n_jobs; SLURM: array_parallelism), at most
+        # max_batch_size; a launcher that takes batches gets max_batch_size (null: all) per batch
+        n_slots = min(
+            [n for n in (launcher_slots(self.launcher), self.max_batch_size, len(todo)) if n] or [1]
+        )
+        returns: list[Any] = []
+        failures: list[bool] = []  # each job's, logged as it ends
+        with stop_on_ctrl_c(sweep_dir):
+            run_in_slots(
+                self.launcher, n_slots, sweep_dir,
+                next_job=lambda num: (todo.pop(0), None) if todo else None,
+                ended=lambda job, ret: (returns.append(ret), failures.append(report_end(ret))),
+            )  # fmt: skip
+        if failed := sum(failures):
+            log.warning(f"{failed} of {len(returns)} jobs failed")
+        return [returns]
 
 
 class ResumableOptunaSweeper(OptunaSweeper):

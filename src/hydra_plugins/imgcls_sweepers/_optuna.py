@@ -17,10 +17,11 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.imgcls_sweepers import report_failures, stop_on_ctrl_c
-from hydra_plugins.imgcls_sweepers.slurm import job_dir_of, record_scheduler_end
+from hydra_plugins.imgcls_sweepers import report_end, stop_on_ctrl_c
+from hydra_plugins.imgcls_sweepers.slots import job_dir_of, run_in_slots
+from hydra_plugins.imgcls_sweepers.slurm import record_scheduler_end
 from imgcls.run_record import read_run
-from imgcls.sweeps.summary import job_status, next_job_num, pid_alive
+from imgcls.sweeps.summary import job_status, pid_alive
 
 log = logging.getLogger(__name__)
 # trials that never ran to an end: they do not count towards n_trials
@@ -35,6 +36,12 @@ def build_sampler(node: Any) -> Any:
     if OmegaConf.is_config(node) or isinstance(node, dict):
         return instantiate(node, _execution_whitelist_=SAMPLER_TARGETS)
     return node  # built already (a sampler object passed in by Python code)
+
+
+def _failing(ended: int, failed: int, sweeper: Any) -> bool:
+    """max_failure_rate: more than that fraction of the jobs this sweep ended failed, counted once
+    n_jobs of them ended (a batch's worth, as hydra-optuna-sweeper counts per batch)."""
+    return ended >= max(1, int(sweeper.n_jobs)) and failed / ended > sweeper.max_failure_rate
 
 
 def _counted(trial: Any) -> bool:
@@ -71,62 +78,70 @@ class ResumableImpl(OptunaSweeperImpl):
             + (f", {killed} left running by a killed sweep told from their jobs" if killed else "")
         )
         host, pid = socket.gethostname(), os.getpid()
-        while True:
-            # finished trials, and those other workers are running, take from the budget
-            left = self.n_trials - sum(_counted(t) for t in study.get_trials(deepcopy=False))
-            if left <= 0:
-                break
-            batch = _within_budget(study, [study.ask() for _ in range(min(self.n_jobs, left))], self.n_trials)
-            if not batch:
-                continue
-            overrides = self._configure_trials(batch, space, fixed, fixed_overrides)
-            # each job finds its trial (imgcls.sweeps.pruning: it reports every epoch's score there)
-            overrides = [
-                [*o, f"++hydra.job.env_set.IMGCLS_OPTUNA_TRIAL_ID={t._trial_id}",
-                 f"++hydra.job.env_set.IMGCLS_OPTUNA_STUDY={study.study_name}"]
-                for o, t in zip(overrides, batch, strict=True)
-            ]  # fmt: skip
-            first = next_job_num(sweep_dir)
-            for i, trial in enumerate(batch):
+        ended_jobs, failed_jobs = [0], [0]
+
+        def next_job(num: int) -> tuple[list[str], Any] | None:
+            """A new trial for job `num`, if the budget has room: finished trials, and those
+            running here or in other workers sharing the study, take from it."""
+            while not (failed_jobs[0] and _failing(ended_jobs[0], failed_jobs[0], self)):
+                if self.n_trials - sum(_counted(t) for t in study.get_trials(deepcopy=False)) <= 0:
+                    return None
+                asked = _within_budget(study, [study.ask()], self.n_trials)
+                if not asked:
+                    continue  # another worker took that place in the budget
+                (trial,) = asked
+                (overrides,) = self._configure_trials([trial], space, fixed, fixed_overrides)
+                # the job finds its trial (imgcls.sweeps.pruning: it reports every epoch's score there)
+                overrides = [*overrides, f"++hydra.job.env_set.IMGCLS_OPTUNA_TRIAL_ID={trial._trial_id}",
+                             f"++hydra.job.env_set.IMGCLS_OPTUNA_STUDY={study.study_name}"]  # fmt: skip
                 trial.set_user_attr("host", host)
                 trial.set_user_attr("pid", pid)
-                trial.set_user_attr("job_num", first + i)
-            if hasattr(self.launcher, "on_submitted"):  # imgcls's SLURM launcher: each trial's job id
-                self.launcher.on_submitted = lambda ids, b=batch, f=first: [
-                    t.set_user_attr("slurm_job_id", ids[f + i]) for i, t in enumerate(b)
-                ]
-            try:
-                with stop_on_ctrl_c(sweep_dir):
-                    returns = self.launcher.launch(overrides, initial_job_idx=first)
-            except BaseException:  # Ctrl-C: each trial as its job ended (SLURM: cancelled, or kept)
-                for i, trial in enumerate(batch):
-                    record = _record_of(sweep_dir, first + i)
-                    if record is not None and record.status in ("running", "reporting") and _kept(self):
-                        continue  # still running on the cluster: a rerun adopts it
-                    if not _tell_from_record(study, trial, record):
-                        trial.set_user_attr("interrupted", True)
-                        study.tell(trial, state=TrialState.FAIL)
-                raise
-            failed = report_failures(returns)
-            for i, (trial, ret) in enumerate(zip(batch, returns, strict=True)):
-                # the job's own record decides, never the batch: a trial whose job completed is
-                # COMPLETE with its best, whatever happened to the others
-                if _tell_from_record(study, trial, _record_of(sweep_dir, first + i)):
+                trial.set_user_attr("job_num", num)
+                return overrides, trial
+            return None
+
+        def started(job: Any) -> None:
+            if job.job_id:  # where the leaderboard and a rerun find the job on the cluster
+                job.payload.set_user_attr("slurm_job_id", job.job_id)
+
+        def ended(job: Any, ret: Any) -> None:
+            """Tell the trial its own job's end, the moment it ends, before the next ask."""
+            trial = job.payload
+            ended_jobs[0] += 1
+            failed_jobs[0] += report_end(ret)
+            # the job's own record decides: a trial whose job completed is COMPLETE with its best
+            if _tell_from_record(study, trial, _record_of(sweep_dir, job.num)):
+                return
+            value = ret._return_value if ret.status == JobStatus.COMPLETED else None
+            if isinstance(value, (int, float)):
+                study.tell(trial, values=[float(value)])
+                return
+            if value is not None or ret.status == JobStatus.COMPLETED:
+                log.warning(f"trial {trial.number}: the job returned {value!r}, not a number")
+            if value is None and ret.status != JobStatus.COMPLETED:
+                trial.set_user_attr("reason", _first_line(ret._return_value))
+            study.tell(trial, state=TrialState.FAIL)
+
+        def interrupted(running: list[Any]) -> None:
+            """Ctrl-C: each trial as its job ended (cancelled: interrupted), or left RUNNING for a
+            rerun to adopt when its SLURM job runs on (on_interrupt=keep)."""
+            for job in running:
+                record = _record_of(sweep_dir, job.num)
+                if _kept(self) and job.job_id and (record is None or job_status(record) not in ENDED):
                     continue
-                value = ret._return_value if ret.status == JobStatus.COMPLETED else None
-                if isinstance(value, (int, float)):
-                    study.tell(trial, values=[float(value)])
-                else:
-                    if value is not None or ret.status == JobStatus.COMPLETED:
-                        log.warning(f"trial {trial.number}: the job returned {value!r}, not a number")
-                    if value is None and ret.status != JobStatus.COMPLETED:
-                        trial.set_user_attr("reason", _first_line(ret._return_value))
-                    study.tell(trial, state=TrialState.FAIL)
-            if failed / len(returns) > self.max_failure_rate:
-                log.error(
-                    f"{failed} of {len(returns)} jobs failed (max_failure_rate={self.max_failure_rate})"
-                )
-                break
+                if not _tell_from_record(study, job.payload, record):
+                    job.payload.set_user_attr("interrupted", True)
+                    study.tell(job.payload, state=TrialState.FAIL)
+
+        with stop_on_ctrl_c(sweep_dir):
+            run_in_slots(
+                self.launcher, max(1, int(self.n_jobs)), sweep_dir, next_job, ended, started, interrupted
+            )
+        if failed_jobs[0] and _failing(ended_jobs[0], failed_jobs[0], self):
+            log.error(
+                f"{failed_jobs[0]} of {ended_jobs[0]} jobs failed (max_failure_rate={self.max_failure_rate}): "
+                "no more trials were asked for"
+            )
 
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if complete:
@@ -316,10 +331,19 @@ def _scheduler_state(job_id: str, sweep_dir: Path) -> str | None:
         return None
 
 
+def _runs_here(record: Any, host: str) -> bool:
+    """The record's run is still running in a live process on this host (not this one)."""
+    return (
+        record is not None and record.status in ("running", "reporting") and record.host == host
+        and bool(record.pid) and record.pid != os.getpid() and pid_alive(int(record.pid))
+    )  # fmt: skip
+
+
 def _reconcile_running_trials(study: Any, sweep_dir: Path, poll_s: float = 5.0) -> int:
     """Settle the trials a killed sweep left RUNNING, each from its own job, never from the dead
     sweep's process: a job whose record ended tells its trial that end; a SLURM job still queued
-    or running is adopted (waited for, then told from its record); a job the scheduler ended
+    or running, or a parallel job whose process on this host still runs, is adopted (waited for,
+    then told from its record); a job the scheduler ended
     without a record of it gets the scheduler's reason; a local job whose process is gone is FAIL
     `killed`. Returns how many trials were settled."""
     host, n = socket.gethostname(), 0
@@ -335,7 +359,12 @@ def _reconcile_running_trials(study: Any, sweep_dir: Path, poll_s: float = 5.0) 
                 break
             log.info(f"trial {t.number}: SLURM job {job_id} is {state}; waiting for it (adopted)")
             time.sleep(poll_s)
-        if _tell_from_record(study, t, _record_of(sweep_dir, num)):
+        record = _record_of(sweep_dir, num)
+        while _runs_here(record, host):  # a parallel job's own process outlived its sweep
+            log.info(f"trial {t.number}: its job (pid {record.pid}) still runs; waiting for it (adopted)")
+            time.sleep(poll_s)
+            record = _record_of(sweep_dir, num)
+        if _tell_from_record(study, t, record):
             n += 1
             continue
         if job_id and num is not None and state:  # ended without recording it: the scheduler says why

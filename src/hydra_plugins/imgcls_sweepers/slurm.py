@@ -8,6 +8,10 @@ submitit's job.state, e.g. "CANCELLED by 0", "TIMEOUT"), and the job's run recor
 left `running` (the job was killed before it could write its end) or a job that never started gets
 status interrupted (cancelled, timed out, preempted) or failed (anything else) with that reason.
 
+Each job is its own sbatch submission, made when a slot frees (slots.run_in_slots: at most
+`array_parallelism` of the sweep's jobs queued or running at once), not one array per batch: an
+Optuna trial is asked for only after the result that freed its slot is told.
+
 Ctrl-C of the sweep cancels its queued and running jobs (scancel: SIGTERM, so each run saves last.pt
 and says interrupted, then SIGKILL after the cluster's KillWait), waits for them to end and
 re-raises; `hydra.launcher.on_interrupt=keep` leaves them running instead.
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +29,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
-from imgcls.files import atomic_write
-from imgcls.run_record import RUN_FILE, RunRecord, read_run
-from imgcls.sweeps.summary import JOB_DIR
+from hydra_plugins.imgcls_sweepers.slots import Job, failed_return, job_dir_of, record_end
 
 log = logging.getLogger(__name__)
 ON_INTERRUPT = ("cancel", "keep")
@@ -63,44 +65,20 @@ class SchedulerEnded(RuntimeError):
     """The job has no result: the scheduler ended it (job.state holds why)."""
 
 
-def job_dir_of(sweep_dir: Path, num: int) -> Path | None:
-    """The folder of job number `num` in the sweep (<num>_<label>), if the job made one."""
-    for p in sorted(Path(sweep_dir).glob(f"{num}_*")):
-        m = JOB_DIR.match(p.name)
-        if m and int(m.group(1)) == num and p.is_dir():
-            return p
-    return None
-
-
 def status_for_state(state: str) -> str:
     """The run status a scheduler state means: interrupted when it was stopped from outside."""
     return "interrupted" if state.split()[0].upper() in STOPPED_STATES else "failed"
 
 
 def record_scheduler_end(job_dir: Path, overrides: Sequence[str], state: str, job_id: str) -> str:
-    """Complete the record of a job the scheduler ended: a run left `running` / `reporting`, or none
-    at all (it never started), gets the status the state means and the reason. A run that wrote its
-    own end (interrupted on SIGTERM, failed with its traceback) keeps it; the reason is added to its
-    notes. Returns the status the record holds."""
-    reason = f"SLURM job {job_id} ended {state}"
-    record = read_run(job_dir)
-    if record is None:  # the job died before training wrote anything, or never started
-        (job_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        saved = job_dir / ".hydra" / "overrides.yaml"
-        if not saved.is_file():  # the leaderboard's row names the job's overrides
-            atomic_write(saved, OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-        record = RunRecord(run_dir=str(job_dir))
-    if record.status in ("running", "reporting", "unknown"):
-        record.status = status_for_state(state)
-        record.error = record.error or reason
-    if reason not in record.notes:
-        record.notes.append(reason)
-    atomic_write(job_dir / RUN_FILE, record.to_json())
-    return record.status
+    """Complete the record of a job the scheduler ended (slots.record_end) with the status its
+    state means and the reason: `SLURM job <id> ended <state>`."""
+    return record_end(job_dir, overrides, status_for_state(state), f"SLURM job {job_id} ended {state}")
 
 
 class SlurmLauncher(SubmititSlurmLauncher):
-    """hydra/launcher=slurm and slurm_cpu: submitit's SLURM launcher, each job's end its own result."""
+    """hydra/launcher=slurm and slurm_cpu: submitit's SLURM launcher, each job submitted on its own
+    as a slot frees (slots.run_in_slots) and each job's end its own result."""
 
     def __init__(self, on_interrupt: str = "cancel", **params: Any) -> None:
         if on_interrupt not in ON_INTERRUPT:
@@ -112,19 +90,26 @@ class SlurmLauncher(SubmititSlurmLauncher):
                 "and hydra.sweep.dir=...)"
             )
         self.on_interrupt = on_interrupt
-        # the sweeper's hook: called with {job number: SLURM job id} once a batch is submitted
-        self.on_submitted: Callable[[dict[int, str]], None] | None = None
+        self._executor: Any = None
+        self._forced = 0.0  # when sacct was last asked (done)
         super().__init__(**params)
 
     def __getstate__(self) -> dict[str, Any]:
-        # the launcher is pickled into each job; the sweeper's hook stays here
-        return {**self.__dict__, "on_submitted": None}
+        # the launcher is pickled into each job; the sweep's executor stays here
+        return {**self.__dict__, "_executor": None}
 
-    def submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
-        """The base launch up to map_array (hydra-submitit-launcher 1.2): the submitted jobs."""
+    def n_slots(self) -> int:
+        """Jobs of the sweep queued or running at once: hydra.launcher.array_parallelism."""
+        return max(1, int(self.params.get("array_parallelism") or 1))
+
+    def _submitter(self) -> Any:
+        """submitit's executor with every sbatch option of hydra.launcher (as hydra-submitit-launcher
+        1.2's launch builds it)."""
+        if self._executor is not None:
+            return self._executor
         import submitit  # lazy: submitit loads only when a SLURM sweep runs
 
-        assert self.config is not None and len(job_overrides) > 0
+        assert self.config is not None
         params = self.params
         specific_init_keys = {"max_num_timeout", "python"}
         init_params = {"folder": params["submitit_folder"]}
@@ -142,35 +127,43 @@ class SlurmLauncher(SubmititSlurmLauncher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        job_params = []
-        for i, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + i
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            job_params.append(
-                (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
-            )
-        return list(executor.map_array(self, *zip(*job_params, strict=True)))
+        self._executor = executor
+        return executor
+
+    def start(self, overrides: Sequence[str], num: int) -> tuple[Any, str]:
+        """Submit job `num` (sbatch): (the submitit job, its SLURM id)."""
+        executor = self._submitter()
+        log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+        job = executor.submit(
+            self, list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()
+        )
+        return job, str(job.job_id)
+
+    def done(self, job: Any) -> bool:
+        """Ended: its result file is there, or sacct says so (asked at most every 5 s for all the
+        sweep's jobs at once; submitit caches the answer)."""
+        force = time.monotonic() - self._forced > 5
+        if force:
+            self._forced = time.monotonic()
+        return job.done(force_check=force)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-        jobs = self.submit(job_overrides, initial_job_idx)
-        ids = {initial_job_idx + i: str(job.job_id) for i, job in enumerate(jobs)}
-        if self.on_submitted is not None:
-            self.on_submitted(ids)
+        """Hydra's batch API (a sweeper other than imgcls's): every job submitted, then waited for."""
+        jobs = [Job(num=initial_job_idx + i, overrides=list(o)) for i, o in enumerate(job_overrides)]
+        for job in jobs:
+            job.handle, job.job_id = self.start(job.overrides, job.num)
         try:
-            for job in jobs:
-                job.wait()
+            while not all(self.done(j.handle) for j in jobs):
+                time.sleep(1)
         except KeyboardInterrupt:
-            self.interrupted(jobs, job_overrides, initial_job_idx)
+            self.stop(jobs)
             raise
-        return [
-            self.outcome(job, o, initial_job_idx + i)
-            for i, (job, o) in enumerate(zip(jobs, job_overrides, strict=True))
-        ]
+        return [self.outcome(j.handle, j.overrides, j.num) for j in jobs]
 
-    def interrupted(self, jobs: list[Any], job_overrides: Sequence[Sequence[str]], first: int) -> None:
-        """Ctrl-C: cancel the batch's jobs (unless on_interrupt=keep) and wait for their runs to
-        record the end, so the leaderboard written next shows them interrupted."""
-        pending = [j for j in jobs if not j.done()]
+    def stop(self, running: list[Job]) -> None:
+        """Ctrl-C: cancel the sweep's queued and running jobs (unless on_interrupt=keep) and wait
+        for their runs to record the end, so the leaderboard written next shows them interrupted."""
+        pending = [j for j in running if not j.handle.done()]
         if self.on_interrupt == "keep":
             ids = " ".join(str(j.job_id) for j in pending)
             log.warning(f"Ctrl-C: SLURM jobs {ids} keep running (hydra.launcher.on_interrupt=keep)")
@@ -179,13 +172,12 @@ class SlurmLauncher(SubmititSlurmLauncher):
             return
         log.warning(f"Ctrl-C: cancelling SLURM jobs {' '.join(str(j.job_id) for j in pending)}")
         for job in pending:
-            job.cancel(check=False)
+            job.handle.cancel(check=False)
         deadline = time.monotonic() + CANCEL_WAIT_S
-        while time.monotonic() < deadline and not all(j.done(force_check=True) for j in pending):
+        while time.monotonic() < deadline and not all(j.handle.done(force_check=True) for j in pending):
             time.sleep(1)
-        for i, (job, overrides) in enumerate(zip(jobs, job_overrides, strict=True)):
-            if job in pending:
-                self.outcome(job, overrides, first + i)
+        for job in pending:
+            self.outcome(job.handle, job.overrides, job.num)
 
     def outcome(self, job: Any, overrides: Sequence[str], num: int) -> JobReturn:
         """The job's JobReturn: its own (completed, or failed with the exception Hydra caught), or a
@@ -197,18 +189,13 @@ class SlurmLauncher(SubmititSlurmLauncher):
         except UncompletedJobError:
             pass
         except Exception as exc:  # the job's own exception outside Hydra's run_job
-            return self._failed(overrides, exc)
+            return failed_return(overrides, exc)
         state = str(job.state)
         job_dir = job_dir_of(Path(str(self.config.hydra.sweep.dir)), num) or self._planned_dir(overrides, num)
         status = record_scheduler_end(job_dir, overrides, state, str(job.job_id))
-        return self._failed(
+        return failed_return(
             overrides, SchedulerEnded(f"SLURM job {job.job_id} ended {state}; the run is {status}")
         )
-
-    def _failed(self, overrides: Sequence[str], exc: BaseException) -> JobReturn:
-        ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
-        ret._return_value = exc
-        return ret
 
     def _planned_dir(self, overrides: Sequence[str], num: int) -> Path:
         """The folder a job that never started would have had: Hydra's hydra.sweep.subdir for it."""
