@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imgcls.evaluation.reports import write_csv
+from imgcls.evaluation.prediction_rows import write_csv
 from imgcls.pages.eval_page import write_eval_page
 from imgcls.pages.run_page import write_run_page
 from imgcls.pages.sweep_page import write_sweep_page

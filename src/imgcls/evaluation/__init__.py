@@ -1,8 +1,8 @@
 """Evaluation: a model's predictions on a split, sample by sample, and what is reported from them.
 
 Owns: per-sample inference through training's eval path (`inference`), metrics (top-k, calibration,
-per-class scores: `metrics`), confusion matrices, classification reports and prediction CSVs
-(`reports`), a training run's final reports with its best weights (`final`), figures (`plots`),
+per-class scores: `metrics`), confusion matrices and classification reports (`reports`), the
+per-image prediction rows and their CSV (`prediction_rows`: numpy only), a training run's final reports with its best weights (`final`), figures (`plots`),
 console tables (`tables`), ensembles of runs (`ensemble`), labelling a split by a checkpoint's
 class names (`labels`), and the commands over a finished run behind their entries (imgcls.evaluate,
 imgcls.predict): `evaluate_command`, `predict_command` (a run's checkpoint) and `predictions`

@@ -21,7 +21,8 @@ from imgcls.evaluation import tables
 from imgcls.evaluation.ensemble import Member, ensemble_dir, ensemble_predictions, load_member, member_row
 from imgcls.evaluation.inference import check_views
 from imgcls.evaluation.plots import error_grid_figure, reliability_figure, save_figure, write_class_index
-from imgcls.evaluation.reports import confusion_figure, prediction_rows, topk_indices, write_csv
+from imgcls.evaluation.prediction_rows import prediction_rows, topk_indices, write_csv
+from imgcls.evaluation.reports import confusion_figure
 from imgcls.evaluation.scores import confusion, report_dict, report_text  # scikit-learn: lazy, see scores.py
 from imgcls.files import check_writable, writing_into
 from imgcls.log import logged

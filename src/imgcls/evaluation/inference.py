@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.evaluation.reports import topk_indices  # noqa: F401  (torch-free, for the ONNX predictor; re-exported)
+from imgcls.evaluation.prediction_rows import topk_indices  # noqa: F401  (torch-free, for the ONNX predictor; re-exported)
 from imgcls.log import progress
 
 # the same transfer, normalization and memory format as engine.evaluate: the accuracy of the

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from imgcls.evaluation.inference import Predictions
-from imgcls.evaluation.reports import topk_indices
+from imgcls.evaluation.prediction_rows import topk_indices
 
 
 def topk_accuracy(logits: np.ndarray, targets: np.ndarray, k: int) -> float:

@@ -21,7 +21,7 @@ from imgcls.data.images import DEFAULT_MAX_FILE_MB, MB, BadImageError, load_imag
 from imgcls.deploy.exported import OnnxClassifier, softmax
 from imgcls.errors import ConfigError, DataError
 from imgcls.evaluation import tables
-from imgcls.evaluation.reports import prediction_rows, topk_indices, write_csv
+from imgcls.evaluation.prediction_rows import prediction_rows, topk_indices, write_csv
 from imgcls.files import check_writable, writing_into
 from imgcls.log import logged, progress
 from imgcls.runs import OUT_DIR_HINT, RunError, output_dir
