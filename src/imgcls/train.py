@@ -34,22 +34,6 @@ def run(
     of an Optuna sweep to its trial: it reports each epoch and stops when the pruner says so,
     raising optuna.TrialPruned (its record then says `pruned`)."""
     from imgcls.config.naming import env_rank, hold_run_dir, release_run_dir
-
-    run_dir = Path(run_dir)
-    if env_rank() == 0:  # under torchrun rank 0 alone writes the run
-        # one writer per run: a single run claimed its directory before Hydra wrote (preflight), a
-        # sweep's job claims its numbered folder here; held until the final summary is written
-        hold_run_dir(run_dir)
-    try:
-        return _run(cfg, run_dir, overrides, record, sweep_dir, trial)
-    except RunPruned as exc:
-        raise trial_pruned(exc) from None  # the sweeper tells the trial PRUNED
-    finally:
-        release_run_dir(run_dir)
-
-
-def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | None, trial) -> float:
-    """run() while this process holds the run's claim."""
     from imgcls.log import setup_logging, teardown_logging
     from imgcls.tracking import NullTracker, make_tracker
     from imgcls.training import distributed
@@ -57,43 +41,60 @@ def _run(cfg, run_dir: Path, overrides: list[str], record, sweep_dir: Path | Non
     from imgcls.training.resume import config_to_run
     from imgcls.training.signals import RunInterrupted, release_signals
 
-    d, device_spec, run_dir, log_ids = distributed.enter(cfg, Path(run_dir))
+    claimed = Path(run_dir)
+    if env_rank() == 0:  # under torchrun rank 0 alone writes the run
+        # one writer per run: a single run claimed its directory before Hydra wrote (preflight), a
+        # sweep's job claims its numbered folder here; held until the final summary is written
+        hold_run_dir(claimed)
     try:
-        config, unresolved, ckpt = config_to_run(cfg, list(overrides))
-    except UserError:
-        if not OmegaConf.is_config(cfg) or cfg.get("resume") or not d.main:
+        d, device_spec, run_dir, log_ids = distributed.enter(cfg, claimed)
+        try:
+            config, unresolved, ckpt = config_to_run(cfg, list(overrides))
+        except UserError:
+            if not OmegaConf.is_config(cfg) or cfg.get("resume") or not d.main:
+                teardown_logging(log_ids)
+                raise  # a refused resume leaves the saved run's summary as it was
+            record_refused_config(run_dir, OmegaConf.to_container(cfg, resolve=False), str(sys.exc_info()[1]))
             teardown_logging(log_ids)
-            raise  # a refused resume leaves the saved run's summary as it was
-        record_refused_config(run_dir, OmegaConf.to_container(cfg, resolve=False), str(sys.exc_info()[1]))
-        teardown_logging(log_ids)
-        raise
-    if d.main:
-        if ckpt:
-            log_ids = setup_logging(run_dir / "logs" / "train.log")
-            if record is not None:
-                record(run_dir)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
-        recorder = RunRecorder(
-            run_dir, config, config["trainer"]["epochs"], info={},
-            history=ckpt["history"] if ckpt else None, started=ckpt.get("run_started") if ckpt else None,
-        )  # fmt: skip
-    else:
-        recorder = NullRecorder()
-    tracker = make_tracker(config.get("tracking"), run_dir, sweep_dir) if d.main else NullTracker()
-    try:
-        # the tracker ends its run after the recorder has written the final summary.txt
-        # a pruned run ends KILLED in MLflow, as an interrupted one: resume= continues it
-        with tracker.ended(interrupted=(RunInterrupted, KeyboardInterrupt, RunPruned)), outcome(recorder):
-            return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec, tracker, trial)
+            raise
+        if d.main:
+            if ckpt:
+                log_ids = setup_logging(run_dir / "logs" / "train.log")
+                if record is not None:
+                    record(run_dir)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+            recorder = RunRecorder(
+                run_dir, config, config["trainer"]["epochs"], info={},
+                history=ckpt["history"] if ckpt else None, started=ckpt.get("run_started") if ckpt else None,
+            )  # fmt: skip
+        else:
+            recorder = NullRecorder()
+        tracker = make_tracker(config.get("tracking"), run_dir, sweep_dir) if d.main else NullTracker()
+        try:
+            # the tracker ends its run after the recorder has written the final summary.txt
+            # a pruned run ends KILLED in MLflow, as an interrupted one: resume= continues it
+            with tracker.ended(interrupted=(RunInterrupted, KeyboardInterrupt, RunPruned)), outcome(recorder):
+                return train_run(config, unresolved, run_dir, recorder, ckpt, d, device_spec, tracker, trial)
+        finally:
+            recorder.close()
+            teardown_logging(log_ids)
+            distributed.shutdown()
+            release_signals()  # a stopped run held its signal handler until its summary was written
+    except RunPruned as exc:
+        raise trial_pruned(exc) from None  # the sweeper tells the trial PRUNED
     finally:
-        recorder.close()
-        teardown_logging(log_ids)
-        distributed.shutdown()
-        release_signals()  # a stopped run held its signal handler until its summary was written
+        release_run_dir(claimed)
 
 
 def train_run(
-    config: dict, unresolved: dict, run_dir: Path, recorder, ckpt: dict | None, d, device_spec: str, tracker,
+    config: dict,
+    unresolved: dict,
+    run_dir: Path,
+    recorder,
+    ckpt: dict | None,
+    d,
+    device_spec: str,
+    tracker,
     trial: TrialLink | None = None,
 ) -> float:
     """Build the run from the plain config, restore the checkpoint if any, fit, report."""
