@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
+SIGN_DIGITS = REPO.parent / "shared" / "data" / "sign_language_digits"  # <class>/<image>, no splits
 
 
 def subset_tree(source: Path, dest: Path, per_class: dict[str, int]) -> Path:
@@ -26,6 +27,26 @@ def subset_tree(source: Path, dest: Path, per_class: dict[str, int]) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             for f in files[:n]:
                 (out / f.name).symlink_to(f.resolve())
+    return dest
+
+
+def split_tree(source: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    """<dest>/<split>/<class>/ from a tree without splits (<source>/<class>/<image>): symlinks to
+    each class's images in name order, the first per_class[split] to the first split, the next ones
+    to the next split, and so on."""
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        if len(files) < sum(per_class.values()):
+            raise SystemExit(
+                f"{class_dir} has {len(files)} images, the benchmark needs {sum(per_class.values())}"
+            )
+        start = 0
+        for split, n in per_class.items():
+            out = dest / split / class_dir.name
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files[start : start + n]:
+                (out / f.name).symlink_to(f.resolve())
+            start += n
     return dest
 
 

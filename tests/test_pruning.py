@@ -142,6 +142,7 @@ def test_a_sweep_job_resumed_with_m_continues_in_its_own_folder_with_its_overrid
     (job,) = (p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert read_job(job)["status"] == "interrupted"
     overrides = (job / ".hydra" / "overrides.yaml").read_text()
+    sweep_config = (sweep / "multirun.yaml").read_text()
 
     resumed = cli_here("imgcls.train", "-m", f"resume={job / 'weights' / 'last.pt'}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -151,6 +152,7 @@ def test_a_sweep_job_resumed_with_m_continues_in_its_own_folder_with_its_overrid
     record = json.loads((job / "run.json").read_text())
     assert record["status"] == "completed" and record["epochs_done"] == 2 and record["resumed"]
     assert (job / ".hydra" / "overrides.yaml").read_text() == overrides  # its overrides, as they were
+    assert (sweep / "multirun.yaml").read_text() == sweep_config  # and the sweep's config
     assert "lr: 0.02" in (job / "config.yaml").read_text()
     # the leaderboard, rebuilt over the sweep, shows the resumed result in the job's row
     (row,) = csv.DictReader(open(sweep / "sweep_summary.csv"))

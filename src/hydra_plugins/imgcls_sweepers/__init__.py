@@ -79,7 +79,8 @@ class GridSweeper(BasicSweeper):
         self.overrides = self.split_arguments(overrides, self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        if not (sweep_dir / "multirun.yaml").exists():  # a rerun or a job's resume keeps the sweep's own
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         for batch in self.overrides:
             self.validate_batch_is_legal(batch)  # a typo in an override fails before any job runs
         todo = [list(o) for batch in self.overrides for o in batch]
