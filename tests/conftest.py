@@ -269,8 +269,17 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_session():
     """The real one-node SLURM cluster (tools/slurm_cluster.sh), or a skip saying why: see tests/slurm.py."""
     from slurm import slurm_cluster_session
 
     yield from slurm_cluster_session()
+
+
+@pytest.fixture
+def slurm_cluster(slurm_session):
+    """The cluster, for this test alone (slurm.one_test_at_a_time)."""
+    from slurm import one_test_at_a_time
+
+    with one_test_at_a_time(slurm_session) as cluster:
+        yield cluster

@@ -9,9 +9,12 @@ cannot pass CI by skipping its tests."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +115,13 @@ def slurm_cluster_session():
     finally:
         if started:  # leave the machine as the session found it
             subprocess.run([str(SCRIPT), "stop", str(conf.parent)], capture_output=True, timeout=300)
+
+
+@contextmanager
+def one_test_at_a_time(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The cluster for one test alone: pytest-xdist runs tests side by side, and two sweeps sharing
+    the node's two CPUs queue each other's jobs (a test that counts its jobs or times them would see
+    the other's). An flock beside the cluster's config waits for the test that holds it."""
+    with open(Path(cluster.conf).parent / "tests.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield cluster

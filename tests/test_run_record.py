@@ -219,8 +219,8 @@ def test_a_record_this_version_cannot_read_is_none_not_a_guess(tmp_path: Path):
 
 @pytest.mark.slow
 def test_with_ema_every_view_names_the_same_best_epoch_and_score(tmp_path: Path, monkeypatch):
-    """trainer.ema_decay=0.9, 4 epochs on the tiny tree: at epoch 2 the EMA's weights score 0.67,
-    the raw ones 0.33. best.pt, run.json, summary.txt, the leaderboard, curves.png, MLflow's final
+    """trainer.ema_decay=0.9, 4 epochs on the tiny tree, seed 2, one thread: the raw weights score best
+    at epoch 3 (0.67), the better of the raw and the EMA's weights at epoch 1 (0.75). best.pt, run.json, summary.txt, the leaderboard, curves.png, MLflow's final
     metrics and the value train.run returns (the Optuna objective) name one epoch and one score."""
     from hydra import compose, initialize_config_dir
 
@@ -235,7 +235,9 @@ def test_with_ema_every_view_names_the_same_best_epoch_and_score(tmp_path: Path,
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["trainer.ema_decay=0.9"]))
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=CONFIG_DIR):
-        cfg = compose("train", [*TINY, f"data.root={tree}", "trainer.epochs=4", "trainer.ema_decay=0.9"])
+        # one torch thread, as under pytest-xdist, so the numbers are the same however the suite runs
+        cfg = compose("train", [*TINY, f"data.root={tree}", "trainer.epochs=4", "trainer.ema_decay=0.9",
+                                "trainer.num_threads=1", "seed=2"])  # fmt: skip
     returned = train(cfg, job)
 
     rows = read_metrics(job)

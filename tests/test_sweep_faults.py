@@ -74,9 +74,7 @@ def test_a_cancelled_slurm_job_becomes_its_row_and_the_grid_goes_on(slurm_cluste
     args = ["-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.partition={slurm_cluster.partition}",
             "hydra.launcher.array_parallelism=2", *FAULT_TINY, f"data.root={tree}", "optimizer.lr=0.01,0.02,0.03"]  # fmt: skip
     cancelled: dict = {}
-    canceller = threading.Thread(
-        target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, cancelled)
-    )
+    canceller = threading.Thread(target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, cancelled))
     canceller.start()
     result = cli_here("imgcls.train", *args, cwd=tmp_path)
     canceller.join()
@@ -107,9 +105,7 @@ def test_each_optuna_trial_is_told_from_its_own_slurm_job(slurm_cluster, tmp_pat
             f"hydra.launcher.partition={slurm_cluster.partition}", "hydra.sweeper.n_jobs=2",
             "hydra.sweeper.n_trials=2", *FAULT_TINY, f"data.root={tree}"]  # fmt: skip
     cancelled: dict = {}
-    canceller = threading.Thread(
-        target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, cancelled)
-    )
+    canceller = threading.Thread(target=_cancel_when_training, args=(slurm_cluster, tmp_path, 0, cancelled))
     canceller.start()
     result = cli_here("imgcls.train", *args, cwd=tmp_path)
     canceller.join()
@@ -145,6 +141,8 @@ def test_ctrl_c_of_a_slurm_sweep_cancels_its_jobs(slurm_cluster, tmp_path: Path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # as from a terminal: SIGINT handled (a pytest-xdist worker may pass on an ignored SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 240

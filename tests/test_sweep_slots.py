@@ -116,6 +116,13 @@ def test_an_optuna_sweep_on_slurm_keeps_its_slots_busy_and_prunes(slurm_cluster,
     assert len(set(ids)) == 4
     for t in trials:
         assert _jobs(sweep)[t.user_attrs["job_num"]]["slurm_job_id"] == t.user_attrs["slurm_job_id"]
+        # sacct records the end a moment after the job's last write
+        deadline = time.monotonic() + 60
+        while (
+            slurm_cluster.job_state(t.user_attrs["slurm_job_id"]) != "COMPLETED"
+            and time.monotonic() < deadline
+        ):
+            time.sleep(1)
         assert slurm_cluster.job_state(t.user_attrs["slurm_job_id"]) == "COMPLETED"
 
 
@@ -165,6 +172,8 @@ def _start(args: list[str], cwd: Path, stdout=subprocess.PIPE) -> subprocess.Pop
     return subprocess.Popen(
         [sys.executable, "-m", "imgcls.train", *args], cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=stdout, stderr=subprocess.STDOUT, text=True,
+        # as from a terminal: SIGINT handled (a pytest-xdist worker may pass on an ignored SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
