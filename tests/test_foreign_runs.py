@@ -311,7 +311,9 @@ def test_a_saved_model_weights_setting_is_neither_downloaded_nor_read(
     edit_checkpoint(run / "weights" / "last.pt", edit)
     evaluated = cli_here("imgcls.evaluate", f"run_dir={run}", "split=val", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    resumed = cli_here("imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=3", cwd=tmp_path)
+    resumed = cli_here(
+        "imgcls.train", f"resume={run / 'weights' / 'last.pt'}", "trainer.epochs=3", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "model.weights" not in evaluated.stderr + resumed.stderr
     assert not (tmp_path / "hub").exists(), "a weights download was started"

@@ -30,8 +30,10 @@ def write_run_page(run_dir: Path, history: list[dict[str, float]] | None = None)
         status=record.status,
         facts=_facts(record),
         why=(
-            {"error": record.error or pruned_reason(record) or record.status,
-             "resume": last if last.is_file() else None}
+            {
+                "error": record.error or pruned_reason(record) or record.status,
+                "resume": last if last.is_file() else None,
+            }
             if record.error or record.status in ("failed", "interrupted", "pruned")
             else None
         ),

@@ -180,4 +180,3 @@ def trial_pruned(exc: RunPruned) -> BaseException:
     import optuna  # lazy for start-up time (a pruned run has loaded it already)
 
     return optuna.TrialPruned(str(exc))
-
