@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class Job:
     payload: Any = None
     handle: Any = None
     job_id: str | None = None  # the scheduler's id, where there is a scheduler
-    started: float = field(default_factory=time.monotonic)
 
 
 def job_dir_of(sweep_dir: Path, num: int) -> Path | None:
@@ -124,7 +123,7 @@ class LauncherSlots:
 
 
 def slots_for(launcher: Any) -> BatchSlots | LauncherSlots:
-    if callable(getattr(launcher, "start", None)) and getattr(launcher, "starts_jobs", lambda: True)():
+    if callable(getattr(launcher, "start", None)):
         return LauncherSlots(launcher)
     return BatchSlots(launcher)
 
