@@ -100,7 +100,7 @@ def test_allowlist_refuses_foreign_targets_nested_too(target: str, tmp_path: Pat
 def test_a_wrong_value_names_the_key():
     cfg = compose_train("optimizer.lr=-1")
     model = b.build_model(cfg.model, num_classes=3)
-    with pytest.raises(ConfigError, match=r"cannot build optimizer \(SGD\): Invalid learning rate"):
+    with pytest.raises(ConfigError, match=r"cannot build optimizer \(torch\.optim\.SGD\): Invalid learning rate"):
         b.build_optimizer(cfg.optimizer, model)
 
 

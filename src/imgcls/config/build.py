@@ -290,9 +290,11 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg: Any, model):
-    partial = build(cfg, "optimizer")
-    weight_decay = partial.keywords.get("weight_decay", 0.0)
-    return complete(partial, "optimizer", parameter_groups(model, weight_decay))
+    """The optimizer node (`_partial_: true` in its group) called at once on the model's parameter
+    groups, weight decay on weights only."""
+    node = plain(cfg)
+    groups = parameter_groups(model, node.get("weight_decay", 0.0))
+    return build(node, "optimizer", groups, _partial_=False)
 
 
 def _accepts(partial: Any, name: str) -> bool:

@@ -93,16 +93,16 @@ def sync_buffers(model: torch.nn.Module, d: Dist) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def rank0_first(fn: Callable[[], Any], d: Dist) -> Any:
-    """fn() on rank 0, then on the others (which then find its files and caches ready); returns
-    this rank's fn(). A user error on rank 0 stops every rank with its message, instead of
-    leaving them waiting forever."""
+def rank0_first(d: Dist, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) on rank 0, then on the others (which then find its files and caches
+    ready); returns this rank's result. A user error on rank 0 stops every rank with its message,
+    instead of leaving them waiting forever."""
     if not d.enabled:
-        return fn()
+        return fn(*args, **kwargs)
     result = None
     if d.main:
         try:
-            result = fn()
+            result = fn(*args, **kwargs)
         except UserError as exc:
             broadcast(f"{type(exc).__name__}: {exc}", d)
             raise
@@ -110,7 +110,7 @@ def rank0_first(fn: Callable[[], Any], d: Dist) -> Any:
     if error is not None:
         raise UserError(f"rank 0 stopped: {error}")
     if not d.main:
-        result = fn()
+        result = fn(*args, **kwargs)
     return result
 
 

@@ -173,7 +173,14 @@ def train_one_epoch(
                 if not bool(finite & (torch.isfinite(grad_norm) | amp.skips_overflow)):
                     guard.restore()
                     raise _non_finite(description, step, finite, loss, grad_norm, running, window)
-                _optimizer_step(params, optimizer, recipe, amp, grad_norm, module)
+                if recipe.grad_clip_norm:
+                    torch.nn.utils.clip_grads_with_norm_(params, recipe.grad_clip_norm, grad_norm)
+                amp.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                if recipe.step_scheduler is not None:
+                    recipe.step_scheduler.step()
+                if recipe.ema is not None:
+                    recipe.ema.update_parameters(module)
             advance(**running.shown(step, place.log_every))
             if last:
                 recipe.on_step()
@@ -225,17 +232,6 @@ def _non_finite(description, step, finite, loss, grad_norm, running: _Running, w
         step=w_step,
         partial=running.partial(sums),
     )
-
-
-def _optimizer_step(params, optimizer, recipe: Recipe, amp: Precision, grad_norm, module: nn.Module) -> None:
-    if recipe.grad_clip_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, recipe.grad_clip_norm, grad_norm)
-    amp.step(optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    if recipe.step_scheduler is not None:
-        recipe.step_scheduler.step()
-    if recipe.ema is not None:
-        recipe.ema.update_parameters(module)
 
 
 @torch.inference_mode()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,6 @@ from imgcls.sweeps.pruning import RunPruned
 from imgcls.training.distributed import any_rank, gather, sync_buffers
 from imgcls.training.engine import NonFiniteLossError, StopTraining, evaluate, is_finite, train_one_epoch
 from imgcls.training.recipes import (
-    Recipe,
     early_stop_reason,
     plateau_metric,
     scheduler_interval,
@@ -105,7 +105,11 @@ def fit(run: Run, state: TrainingState, weights_dir: Path, hooks: FitHooks = Fit
         set_epoch(run.loaders["train"], epoch, state.step)
         # the rate the epoch started with (a per-step schedule has moved it by a mid-epoch stop)
         lr = state.epoch_lr if state.step and state.epoch_lr else run.optimizer.param_groups[0]["lr"]
-        train_metrics = train_epoch(run, recipe, state, epoch, lr, saver)
+        with saved_when_stopped(run, state, epoch, lr, saver):
+            train_metrics = train_one_epoch(
+                run.train_model, run.loaders["train"], run.loss_fn, run.optimizer, run.place, recipe=recipe,
+                description=f"epoch {epoch}/{run.epochs}", start=(state.step, state.partial),
+            )  # fmt: skip
         state.step, state.partial = 0, None
         sync_buffers(run.model, run.dist)  # evaluate and save rank 0's model, the same on every rank
         val_metrics = validate(run, epoch, saver.last)
@@ -141,18 +145,14 @@ def fit(run: Run, state: TrainingState, weights_dir: Path, hooks: FitHooks = Fit
     }
 
 
-def train_epoch(
-    run: Run, recipe: Recipe, state: TrainingState, epoch: int, lr: float, saver
-) -> dict[str, float]:
-    """One epoch of training from where `state` stands; a stop or a non-finite loss saves last.pt
-    at the step boundary (a finite state only) before it propagates."""
+@contextmanager
+def saved_when_stopped(run: Run, state: TrainingState, epoch: int, lr: float, saver) -> Iterator[None]:
+    """Around an epoch's training: a stop or a non-finite loss saves last.pt at the step boundary
+    (a finite state only) before it propagates."""
     from imgcls.training.signals import RunInterrupted
 
     try:
-        return train_one_epoch(
-            run.train_model, run.loaders["train"], run.loss_fn, run.optimizer, run.place, recipe=recipe,
-            description=f"epoch {epoch}/{run.epochs}", start=(state.step, state.partial),
-        )  # fmt: skip
+        yield
     except StopTraining as stop:
         saver.save(
             saver.state(state, epoch - 1, step=stop.step, partial=stop.partial, epoch_lr=lr), saver.last

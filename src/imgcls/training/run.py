@@ -22,7 +22,7 @@ from imgcls.training.batchnorm import batchnorm_layers
 from imgcls.training.distributed import SINGLE, Dist
 from imgcls.training.engine import Placement, resolve_device
 from imgcls.training.recipes import Recipe, build_mix, make_ema, scheduler_interval
-from imgcls.training.run_data import DataParts, build_data
+from imgcls.training.run_data import build_data
 from imgcls.training.seeding import configure_determinism, seed_everything
 from imgcls.training.speed import FP32, Precision, compile_model, resolve_channels_last, resolve_precision
 
@@ -95,21 +95,12 @@ def resolve_speed(trainer: dict, device: torch.device, train: bool) -> tuple[Pre
     return Precision(resolve_precision(trainer.get("precision", "fp32"), device), device), channels_last
 
 
-def build_run(
-    config: dict,
-    dist: Dist = SINGLE,
-    *,
-    train: bool,
-    device_spec: str | None = None,
-    ckpt: dict | None = None,
-    weights: tuple[dict, Path] | None = None,
-    split_file: Path | None = None,
-) -> Run:
-    """The run a plain config describes. Training (`train`): seeded, with the data checked first
-    (a broken tree is reported before any model is built), the data split recorded in `split_file`
-    and, for a resume (`ckpt`), the checkpoint's split and classes; the states are restored by
-    resume.resume_into. Otherwise the model of the config with `weights` = (checkpoint state,
-    its path), on the device and in the memory format training used."""
+def _placement(
+    config: dict, dist: Dist, train: bool, device_spec: str | None
+) -> tuple[dict, Placement, dict, str | None]:
+    """Checked by size, seeded for training, deterministic as configured, on its device: the config
+    (with a pretrained timm model's input applied), where and how it runs, the split pipelines and
+    what the pretrained input changed."""
     b.check_sizes(config)  # every command's config, a saved run's too: by key, before anything is allocated
     trainer = config.get("trainer") or {}
     if train:
@@ -130,6 +121,26 @@ def build_run(
     place = Placement(
         device, normalize.to(device), channels_last, amp, dist, int(trainer.get("log_every_n_steps", 50))
     )
+    return config, place, pipelines, pretrained_input
+
+
+def build_run(
+    config: dict,
+    dist: Dist = SINGLE,
+    *,
+    train: bool,
+    device_spec: str | None = None,
+    ckpt: dict | None = None,
+    weights: tuple[dict, Path] | None = None,
+    split_file: Path | None = None,
+) -> Run:
+    """The run a plain config describes. Training (`train`): seeded, with the data checked first
+    (a broken tree is reported before any model is built), the data split recorded in `split_file`
+    and, for a resume (`ckpt`), the checkpoint's split and classes; the states are restored by
+    resume.resume_into. Otherwise the model of the config with `weights` = (checkpoint state,
+    its path), on the device and in the memory format training used."""
+    config, place, pipelines, pretrained_input = _placement(config, dist, train, device_spec)
+    trainer = config.get("trainer") or {}
     if not train:
         state, path = weights
         model = _restored_model(config, state, path, place)
@@ -137,36 +148,10 @@ def build_run(
     parts = build_data(config, pipelines, place, ckpt, split_file)
     if pretrained_input:
         parts.info["input"] = pretrained_input
-    return _build_training(config, place, pipelines, parts, resumed=bool(ckpt))
-
-
-def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
-    # the checkpoint holds every weight: a run evaluates without its pretrained weights or the network
-    model = b.build_model(architecture_only(config["model"]), num_classes=len(state["class_names"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{checkpoint}: its weights do not fit the model that the config builds "
-            f"({config['model']}): {str(exc).splitlines()[0]}"
-        ) from None
-    return _placed(model, place)
-
-
-def _placed(model: nn.Module, place: Placement) -> nn.Module:
-    return model.to(
-        place.device, memory_format=torch.channels_last if place.channels_last else torch.preserve_format
-    )
-
-
-def _build_training(
-    config: dict, place: Placement, pipelines: dict, parts: DataParts, resumed: bool = False
-) -> Run:
-    trainer, d = config["trainer"], place.d
     # a resume restores every weight: it rebuilds without its pretrained weights or the network
-    node = architecture_only(config["model"]) if resumed else config["model"]
+    node = architecture_only(config["model"]) if ckpt else config["model"]
     model = b.build_model(node, num_classes=len(parts.class_names))
-    if d.enabled and trainer.get("sync_batchnorm"):
+    if dist.enabled and trainer.get("sync_batchnorm"):
         if place.device.type != "cuda":
             raise ConfigError(
                 "trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs "
@@ -183,7 +168,7 @@ def _build_training(
     loss_fn = b.build_loss(config["loss"], class_counts=parts.class_counts)
     model = _placed(model, place)
     train_model = model
-    if d.enabled:
+    if dist.enabled:
         device = place.device
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -203,8 +188,27 @@ def _build_training(
         config, place, model, pipelines, parts.class_names, data=parts.data, record=parts.record, loaders=parts.loaders,
         eval_loader=parts.eval_loader, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
         loss_fn=loss_fn, recipe=recipe, info=parts.info, loading=parts.loading, batch_size=parts.batch_size,
-        checkpoint_entries={"world_size": d.world, **parts.checkpoint_entries},
+        checkpoint_entries={"world_size": dist.world, **parts.checkpoint_entries},
     )  # fmt: skip
+
+
+def _restored_model(config: dict, state: dict, checkpoint: Path, place: Placement) -> nn.Module:
+    # the checkpoint holds every weight: a run evaluates without its pretrained weights or the network
+    model = b.build_model(architecture_only(config["model"]), num_classes=len(state["class_names"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: its weights do not fit the model that the config builds "
+            f"({config['model']}): {str(exc).splitlines()[0]}"
+        ) from None
+    return _placed(model, place)
+
+
+def _placed(model: nn.Module, place: Placement) -> nn.Module:
+    return model.to(
+        place.device, memory_format=torch.channels_last if place.channels_last else torch.preserve_format
+    )
 
 
 def describe(run: Run) -> dict[str, str]:

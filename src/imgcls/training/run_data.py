@@ -42,11 +42,11 @@ class DataParts:
 def build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | None, split_file) -> DataParts:
     """Every use of the data object while a training run is built: checked, split, loaded."""
     d, device = place.d, place.device
-    data = b.build_data(config["data"])
+    data = b.build(config["data"], "data")  # its sizes checked with the whole config (build_run)
     recorded = ckpt.get("data_split") if ckpt else None  # a carved val split or fold: the same files
     # rank 0 writes, downloads and caches for the others; a resume's config comes from a checkpoint,
     # maybe someone else's: it neither downloads nor writes the data set (see ImageFolderData.prepare)
-    record = distributed.rank0_first(lambda: data.scan(fetch=not ckpt, recorded_split=recorded), d)
+    record = distributed.rank0_first(d, data.scan, fetch=not ckpt, recorded_split=recorded)
     if ckpt:
         check_classes(ckpt["class_names"], list(record.class_names), record.root)
         for change in record.changes_since(ckpt):  # same classes, other files: resume, but say so
