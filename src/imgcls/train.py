@@ -161,13 +161,19 @@ def train_run(
     record = recorder.record()  # what run.json now says: MLflow, the log and the study read it
     tracker.log_final(record)
     # no epoch at all (trainer.epochs=0): the -1 fit starts from, as before the record
-    best = record.best or Best(0, float(result["best_acc"]), "val/acc")
+    return log_done(record.best or Best(0, float(result["best_acc"]), "val/acc"), run_dir)
+
+
+def log_done(best: Best, run_dir: Path) -> float:
+    """The run's last line; returns its best score, the sweep's objective (Optuna): the record's best."""
+    from loguru import logger
+
     ema = " (the EMA's weights)" if best.metric == "val/acc_ema" else ""
     logger.info(
         f"done: best val acc {best.score:.4f} at epoch {best.epoch}{ema}; "
         f"finished {datetime.now():%H:%M:%S}; results in {run_dir}"
     )
-    return best.score  # the sweep's objective (Optuna): the record's best
+    return best.score
 
 
 def main() -> None:

@@ -135,6 +135,18 @@ def _mapped_file(path: Path, nbytes: int) -> np.memmap:
     return np.memmap(path, np.uint8, mode="r+", shape=(nbytes,))
 
 
+def _decoded_then_copied(pool, load, paths, allocate) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(pixels, offsets, shapes) the slow way, for headers that disagree with their pixels: every
+    image decoded first, then copied into a buffer of their true total size."""
+    images = list(pool.map(load, paths))
+    shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
+    offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
+    pixels = allocate(int(offsets[-1]))
+    for im, a, b in zip(images, offsets[:-1], offsets[1:], strict=True):
+        pixels[int(a) : int(b)] = im.reshape(-1)
+    return pixels, offsets, shapes
+
+
 def build_store(
     samples,
     mode: str,
@@ -204,13 +216,7 @@ def build_store(
                 logger.warning(f"image cache: {len(wrong)} file(s) decode to another size than their header "
                                f"says ({', '.join(wrong[:3])}); building the cache the slow way (twice its size)")  # fmt: skip
                 pixels = None  # freed before the second buffer
-                images = list(pool.map(load, paths))
-                shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
-                offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
-                pixels = allocate(int(offsets[-1]))
-                for im, a, b in zip(images, offsets[:-1], offsets[1:], strict=True):
-                    pixels[int(a) : int(b)] = im.reshape(-1)
-                del images
+                pixels, offsets, shapes = _decoded_then_copied(pool, load, paths, allocate)
         logger.info(f"image cache ({mode}): {len(paths)} images, {offsets[-1] / 2**20:.0f} MiB")
         if mode == "memory":
             return Store(pixels, offsets, shapes)

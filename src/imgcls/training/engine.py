@@ -177,10 +177,7 @@ def train_one_epoch(
                     torch.nn.utils.clip_grads_with_norm_(params, recipe.grad_clip_norm, grad_norm)
                 amp.step(optimizer)
                 optimizer.zero_grad(set_to_none=True)
-                if recipe.step_scheduler is not None:
-                    recipe.step_scheduler.step()
-                if recipe.ema is not None:
-                    recipe.ema.update_parameters(module)
+                recipe.after_step(module)
             advance(**running.shown(step, place.log_every))
             if last:
                 recipe.on_step()

@@ -30,6 +30,13 @@ class Recipe:
     on_step: Callable[[], None] = lambda: None  # after every optimizer step (the run's heartbeat)
     should_stop: Callable[[], int | None] = lambda: None  # a signal's number: stop at this step
 
+    def after_step(self, module: nn.Module) -> None:
+        """After each optimizer step: the per-step schedule, then the EMA of the new weights."""
+        if self.step_scheduler is not None:
+            self.step_scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(module)
+
 
 def build_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:
     """torchvision's batch MixUp and/or CutMix (one of them per batch when both are on)."""
