@@ -5,7 +5,7 @@ Every fact about a run is written once, here, by one writer: imgcls.training.rec
 epoch, when the final reports start and when the run ends. Every view renders it and none is
 parsed back: summary.txt (RunRecorder renders it from the record), report.html and curves.png
 (imgcls.pages), the sweep leaderboard (imgcls.sweeps.summary.read_job), the resume's "are the final
-reports due?" check (imgcls.evaluation.final.final_reports_due), MLflow's final metrics
+reports due?" check (imgcls.training.resume.final_reports_due), MLflow's final metrics
 (imgcls.tracking) and the Optuna objective (imgcls.train.run's return value).
 
 Reader API (light: standard library only, so pages, sweeps and --help import it for free)::

@@ -10,7 +10,6 @@ from loguru import logger
 
 from imgcls.checkpoint import load_checkpoint
 from imgcls.files import atomic_write
-from imgcls.run_record import run_status
 from imgcls.training.engine import evaluate
 
 
@@ -47,18 +46,6 @@ def report_best_weights(run, run_dir: Path, recorder, best_epoch: int) -> dict[s
             f"{split} (best weights, epoch {best_epoch}): accuracy {metrics[f'{split}/acc']:.4f}\n{text}"
         )
     return final
-
-
-def final_reports_due(resume: str) -> bool:
-    """Whether the run `resume=<run>/weights/<ckpt>.pt` continues finished its training but not
-    its final reports: its record (run.json, or an old run's summary.txt) says anything but
-    `completed` (`reporting` after a kill -9 in them, `failed` after a fault there, `running`
-    after a kill between the last checkpoint and the reports) or was lost. Such a resume trains
-    nothing and writes the reports."""
-    from imgcls.config.naming import resumed_dir
-
-    run_dir = resumed_dir(resume)
-    return run_dir is not None and run_status(run_dir) != "completed"
 
 
 def one_class_note(targets, preds, class_names) -> str | None:

@@ -20,8 +20,8 @@ from imgcls.config.overrides import apply_overrides
 from imgcls.config.renamed import current_names
 from imgcls.config.saved import CURRENT, classify, read_saved, resolved, warn_ignored, with_recorded_values
 from imgcls.errors import ConfigError
-from imgcls.evaluation.final import final_reports_due
 from imgcls.models.pretrained_input import with_pretrained_input
+from imgcls.run_record import run_status
 from imgcls.tracking import RUN_ID_KEY, continued_store
 from imgcls.training.seeding import set_rng_state
 
@@ -136,6 +136,16 @@ def remove_stale_temp_files(weights_dir: Path) -> None:
     """A kill -9 during a save leaves `.last.pt.tmp-<pid>`; the checkpoint itself is intact."""
     for tmp in weights_dir.glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
+
+
+def final_reports_due(resume: str) -> bool:
+    """Whether the run `resume=<run>/weights/<ckpt>.pt` continues finished its training but not
+    its final reports: its record (run.json, or an old run's summary.txt) says anything but
+    `completed` (`reporting` after a kill -9 in them, `failed` after a fault there, `running`
+    after a kill between the last checkpoint and the reports) or was lost. Such a resume trains
+    nothing and writes the reports."""
+    run_dir = resumed_dir(resume)
+    return run_dir is not None and run_status(run_dir) != "completed"
 
 
 @dataclass
