@@ -45,6 +45,7 @@ class ImageFolderData:
         max_file_mb: float = DEFAULT_MAX_FILE_MB,
         min_image_size: int = 32,
         val_fraction: float | None = None,
+        test_fraction: float | None = None,
         folds: int | None = None,
         fold: int = 0,
         split_seed: int = 0,
@@ -67,7 +68,7 @@ class ImageFolderData:
             raise DataError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
         if not max_file_mb > 0:
             raise DataError(f"data.max_file_mb must be above 0, got {max_file_mb}")
-        check_options(val_fraction, folds, fold, split_file)  # `splits` is the folder names here
+        check_options(val_fraction, folds, fold, split_file, test_fraction)  # `splits`: the folder names
         self.root = Path(root)
         # read-only containers too: one options object serves every record scanned from it
         self.split_dirs = MappingProxyType(dict(splits))
@@ -80,6 +81,7 @@ class ImageFolderData:
         self.max_bytes = int(max_file_mb * MB)  # no file above it is opened (images.read_image_file)
         self.min_image_size = min_image_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.folds, self.fold = folds, fold
         self.split_seed = split_seed
         self.split_file = Path(split_file) if split_file else None
@@ -118,7 +120,7 @@ class ImageFolderData:
         if not self.root.is_dir():
             raise DataError(
                 f"data.root={str(self.root)!r} is not a folder (resolved: {self.root.resolve()}). "
-                "Point data.root at a folder holding train/ and val/ class folders."
+                "Point data.root at a folder of class folders, or of train/ and val/ split folders of them."
             )
 
     def scan(self, fetch: bool = True, recorded_split: Mapping[str, Any] | None = None) -> DataRecord:
@@ -138,7 +140,7 @@ class ImageFolderData:
         cannot be checked at all (no root, no train/, fewer than 2 classes) raises DataError."""
         self.prepare(fetch)
         report = check.DataReport(str(self.root))
-        present = self._present(report)
+        present, layout = self._present(report)
         class_names = find_classes(present["train"])
         if len(class_names) < 2:
             raise DataError(
@@ -154,11 +156,16 @@ class ImageFolderData:
         )
         samples, skipped_bad = self._usable(listed, records, present, class_names, report)
         carved, carved_from = None, report.carved_from
-        if self.carves and not report.errors:
-            samples["train"], samples["val"], carved = splits.draw_val(
-                samples["train"], class_names, report, val_fraction=self.val_fraction, folds=self.folds,
-                fold=self.fold, seed=self.split_seed, recorded=recorded_split, split_file=self.split_file,
+        # a tree of class folders alone: val is carved (data.val_fraction, else FLAT_VAL_FRACTION)
+        flat = layout == "class folders"
+        val_fraction = splits.FLAT_VAL_FRACTION if flat and self.val_fraction is None else self.val_fraction
+        if (self.carves or flat) and not report.errors:
+            samples["train"], drawn, carved = splits.draw_splits(
+                samples["train"], class_names, report, val_fraction=val_fraction, test_fraction=self.test_fraction,
+                folds=self.folds, fold=self.fold, seed=self.split_seed, recorded=recorded_split,
+                split_file=self.split_file, layout=layout,
             )  # fmt: skip
+            samples.update(drawn)
             carved_from = splits.describe(carved)
             samples = {s: samples[s] for s in self.split_dirs if s in samples}  # train, val, test
         everything = [s for items in samples.values() for s in items]
@@ -169,7 +176,7 @@ class ImageFolderData:
             scanned=scanned,
             skipped_bad=skipped_bad,
             carved_from=carved_from,
-            folders={s: self.split_dirs[s] if s in present else "" for s in samples},
+            folders={s: self.split_dirs[s] if s in present and not flat else "" for s in samples},
             counts=_counts(samples, class_names),
         )
         if report.errors:
@@ -190,32 +197,48 @@ class ImageFolderData:
 
     @property
     def carves(self) -> bool:
-        """val is drawn from train (data.val_fraction or data.folds), not read from a folder."""
-        return self.val_fraction is not None or self.folds is not None
+        """A split is drawn from train (data.val_fraction, data.test_fraction or data.folds), not
+        read from a folder (a tree of class folders alone has val drawn whatever these say)."""
+        return self.val_fraction is not None or self.folds is not None or self.test_fraction is not None
 
-    def _present(self, report: check.DataReport) -> dict[str, Path]:
-        """The split folders to scan, by split; a missing required one raises DataError."""
+    def _present(self, report: check.DataReport) -> tuple[dict[str, Path], str]:
+        """The split folders to scan, by split, and the tree's layout: "split folders", or "class
+        folders" for a root holding class folders and no split folder (its images are train's, and
+        val is drawn from them). A missing required split raises DataError."""
         present = {s: self.root / d for s, d in self.split_dirs.items() if (self.root / d).is_dir()}
-        required = ("train",) if self.carves else self.required_splits
+        if not present and self._class_folders_only():
+            return {"train": self.root}, "class folders"
+        val_drawn = self.val_fraction is not None or self.folds is not None
+        required = ("train",) if val_drawn else self.required_splits
         missing = [f"{self.split_dirs[s]}/" for s in required if s not in present]
         if missing:
             found = sorted(e.name + "/" for e in os.scandir(self.root) if e.is_dir()) or ["nothing"]
-            hint = (
-                "" if self.carves else " With no val/ folder, data.val_fraction=0.2 carves one out of train."
-            )
+            hint = "" if val_drawn else " With no val/ folder, data.val_fraction=0.2 carves one out of train."
             raise DataError(
                 f"{self.root}: missing split folder(s) {', '.join(missing)}; found {', '.join(found)}. "
-                f"Each split needs one folder per class (set data.splits.<split> to rename a split).{hint}"
+                f"Each split needs one folder per class (set data.splits.<split> to rename a split), or "
+                f"put the class folders straight under data.root (val is then carved from them).{hint}"
             )
         if self.folds is not None and "val" in present:
             report.warnings.extend(splits.unused_val_warning(self.split_dirs, present, self.folds))
             del present["val"]  # not listed, not scanned: validation is a fold of train
-        elif self.carves and "val" in present:
+        elif self.val_fraction is not None and "val" in present:
             raise DataError(
                 f"data.val_fraction={self.val_fraction} carves val out of train, but {present['val']} "
                 "exists: drop data.val_fraction to use that folder, or rename it."
             )
-        return present
+        if self.test_fraction is not None and "test" in present:
+            raise DataError(
+                f"data.test_fraction={self.test_fraction} carves test out of train, but {present['test']} "
+                "exists: drop data.test_fraction to use that folder, or rename it."
+            )
+        return present, "split folders"
+
+    def _class_folders_only(self) -> bool:
+        """root holds folders and none is named like a split (train/, Val/, test/, ...): class
+        folders, as many published sets come (fastai's valid_pct, torchvision's ImageFolder)."""
+        folders = [e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")]
+        return bool(folders) and not any(name.casefold() in splits.SPLIT_NAMES for name in folders)
 
     def _list(self, present: dict[str, Path], class_names: list[str], report: check.DataReport):
         """(class index, path) of every candidate file per split, and the files skipped for their

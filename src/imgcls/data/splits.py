@@ -13,11 +13,33 @@ from imgcls.data.check import DataReport, Sample, shown
 from imgcls.data.scan import FileRecord
 from imgcls.errors import DataError
 
+# a tree of class folders with no split folders (root/<class>/<image>, as many published sets come):
+# val is carved out of it, this share unless data.val_fraction says otherwise (fastai's valid_pct
+# default; scikit-learn's train_test_split holds out 0.25)
+FLAT_VAL_FRACTION = 0.2
+# folder names that say a tree is split (by any spelling): such a root is never read as class folders
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "dev", "test", "testing"})
 
-def check_options(val_fraction: float | None, folds: Any, fold: Any, split_file: str | None) -> None:
-    """Refuse data.val_fraction / data.folds / data.fold / data.split_file values that cannot work."""
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise DataError(f"data.val_fraction must be between 0 and 1 (e.g. 0.2), or null; got {val_fraction}")
+
+def check_options(
+    val_fraction: float | None,
+    folds: Any,
+    fold: Any,
+    split_file: str | None,
+    test_fraction: float | None = None,
+) -> None:
+    """Refuse data.val_fraction / data.test_fraction / data.folds / data.fold / data.split_file
+    values that cannot work."""
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1
+        ):
+            raise DataError(f"data.{key} must be between 0 and 1 (e.g. 0.2), or null; got {value!r}")
+    if val_fraction is not None and test_fraction is not None and val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave nothing to "
+            "train on: keep their sum below 1 (e.g. 0.2 and 0.1)"
+        )
     if folds is not None and (type(folds) is not int or folds < 2):
         raise DataError(
             f"data.folds must be a whole number of at least 2 (e.g. data.folds=5), or null; got {folds!r}"
@@ -61,16 +83,20 @@ def _by_class(train: list[Sample]) -> dict[int, list[Sample]]:
     return by_class
 
 
-def carve_val(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A stratified (train, val) split of train's samples.
+def carve_val(
+    train: list[Sample], fraction: float, seed: int, of_total: float = 1.0
+) -> tuple[list[Sample], list[Sample]]:
+    """A stratified (train, val) split of train's samples; `fraction` is a share of each class's
+    files before a test split took its `1 - of_total` share (the same hash order: test took the
+    first files, val takes the next).
 
     Each file's place follows from a hash of (seed, path), not from a shuffled list: adding or
-    removing one file moves at most that file, never reshuffles the rest."""
+    removing one file moves at most a file at each boundary, never reshuffles the rest."""
     by_class = _by_class(train)
     keep, val = [], []
     for target in sorted(by_class):
         members = _hash_order(by_class[target], seed)
-        n_val = round(len(members) * fraction)
+        n_val = round(len(members) / of_total * fraction)
         n_val = min(max(n_val, 1), len(members) - 1)  # one of each class on both sides when possible
         val += members[:n_val]
         keep += members[n_val:]
@@ -119,33 +145,44 @@ def fold_split(
     return sorted(kept, key=lambda s: s[1]), sorted(val, key=lambda s: s[1])
 
 
-def draw_val(
+def draw_splits(
     train: list[Sample],
     class_names: list[str],
     report: DataReport,
     *,
     val_fraction: float | None,
+    test_fraction: float | None,
     folds: int | None,
     fold: int,
     seed: int,
     recorded: Mapping[str, Any] | None,
     split_file: Path | None,
-) -> tuple[list[Sample], list[Sample], dict[str, Any]]:
-    """The (train, val) split drawn from train, and its record (the checkpoint's data_split).
+    layout: str = "split folders",
+) -> tuple[list[Sample], dict[str, list[Sample]], dict[str, Any]]:
+    """What is left to train on, the splits drawn from train ({"val": ..., "test": ... when
+    test_fraction is set}), and their record (the checkpoint's data_split).
 
-    A recorded split (a checkpoint's, then data.split_file's) is reused file for file; otherwise
-    val is fold `fold` of `folds` when folds is set, else a val_fraction share."""
+    A recorded split (a checkpoint's, then data.split_file's) is reused file for file. Otherwise
+    test, when asked, is a test_fraction share of each class; val is then fold `fold` of `folds`
+    of the rest when folds is set, else a val_fraction share of the whole. `layout` is "class
+    folders" for a tree without split folders (the record and the summary say so)."""
     from_file = recorded is None and split_file is not None
     source = str(split_file) if from_file else "the checkpoint's data_split"
     if from_file:
         recorded = read_split_file(split_file)
     if recorded is not None:
         then = (recorded.get("folds"), recorded.get("fold") if recorded.get("folds") else None)
-        if then != (folds, fold if folds else None):
+        then_test = recorded.get("test_fraction")
+        if then != (folds, fold if folds else None) or then_test != test_fraction:
             wanted = f"data.folds={folds} data.fold={fold}" if folds else f"data.val_fraction={val_fraction}"
             recorded_as = (
                 f"data.folds={then[0]} data.fold={then[1]}" if then[0] else "data.val_fraction (no folds)"
             )
+            if then_test or test_fraction:
+                wanted, recorded_as = (
+                    f"{wanted}, data.test_fraction={test_fraction}",
+                    f"{recorded_as}, data.test_fraction={then_test}",
+                )
             fix = (
                 "set the recorded values, or leave data.split_file out"
                 if from_file
@@ -154,30 +191,48 @@ def draw_val(
             report.errors.append(
                 f"{source} records a split drawn with {recorded_as}, but the config asks for {wanted}: {fix}"
             )
-            return train, [], {}
-        kept, val = reuse_split(train, recorded, source, report)
-    elif folds is not None:
-        kept, val = fold_split(train, folds, fold, seed, class_names, report)
+            return train, {}, {}
+        kept, drawn = reuse_split(train, recorded, source, report)
     else:
-        kept, val = carve_val(train, val_fraction, seed)
+        pool, test = carve_val(train, test_fraction, seed) if test_fraction else (train, [])
+        drawn = {"test": test} if test_fraction else {}
+        if folds is not None:
+            kept, drawn["val"] = fold_split(pool, folds, fold, seed, class_names, report)
+        elif val_fraction is not None:
+            kept, drawn["val"] = carve_val(pool, val_fraction, seed, of_total=1 - (test_fraction or 0))
+        else:  # the tree's own val/: test alone is drawn
+            kept = pool
+        drawn = {split: drawn[split] for split in ("val", "test") if split in drawn}
     how = {"folds": folds, "fold": fold} if folds is not None else {"val_fraction": val_fraction}
     record = {
         **how,
+        **({"test_fraction": test_fraction} if test_fraction else {}),
+        **({"layout": layout} if layout != "split folders" else {}),
         "split_seed": seed,
         "train": [rel for _, rel, _ in kept],
-        "val": [rel for _, rel, _ in val],
+        **{split: [rel for _, rel, _ in items] for split, items in drawn.items()},
     }
-    return kept, [("val", rel, target) for _, rel, target in val], record
+    return kept, {split: [(split, rel, t) for _, rel, t in items] for split, items in drawn.items()}, record
 
 
 def describe(carved: Mapping[str, Any] | None) -> str:
-    """One line for the summary and the log: where val came from ("" for the tree's val/)."""
+    """One line for the summary and the log: where val (and a carved test) came from ("" for the
+    tree's own val/)."""
     if not carved:
         return ""
     seed = f"data.split_seed={carved['split_seed']}"
+    source = "train"
+    if carved.get("layout") == "class folders":
+        source = "the class folders (the tree has no split folders)"
+    if "val" not in carved:  # the tree's own val/, a test split carved from train
+        return f"test carved from {source}, data.test_fraction={carved['test_fraction']}, {seed}"
     if carved.get("folds"):
-        return f"fold {carved['fold']} of {carved['folds']} of train, {seed}"
-    return f"carved from train, data.val_fraction={carved['val_fraction']}, {seed}"
+        line = f"fold {carved['fold']} of {carved['folds']} of {source}, {seed}"
+    else:
+        line = f"carved from {source}, data.val_fraction={carved['val_fraction']}, {seed}"
+    if carved.get("test_fraction"):
+        line += f"; test carved from it too, data.test_fraction={carved['test_fraction']}"
+    return line
 
 
 def unused_val_warning(split_dirs: Mapping[str, str], present: Mapping[str, Path], folds: int) -> list[str]:
@@ -198,7 +253,7 @@ def unused_val_warning(split_dirs: Mapping[str, str], present: Mapping[str, Path
 def read_split_file(split_file: Path) -> dict:
     try:
         recorded = json.loads(Path(split_file).read_text())
-        list(recorded["train"]), list(recorded["val"])
+        list(recorded["train"]), list(recorded.get("val", [])), list(recorded.get("test", []))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"data.split_file={str(split_file)!r} is not a readable data_split.json ({type(exc).__name__}: {exc})"
@@ -207,21 +262,24 @@ def read_split_file(split_file: Path) -> dict:
 
 
 def reuse_split(
-    train: list[Sample], recorded: dict, source: str, report: DataReport
-) -> tuple[list[Sample], list[Sample]]:
-    """The (train, val) an earlier run carved (its data_split.json, or its checkpoint's
-    data_split): evaluate and resume must see exactly the same files. Recorded files that are
-    gone are errors; new ones are left out with a warning."""
+    train: list[Sample], recorded: Mapping[str, Any], source: str, report: DataReport
+) -> tuple[list[Sample], dict[str, list[Sample]]]:
+    """What is left to train on and the splits an earlier run carved (its data_split.json, or its
+    checkpoint's data_split: val, and test when it carved one): evaluate and resume must see
+    exactly the same files. Recorded files that are gone are errors; new ones are left out with
+    a warning."""
     by_rel = {s[1]: s for s in train}
-    lost = [rel for rel in [*recorded["train"], *recorded["val"]] if rel not in by_rel]
+    drawn_splits = [s for s in ("val", "test") if s in recorded]
+    listed = [*recorded["train"], *(rel for s in drawn_splits for rel in recorded[s])]
+    lost = [rel for rel in listed if rel not in by_rel]
     if lost:
         report.errors.append(f"{len(lost)} file(s) of the recorded split in {source} are gone: {shown(lost)}")
     kept = [by_rel[rel] for rel in recorded["train"] if rel in by_rel]
-    val = [by_rel[rel] for rel in recorded["val"] if rel in by_rel]
-    new = len(train) - len(kept) - len(val)
+    drawn = {s: [by_rel[rel] for rel in recorded[s] if rel in by_rel] for s in drawn_splits}
+    new = len(train) - len(kept) - sum(len(items) for items in drawn.values())
     if new > 0:
         report.warnings.append(f"{new} file(s) in train are not in {source}: left out")
-    return kept, val
+    return kept, drawn
 
 
 def fingerprint(samples: dict[str, list[Sample]], records: dict[str, FileRecord], class_names: list[str]):

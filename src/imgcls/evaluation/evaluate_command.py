@@ -15,6 +15,7 @@ import yaml
 from loguru import logger
 from torch.utils.tensorboard import SummaryWriter
 
+from imgcls.data.splits import describe as describe_split
 from imgcls.errors import ConfigError
 from imgcls.evaluation import metrics as m
 from imgcls.evaluation import tables
@@ -161,7 +162,13 @@ def report(
     }
     scores = _write_files(out, split, p, paths, class_names, summary)
     cm = _write_figures(out, split, p, paths, class_names, metrics, title=title, epoch=epoch, cfg=cfg)
-    overall = [("split", f"{split} ({record.root / record.split_dirs[split]})")]
+    carved = record.carved is not None and split in record.carved  # drawn from train, no folder of its own
+    where = (
+        f"{record.root}, {describe_split(record.carved)}"
+        if carved
+        else record.root / record.split_dirs[split]
+    )
+    overall = [("split", f"{split} ({where})")]
     if "checkpoint" in source:
         overall.append(("checkpoint", f"{source['checkpoint']} (epoch {epoch})"))
     else:

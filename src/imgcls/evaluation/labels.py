@@ -32,7 +32,9 @@ def checked_record(
     full data check, the checkpoint's carved val split reused, and a warning for each way the
     data changed since the checkpoint; the record relabelled to the checkpoint's classes. None
     for any other tree (see labelled_record)."""
-    if split not in data.split_dirs or not (data.root / data.split_dirs["train"]).is_dir():
+    # a run on a tree of class folders alone carved its splits from them (splits.draw_splits)
+    flat = (state.get("data_split") or {}).get("layout") == "class folders"
+    if split not in data.split_dirs or not (flat or (data.root / data.split_dirs["train"]).is_dir()):
         return None
     record = data.scan(recorded_split=state.get("data_split"))
     difference = class_difference(record.class_names, class_names)
@@ -40,6 +42,12 @@ def checked_record(
         raise DataError(
             f"{data.root}: the class folders differ from the checkpoint's {len(class_names)} classes "
             f"({', '.join(class_names)}): {difference}."
+        )
+    if split not in record.samples and flat:
+        raise RunError(
+            f"split={split}: {data.root} holds class folders, not split folders, and the run carved "
+            f"{', '.join(record.samples)} from them. Choose one of those; data.test_fraction=0.1 at "
+            "training carves a test split too."
         )
     if split not in record.samples:
         return None

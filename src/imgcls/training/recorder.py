@@ -79,8 +79,9 @@ def log_setup(info: dict[str, str]) -> None:
         logger.info(info["bn recalibration"])
     logger.info(f"device {info['device']} | model {info['model']}")
     logger.info(f"data {info['data']}")
-    if "val split" in info:
-        logger.info(f"val split: {info['val split']}")
+    for key in ("val split", "test split"):
+        if key in info:
+            logger.info(f"{key}: {info[key]}")
 
 
 # the summary's note while the final reports are written: after a kill -9 it is the one left

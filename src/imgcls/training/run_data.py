@@ -93,7 +93,12 @@ def build_data(config: dict, pipelines: dict, place: Placement, ckpt: dict | Non
     sizes = ", ".join(f"{s} {len(v)}" for s, v in record.samples.items())
     info = {
         "data": f"{shown(record.root)}: {len(record.class_names)} classes; {sizes} images",
-        **({"val split": describe(record.carved)} if record.carved else {}),  # "fold 2 of 5 of train, ..."
+        # "fold 2 of 5 of train, ..."; a test split alone carved from train: "test split"
+        **(
+            {f"{'val' if 'val' in record.carved else 'test'} split": describe(record.carved)}
+            if record.carved
+            else {}
+        ),
         "classes": ", ".join(map(shown, record.class_names)),  # names as text: b"\xff" -> "\xff"
         "data check": record.report.summary_line(),
     }
