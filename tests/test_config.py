@@ -100,7 +100,9 @@ def test_allowlist_refuses_foreign_targets_nested_too(target: str, tmp_path: Pat
 def test_a_wrong_value_names_the_key():
     cfg = compose_train("optimizer.lr=-1")
     model = b.build_model(cfg.model, num_classes=3)
-    with pytest.raises(ConfigError, match=r"cannot build optimizer \(torch\.optim\.SGD\): Invalid learning rate"):
+    with pytest.raises(
+        ConfigError, match=r"cannot build optimizer \(torch\.optim\.SGD\): Invalid learning rate"
+    ):
         b.build_optimizer(cfg.optimizer, model)
 
 
@@ -110,33 +112,39 @@ def test_config_is_plain_data():
     assert not OmegaConf.is_config(config["data"])
 
 
+# SGD's rate is the rule in conf/optimizer/sgd.yaml: 0.2 x (batch per optimizer step) / 256
 @pytest.mark.parametrize(
     ("overrides", "lr"),
     [
-        ([], 0.05),  # digits: its 99% recipe
-        (["data=hymenoptera"], 0.0125),  # photos: the rate the Hymenoptera benchmark chose (BENCHMARKS.md)
-        (["data=imagefolder"], 0.0125),
-        (["data=hymenoptera", "optimizer=adam"], None),  # Adam keeps its own rate
+        ([], 0.05),  # digits: batch 64
+        (["data=hymenoptera"], 0.0125),  # batch 16
+        (["data=imagefolder"], 0.025),  # batch 32
+        (["data=imagefolder", "data.batch_size=128"], 0.1),  # a batch size change changes the rate
+        (["data=imagefolder", "trainer.grad_accum_steps=4"], 0.1),  # so does accumulation: 128 per step
+        (["data=hymenoptera", "optimizer=adam"], 1e-3),  # Adam keeps its own rate
         (["data=hymenoptera", "optimizer.lr=0.05"], 0.05),  # the command line wins
+        (["data=imagefolder", "data.batch_size=128", "optimizer.lr=0.01"], 0.01),  # over the rule too
         (["experiment=hymenoptera_finetune"], 0.001),  # an experiment's own rate wins
     ],
 )
-def test_sgd_rate_follows_the_data_option(overrides, lr):
-    cfg = compose_train(*overrides)
-    if lr is None:
-        adam = compose_train("optimizer=adam").optimizer.lr
-        assert cfg.optimizer.lr == adam
-    else:
-        assert cfg.optimizer.lr == lr
+def test_sgd_rate_is_linear_in_the_batch(overrides, lr):
+    assert compose_train(*overrides).optimizer.lr == pytest.approx(lr)
 
 
-def test_a_users_data_option_brings_its_own_rate(tmp_path):
-    """conf/data_optimizer/<data>_<optimizer>.yaml, found in the user's config folder too."""
+def test_the_rate_counts_torchruns_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # set by torchrun in every process it starts
+    assert compose_train("data=imagefolder").optimizer.lr == pytest.approx(0.1)  # 32 x 4 per step
+
+
+def test_a_users_data_option_gets_the_rule(tmp_path):
+    """A data option of the user's own (conf/data/mine.yaml in their config folder) adds no other
+    file to get the rate for its batch."""
     (tmp_path / "data").mkdir()
-    (tmp_path / "data_optimizer").mkdir()
-    (tmp_path / "data" / "mine.yaml").write_text("defaults:\n  - imagefolder\n  - _self_\nroot: /x\n")
-    (tmp_path / "data_optimizer" / "mine_sgd.yaml").write_text(
-        "# @package _global_\noptimizer:\n  lr: 0.007\n"
+    (tmp_path / "data" / "mine.yaml").write_text(
+        "defaults:\n  - imagefolder\n  - _self_\nroot: /x\nbatch_size: 48\n"
     )
     cfg = compose_train("data=mine", f"hydra.searchpath=[file://{tmp_path}]")
-    assert cfg.optimizer.lr == 0.007
+    assert cfg.optimizer.lr == pytest.approx(0.2 * 48 / 256)
+    assert compose_train(
+        "data=mine", "data.batch_size=96", f"hydra.searchpath=[file://{tmp_path}]"
+    ).optimizer.lr == (pytest.approx(0.2 * 96 / 256))

@@ -62,7 +62,9 @@ def test_two_processes_write_one_run_directory(ddp_run: Path):
     summary = (ddp_run / "summary.txt").read_text()
     assert "status:         completed" in summary
     assert (
-        "4 per process x 2 process(es) x 1 accumulated = 8 per optimizer step; optimizer.lr 0.0125 as configured (not scaled)"
+        # SGD's rule: the rate for the batch per optimizer step, both processes' (conf/optimizer/sgd.yaml)
+        "4 per process x 2 process(es) x 1 accumulated = 8 per optimizer step; optimizer.lr 0.00625 = 0.2 x 8 / 256 "
+        "(the rule, linear in the batch per optimizer step"
         in summary
     )
     assert len(list((ddp_run / "tensorboard").glob("events.*"))) == 1, "rank 0 alone writes TensorBoard"

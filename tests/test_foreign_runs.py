@@ -39,9 +39,7 @@ def _composed_configs():
     from imgcls.config.naming import register_resolvers
 
     register_resolvers()
-    groups = [
-        p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "data_optimizer")
-    ]
+    groups = [p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"]
     options = [[]] + [[f"{g.name}={o.stem}"] for g in groups for o in sorted(g.glob("*.yaml"))]
     with initialize_config_dir(config_dir=CONFIG_DIR):
         for overrides in options:

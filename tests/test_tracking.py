@@ -81,7 +81,8 @@ def test_tracked_run_logs_everything_and_resume_continues_it(tree: Path, store: 
     client, run_id = MlflowClient(store), run.info.run_id
     assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
     assert run.data.tags["imgcls.run_dir"] == str(run_dir)
-    assert run.data.params["optimizer.lr"] == "0.0125" and run.data.params["data.batch_size"] == "4"
+    # the rate SGD's rule gave for the batch of 4 (0.2 x 4 / 256), as the run trained with it
+    assert run.data.params["optimizer.lr"] == "0.003125" and run.data.params["data.batch_size"] == "4"
     assert run.data.params["trainer.epochs"] == "1" and run.data.params["tracking.experiment"] == "run"
     with open(run_dir / "metrics.csv") as f:
         (row,) = csv.DictReader(f)

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from imgcls.config.naming import register_resolvers
 from imgcls.errors import ConfigError, UserError
 from imgcls.files import FULL_OR_READ_ONLY, write_error
 
@@ -36,6 +37,9 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
+# the project's resolvers (run naming, optimizer.lr's rule) before anything composes CONFIG_DIR's
+# configs: a command, a test or a notebook's hydra.compose
+register_resolvers()
 # the hydra.callbacks that conf/train.yaml names, for Hydra's execution whitelist (Hydra 1.4 warns
 # about, and 1.5 refuses, a config-named target that trusted code did not list)
 CALLBACKS = (

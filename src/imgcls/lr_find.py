@@ -12,12 +12,9 @@ from omegaconf import DictConfig
 
 from imgcls.cli import run_command
 from imgcls.config.build import plain
-from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
 from imgcls.log import setup_logging, teardown_logging
 from imgcls.names import csv_text, literal_text
-
-register_resolvers()  # lr_find.yaml names its run directory with ${run_label:...}
 
 
 def lr_schedule(start_lr: float, end_lr: float, num_iter: int) -> list[float]:

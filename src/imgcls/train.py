@@ -12,12 +12,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from imgcls.cli import run_command
-from imgcls.config.naming import register_resolvers
 from imgcls.errors import UserError
 from imgcls.run_record import Best
 from imgcls.sweeps.pruning import RunPruned, TrialLink, TrialReporter, trial_link, trial_pruned
-
-register_resolvers()
 
 
 def run(
@@ -123,7 +120,7 @@ def train_run(
         atomic_write(run_dir / "data_check.txt", run.record.report.text())  # shown on report.html
     if ckpt and d.main:
         remove_stale_temp_files(run_dir / "weights")
-    recorder.info.update(describe(run))
+    recorder.info.update(describe(run, (unresolved.get("optimizer") or {}).get("lr")))
     if tracked:
         recorder.info["mlflow"] = tracked
     log_setup(recorder.info)

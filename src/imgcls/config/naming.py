@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from imgcls.config.rules import linear_lr
 from imgcls.errors import UserError
 from imgcls.run_record import run_status
 
@@ -349,6 +350,7 @@ def register_resolvers() -> None:
         "hydra_subdir": hydra_subdir,
         "sweep_dir": sweep_dir,
         "sweep_subdir": sweep_subdir,
+        "linear_lr": linear_lr,  # optimizer.lr's rule (conf/optimizer/sgd.yaml)
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -211,14 +211,20 @@ def _placed(model: nn.Module, place: Placement) -> nn.Module:
     )
 
 
-def describe(run: Run) -> dict[str, str]:
-    """The summary's lines about what the run is: device, model, data, settings, batch."""
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe(run: Run, lr_source: object = None) -> dict[str, str]:
+    """The summary's lines about what the run is: device, model, data, settings, batch.
+    `lr_source`: optimizer.lr as the config wrote it (the rule `${linear_lr:...}`, or a number)."""
     config, trainer, device = run.config, run.trainer, run.device
     if device.type == "cuda":
         where = f"{device} ({torch.cuda.get_device_name(device)})"
     else:
         where = f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
     accum, batch = run.recipe.grad_accum_steps, run.batch_size
+    step_batch, lr = batch * run.dist.world * accum, config["optimizer"].get("lr")
     lines = {
         "device": where,
         "model": f"{config['model'].get('name', config['model']['_target_'])}"
@@ -227,8 +233,13 @@ def describe(run: Run) -> dict[str, str]:
         "settings": f"precision {run.amp.name}, channels_last {run.channels_last}, "
         f"compile {bool(trainer.get('compile'))}, {run.loading}",
         "batch": f"{batch} per process x {run.dist.world} process(es) x {accum} accumulated = "
-        f"{batch * run.dist.world * accum} per optimizer step; optimizer.lr "
-        f"{config['optimizer'].get('lr')} as configured (not scaled)",
+        f"{step_batch} per optimizer step; optimizer.lr {_number(lr)} "
+        + (
+            f"= {_number(lr * 256 / step_batch)} x {step_batch} / 256 (the rule, linear in the batch "
+            "per optimizer step; optimizer.lr=<number> fixes it)"
+            if isinstance(lr_source, str) and "linear_lr" in lr_source and isinstance(lr, float)
+            else "as configured (not scaled)"
+        ),
     }
     recal = run.recipe.recalibrate
     if recal is not None and batchnorm_layers(run.model):
