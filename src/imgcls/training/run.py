@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from imgcls.checkpoint import CheckpointError
 from imgcls.config import build as b
+from imgcls.config.rules import REFERENCE_BATCH
 from imgcls.errors import ConfigError
 from imgcls.models import TIMM_TARGET as TIMM
 from imgcls.models.pretrained_input import with_pretrained_input
@@ -235,7 +236,7 @@ def describe(run: Run, lr_source: object = None) -> dict[str, str]:
         "batch": f"{batch} per process x {run.dist.world} process(es) x {accum} accumulated = "
         f"{step_batch} per optimizer step; optimizer.lr {_number(lr)} "
         + (
-            f"= {_number(lr * 256 / step_batch)} x {step_batch} / 256 (the rule, linear in the batch "
+            f"= {_number(lr * REFERENCE_BATCH / step_batch)} x {step_batch} / {REFERENCE_BATCH} (the rule, linear in the batch "
             "per optimizer step; optimizer.lr=<number> fixes it)"
             if isinstance(lr_source, str) and "linear_lr" in lr_source and isinstance(lr, float)
             else "as configured (not scaled)"
